@@ -1,0 +1,166 @@
+"""Fashion-MNIST held as uint8 tensors on the training device, batched from shuffled indices there.
+
+Files are read from <data-dir>/FashionMNIST/raw (torchvision's layout). When they are missing, torchvision downloads
+and verifies them (md5). Every file is read by a strict IDX reader, so a damaged file gives a message, not garbage.
+"""
+import gzip
+import os
+import struct
+
+import numpy as np
+import torch
+
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_UBYTE = 0x08
+
+
+class DataError(Exception):
+    """The data is missing or damaged; the message says where to put which files."""
+
+
+def read_idx(path, expect_ndim):
+    """Read an uncompressed (or .gz) IDX file of unsigned bytes as a numpy uint8 array, checking every header field."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read {path} ({e.__class__.__name__}: {e}); delete it so it is downloaded again")
+    if len(raw) < 4:
+        raise DataError(f"{path} is {len(raw)} bytes, too short for an IDX header; delete it so it is downloaded again")
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != IDX_UBYTE or ndim != expect_ndim:
+        raise DataError(f"{path} has a bad magic number 0x{raw[:4].hex()} (expected 0x00000{IDX_UBYTE:x}0{expect_ndim}): "
+                        "it is not a Fashion-MNIST IDX file; delete it so it is downloaded again")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} ends inside its header; delete it so it is downloaded again")
+    dims = struct.unpack(">" + "I" * ndim, raw[4:header])
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        what = "shorter" if len(raw) < expected else "longer"
+        raise DataError(f"{path} is {len(raw)} bytes, {what} than its header says ({expected} for shape {dims}): "
+                        "the file is damaged; delete it so it is downloaded again")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find(raw_dir, name):
+    for candidate in (name, name + ".gz"):
+        p = os.path.join(raw_dir, candidate)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _download(data_dir, split):
+    """torchvision downloads, verifies md5 and unpacks into <data_dir>/FashionMNIST/raw."""
+    from torchvision.datasets import FashionMNIST
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data directory {data_dir} ({e.strerror}): "
+                        "pass a writable --data-dir, or one that already holds FashionMNIST/raw")
+    if not os.access(data_dir, os.W_OK):
+        raise DataError(f"the data directory {data_dir} is not writable, so Fashion-MNIST cannot be downloaded there: "
+                        "pass a writable --data-dir, or one that already holds FashionMNIST/raw")
+    try:
+        FashionMNIST(data_dir, train=(split == "train"), download=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raw_dir = os.path.join(data_dir, "FashionMNIST", "raw")
+        raise DataError(f"Fashion-MNIST is not in {raw_dir} and could not be downloaded ({reason}): put "
+                        f"{' and '.join(FILES[split])} (optionally .gz) there, or pass --data-dir to a folder holding "
+                        "FashionMNIST/raw") from None
+
+
+def load_split(data_dir, split, download=True):
+    """(images uint8 (N, 28, 28), labels int64 (N,)) as torch tensors on the CPU."""
+    if split not in FILES:
+        raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
+    raw_dir = os.path.join(data_dir, "FashionMNIST", "raw")
+    img_name, lbl_name = FILES[split]
+    img_path, lbl_path = _find(raw_dir, img_name), _find(raw_dir, lbl_name)
+    if img_path is None or lbl_path is None:
+        if not download:
+            raise DataError(f"Fashion-MNIST {split} files are not in {raw_dir}: put {img_name} and {lbl_name} there")
+        _download(data_dir, split)
+        img_path, lbl_path = _find(raw_dir, img_name), _find(raw_dir, lbl_name)
+        if img_path is None or lbl_path is None:
+            raise DataError(f"download finished but {img_name}/{lbl_name} are not in {raw_dir}; put them there by hand")
+    images = read_idx(img_path, 3)
+    labels = read_idx(lbl_path, 1)
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{img_path} holds {images.shape[1]}x{images.shape[2]} images, not 28x28: "
+                        "it is not Fashion-MNIST")
+    if len(images) != len(labels):
+        raise DataError(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels: "
+                        "the two files do not belong together; replace both")
+    if len(images) == 0:
+        raise DataError(f"{img_path} holds no images; replace it")
+    if labels.max() >= len(CLASSES):
+        raise DataError(f"{lbl_path} has label {int(labels.max())}, but Fashion-MNIST has 10 classes; replace it")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def fingerprint(data_dir, split="train"):
+    """A short key that changes when the split's files change (size and mtime), for caches built from the data."""
+    raw_dir = os.path.join(data_dir, "FashionMNIST", "raw")
+    parts = []
+    for name in FILES[split]:
+        p = _find(raw_dir, name)
+        if p is None:
+            parts.append(f"{name}:missing")
+        else:
+            st = os.stat(p)
+            parts.append(f"{os.path.basename(p)}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+class DeviceData:
+    """One split resident on a device as uint8 (N, 1, 28, 28). No transforms, no workers, no per-batch copies."""
+
+    def __init__(self, images_u8, labels, device):
+        self.images = images_u8.reshape(-1, 1, 28, 28).to(device)
+        self.labels = labels.to(device)
+        self.device = torch.device(device)
+
+    def __len__(self):
+        return len(self.images)
+
+    @staticmethod
+    def scale(batch_u8):
+        """uint8 -> (encoder input in [-1, 1] as the seed's Normalize(0.5, 0.5), BCE target in [0, 1])."""
+        target = batch_u8.float().mul_(1.0 / 255.0)
+        return target * 2.0 - 1.0, target
+
+    def batches(self, batch_size, shuffle=False, generator=None, skip=0):
+        """Yield (x in [-1, 1], target in [0, 1], labels). Shuffles indices on the device; the last batch may be short."""
+        n = len(self.images)
+        if shuffle:
+            order = torch.randperm(n, device=self.device, generator=generator)
+        for start in range(skip * batch_size, n, batch_size):
+            if shuffle:
+                idx = order[start:start + batch_size]
+                u8, y = self.images[idx], self.labels[idx]
+            else:
+                u8, y = self.images[start:start + batch_size], self.labels[start:start + batch_size]
+            x, target = self.scale(u8)
+            yield x, target, y
+
+
+def load(data_dir, split, device, download=True):
+    images, labels = load_split(data_dir, split, download=download)
+    return DeviceData(images, labels, device)
+
+
+def write_idx(path, array):
+    """Write a uint8 array as an IDX file (used by the tests and bench to make small data sets)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, IDX_UBYTE, array.ndim))
+        f.write(struct.pack(">" + "I" * array.ndim, *array.shape))
+        f.write(array.tobytes())

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny Fashion-MNIST-shaped data written as IDX files, and a tiny trained checkpoint.
+
+Tests never read the real data set; every image here is made by the test run itself.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+
+
+def make_images(n, seed):
+    """n 28x28 uint8 images in 10 classes: each class a different bright shape on a dark field, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    yy, xx = np.mgrid[0:28, 0:28]
+    imgs = np.zeros((n, 28, 28), dtype=np.float32)
+    for i, c in enumerate(labels):
+        cy, cx = 8 + (c % 3) * 6, 8 + (c // 3) * 4
+        size = 3 + c % 4
+        imgs[i] = ((np.abs(yy - cy) < size) & (np.abs(xx - cx) < size + c % 2 * 3)) * 200.0
+    imgs += rng.normal(0, 20, imgs.shape)
+    return np.clip(imgs, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_dataset(root, n_train=256, n_test=128, seed=0):
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        imgs, labels = make_images(n, s)
+        img_name, lbl_name = data.FILES[split]
+        data.write_idx(os.path.join(raw, img_name), imgs)
+        data.write_idx(os.path.join(raw, lbl_name), labels)
+    return str(root)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """A data directory with 256 train and 128 test images in torchvision's layout."""
+    return write_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint of a model trained for a few steps on tiny data (shared by the session; do not modify)."""
+    import torch
+    import vae
+    root = tmp_path_factory.mktemp("ckpt")
+    data_dir = write_dataset(root / "data")
+    torch.manual_seed(0)
+    config = vae.VAEConfig(latent_dim=4, beta=1.0)
+    model = vae.BetaVAE(config)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    train = data.load(data_dir, "train", "cpu")
+    for _ in range(3):
+        for x, target, _ in train.batches(32, shuffle=True):
+            logits, mu, logvar = model(x)
+            loss = vae.vae_loss(logits, target, mu, logvar, config).total.mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    path = str(root / "checkpoint.pt")
+    vae.save_checkpoint(path, model, opt, epoch=3, seed=0, train_args={"epochs": 3}, metrics=[])
+    return {"path": path, "data_dir": data_dir}

@@ -1,0 +1,228 @@
+"""The β-VAE: config, encoder, decoder, loss and checkpoints.
+
+The architecture is the course project's (../shared/SEED.md) layer for layer. The loss is the β-VAE
+objective of Higgins et al. 2017, or the controlled-capacity objective of Burgess et al. 2018.
+"""
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from images import atomic_write
+
+CHECKPOINT_FORMAT = 1
+OBJECTIVES = ("beta", "capacity")
+IMAGE_SHAPE = (1, 28, 28)
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable, foreign or inconsistent; the message says what to do."""
+
+
+@dataclass
+class VAEConfig:
+    latent_dim: int = 10
+    beta: float = 4.0           # weight of the KL term (Higgins et al. 2017)
+    objective: str = "beta"     # "beta": recon + β·KL; "capacity": recon + γ·|KL − C| (Burgess et al. 2018)
+    gamma: float = 1000.0       # capacity objective: weight of |KL − C|
+    capacity_max: float = 25.0  # capacity objective: C_max in nats
+    capacity_steps: int = 100_000  # capacity objective: optimizer steps over which C rises from 0 to C_max
+
+    def __post_init__(self):
+        if self.latent_dim < 1:
+            raise ValueError(f"latent size must be at least 1 (got {self.latent_dim})")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0 (got {self.beta})")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+        if self.gamma < 0 or self.capacity_max < 0 or self.capacity_steps < 1:
+            raise ValueError("capacity objective needs gamma >= 0, capacity-max >= 0 and capacity-steps >= 1")
+
+
+class Encoder(nn.Module):
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),    # (B, 8, 14, 14)
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),   # (B, 16, 7, 7)
+            nn.BatchNorm2d(16),
+            nn.Conv2d(16, 32, 3, stride=2, padding=0), nn.ReLU(),  # (B, 32, 3, 3)
+            nn.Flatten(),                                          # (B, 288)
+            nn.Linear(288, 128),                                   # the seed has no activation here
+        )
+        self.fc_mu = nn.Linear(128, latent_dim)
+        self.fc_logvar = nn.Linear(128, latent_dim)
+
+    def forward(self, x):
+        h = self.features(x)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+
+class Decoder(nn.Module):
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(latent_dim, 128), nn.ReLU(),
+            nn.Linear(128, 288), nn.ReLU(),
+        )
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(32, 16, 3, stride=2, padding=0), nn.ReLU(),                    # (B, 16, 7, 7)
+            nn.BatchNorm2d(16),
+            nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),   # (B, 8, 14, 14)
+            nn.ConvTranspose2d(8, 1, 3, stride=2, padding=1, output_padding=1),               # (B, 1, 28, 28)
+        )
+
+    def logits(self, z):
+        # Training uses the logits: BCE-with-logits is the seed's BCE, stable where sigmoid saturates.
+        return self.deconv(self.fc(z).view(-1, 32, 3, 3))
+
+    def forward(self, z):
+        return torch.sigmoid(self.logits(z))  # pixels in [0, 1], the seed's final Sigmoid
+
+
+class BetaVAE(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config.latent_dim)
+        self.decoder = Decoder(config.latent_dim)
+
+    def encode(self, x):
+        """x in [-1, 1], (B, 1, 28, 28) -> mu, logvar, each (B, latent_dim)."""
+        return self.encoder(x)
+
+    @staticmethod
+    def reparameterize(mu, logvar, generator=None):
+        if generator is None:
+            eps = torch.randn_like(mu)
+        else:
+            eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+        return mu + eps * torch.exp(0.5 * logvar)
+
+    def decode(self, z):
+        """z (B, latent_dim) -> images in [0, 1], (B, 1, 28, 28). Runs alone: this is what gets exported."""
+        return self.decoder(z)
+
+    def forward(self, x, generator=None):
+        """Returns (reconstruction logits, mu, logvar); sigmoid(logits) is the reconstruction."""
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar, generator)
+        return self.decoder.logits(z), mu, logvar
+
+
+class LossTerms(NamedTuple):
+    recon: torch.Tensor       # (B,) Bernoulli cross-entropy summed over pixels, nats
+    kl: torch.Tensor          # (B,) KL(q(z|x) || N(0, I)), nats
+    total: torch.Tensor       # (B,) the objective being minimised
+    kl_per_dim: torch.Tensor  # (B, latent_dim)
+
+
+def capacity_at(step, config: VAEConfig):
+    """Burgess et al. 2018: C rises linearly from 0 to C_max over capacity_steps optimizer steps."""
+    return config.capacity_max * min(1.0, step / config.capacity_steps)
+
+
+def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0):
+    """β-VAE loss per image, in nats.
+
+    recon = −Σ_pixels [x log p + (1 − x) log(1 − p)] with p = sigmoid(logits), target x in [0, 1];
+    KL    = ½ Σ_d (μ² + σ² − 1 − log σ²)  (closed form against N(0, I)).
+    objective "beta":     recon + β·KL                  (Higgins et al. 2017)
+    objective "capacity": recon + γ·|KL − C(step)|      (Burgess et al. 2018)
+    """
+    recon = F.binary_cross_entropy_with_logits(recon_logits, target, reduction="none").flatten(1).sum(1)
+    kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    kl = kl_per_dim.sum(1)
+    if config.objective == "beta":
+        total = recon + config.beta * kl
+    else:
+        total = recon + config.gamma * (kl - capacity_at(step, config)).abs()
+    return LossTerms(recon, kl, total, kl_per_dim)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+REQUIRED_KEYS = ("format_version", "model_args", "model", "optimizer", "epoch", "seed", "train_args", "metrics")
+
+
+def save_checkpoint(path, model, optimizer, epoch, seed, train_args, metrics, extra=None):
+    model = getattr(model, "_orig_mod", model)  # never a compiled wrapper's keys
+    ckpt = {
+        "format_version": CHECKPOINT_FORMAT,
+        "model_args": dataclasses.asdict(model.config),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "epoch": int(epoch),
+        "seed": int(seed),
+        "train_args": dict(train_args),
+        "metrics": list(metrics),
+        "torch_version": torch.__version__,
+    }
+    if extra:
+        ckpt.update(extra)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """The checkpoint dict, checked. weights_only=True: a checkpoint can never run code when loaded."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}: pass the checkpoint.pt that train.py wrote")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty: it is not a checkpoint; train again or pick another file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle/zip errors have many types; all mean the same thing to the user
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); "
+                              "pass a checkpoint.pt written by train.py") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; "
+                              "pass a checkpoint.pt written by train.py")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this project's format (missing {', '.join(missing)}); "
+                              "retrain with train.py")
+    if ckpt["format_version"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {ckpt['format_version']}, this code reads "
+                              f"{CHECKPOINT_FORMAT}; use the matching version of the project or retrain")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the trained model from a checkpoint in one call. Returns (model in eval mode, checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    try:
+        config = VAEConfig(**ckpt["model_args"])
+        model = BetaVAE(config)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0][:160]
+        raise CheckpointError(f"{path} does not match this model ({reason}); retrain with train.py") from None
+    return model.to(device).eval(), ckpt
+
+
+def pick_device(name="auto"):
+    """cuda, then mps, then cpu; an explicit name must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but CUDA is not available here: use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps was asked for but MPS is not available here: use --device cpu or auto")
+    return torch.device(name)
+
+
+def param_count(module):
+    return sum(p.numel() for p in module.parameters())
+
