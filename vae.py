@@ -160,7 +160,7 @@ def save_checkpoint(path, model, optimizer, epoch, seed, train_args, metrics, ex
         "seed": int(seed),
         "train_args": dict(train_args),
         "metrics": list(metrics),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
     if extra:
         ckpt.update(extra)

@@ -1,0 +1,71 @@
+"""train.py end to end in a subprocess on tiny generated data; --resume reaches the uninterrupted run's weights."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+import vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(*args, check=True):
+    proc = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_one_epoch_writes_every_output(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train("--epochs", 1, "--batch-size", 32, "--latent_dim", 3, "--data-dir", tiny_data,
+                     "--out-dir", out, "--compile", "off", "--seed", 5)
+    for name in ("checkpoint.pt", "metrics.jsonl", "train.log", "loss.png", "samples.png", "reconstructions.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    m = json.loads(lines[0])
+    assert m["epoch"] == 1 and m["img_per_s"] > 0
+    for split in ("train", "test"):
+        assert set(m[split]) == {"recon", "kl", "total", "kl_per_dim"} and len(m[split]["kl_per_dim"]) == 3
+        assert abs(sum(m[split]["kl_per_dim"]) - m[split]["kl"]) < 1e-3 * max(1.0, m[split]["kl"])
+        assert abs(m[split]["recon"] + 4.0 * m[split]["kl"] - m[split]["total"]) < 1e-3 * m[split]["total"]
+    log = (out / "train.log").read_text()
+    assert "epoch   1/1" in log and "epoch   1/1" in proc.stdout and "test recon" in log
+    assert "python evaluate.py --checkpoint" in proc.stdout.splitlines()[-2]
+    assert "python export_onnx.py --checkpoint" in proc.stdout.splitlines()[-1]
+    for name in ("samples.png", "reconstructions.png", "loss.png"):
+        with Image.open(out / name) as im:
+            im.verify()
+    model, ckpt = vae.load_checkpoint(out / "checkpoint.pt")
+    assert model.config.latent_dim == 3 and ckpt["epoch"] == 1 and ckpt["seed"] == 5
+    assert ckpt["train_args"]["batch_size"] == 32 and len(ckpt["metrics"]) == 1
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_default_out_dir_is_named_after_the_run(tiny_data, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--epochs", "0", "--beta", "2",
+                           "--data-dir", tiny_data], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "runs" / "beta2_z10_seed0" / "train.log").is_file()
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path):
+    common = ["--batch-size", 48, "--latent-dim", 4, "--data-dir", tiny_data, "--compile", "off", "--seed", 3]
+    run_train("--epochs", 3, "--out-dir", tmp_path / "full", *common)
+    run_train("--epochs", 1, "--out-dir", tmp_path / "split", *common)
+    first = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert first["epoch"] == 1
+    run_train("--epochs", 3, "--resume", "--out-dir", tmp_path / "split", *common)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert not torch.equal(a["model"]["decoder.fc.0.weight"], first["model"]["decoder.fc.0.weight"])
+    assert [m["test"] for m in a["metrics"]] == [m["test"] for m in b["metrics"]]
+    assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 3

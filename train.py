@@ -1,0 +1,314 @@
+"""Train a β-VAE (Higgins et al. 2017) on Fashion-MNIST.
+
+$ python train.py --beta 4
+$ python train.py --beta 1 --epochs 20 --data-dir ../shared/data
+$ python train.py --objective capacity --capacity-max 25 --gamma 1000     # Burgess et al. 2018
+$ python train.py --beta 4 --epochs 30 --resume                           # continue runs/beta4_z10_seed0
+
+Writes into --out-dir: checkpoint.pt (every epoch), metrics.jsonl, train.log, loss.png, samples.png,
+reconstructions.png. Ctrl-C (or SIGTERM) finishes the current epoch, saves, and stops; press it twice to stop at once.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+
+import data
+import vae
+from images import atomic_write, save_png, tile
+
+MODEL_FLAGS = ("latent_dim", "beta", "objective", "gamma", "capacity_max", "capacity_steps")
+RUN_FLAGS = ("batch_size", "lr", "seed")  # must match the checkpoint when resuming, or the run is not one run
+DEFAULTS = dict(latent_dim=10, beta=4.0, objective="beta", gamma=1000.0, capacity_max=25.0, capacity_steps=100_000,
+                batch_size=64, lr=1e-3, seed=0, epochs=20)
+log = logging.getLogger("train")
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a β-VAE on Fashion-MNIST.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Model and run flags default to None so a resumed run can tell "given" from "default" (defaults in DEFAULTS).
+    p.add_argument("--beta", type=float, help="weight of the KL term (default 4.0)")
+    p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int, help="latent size (default 10)")
+    p.add_argument("--epochs", type=int, help="total epochs to reach (default 20; with --resume, may be raised)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="batch size (default 64)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, help="seeds shuffling, initialisation and sampling (default 0)")
+    p.add_argument("--objective", choices=vae.OBJECTIVES,
+                   help="beta: recon + β·KL; capacity: recon + γ·|KL − C| (default beta)")
+    p.add_argument("--gamma", type=float, help="capacity objective: weight γ (default 1000)")
+    p.add_argument("--capacity-max", "--capacity_max", dest="capacity_max", type=float,
+                   help="capacity objective: C_max in nats (default 25)")
+    p.add_argument("--capacity-steps", "--capacity_steps", dest="capacity_steps", type=int,
+                   help="capacity objective: steps over which C rises from 0 to C_max (default 100000)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--data-dir", "--data_dir", dest="data_dir", default="./data",
+                   help="folder holding FashionMNIST/raw (downloaded there if missing)")
+    p.add_argument("--out-dir", "--out_dir", dest="out_dir",
+                   help="output folder (default runs/beta<β>_z<latent>_seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the training step (auto: where it measurably helps)")
+    p.add_argument("--num-generation-samples", "--num_generation_samples", dest="n_samples", type=int, default=64,
+                   help="images in samples.png")
+    p.add_argument("--num-reconstruction-samples", "--num_reconstruction_samples", dest="n_recon", type=int,
+                   default=16, help="test images in reconstructions.png")
+    return p.parse_args(argv)
+
+
+def run_name(a):
+    head = f"cap{a['capacity_max']:g}" if a["objective"] == "capacity" else f"beta{a['beta']:g}"
+    return f"{head}_z{a['latent_dim']}_seed{a['seed']}"
+
+
+def resolve_args(args):
+    """Fill defaults (or the checkpoint's values when resuming) and validate. Returns (settings dict, checkpoint)."""
+    given = {k: getattr(args, k) for k in MODEL_FLAGS + RUN_FLAGS + ("epochs",)}
+    s = {k: (DEFAULTS[k] if v is None else v) for k, v in given.items()}
+    out_dir = args.out_dir or os.path.join("runs", run_name(s))
+    ckpt = None
+    if args.resume:
+        ckpt = vae.read_checkpoint(os.path.join(out_dir, "checkpoint.pt"))
+        saved = dict(ckpt["model_args"], **{k: ckpt["train_args"].get(k) for k in RUN_FLAGS})
+        for k in MODEL_FLAGS + RUN_FLAGS:
+            if given[k] is not None and saved.get(k) is not None and given[k] != saved[k]:
+                raise UsageError(f"--{k.replace('_', '-')} {given[k]} contradicts the checkpoint in {out_dir} "
+                                 f"(trained with {saved[k]}): drop the flag to resume, or use a new --out-dir")
+            s[k] = saved[k] if saved.get(k) is not None else s[k]
+        if given["epochs"] is None:
+            s["epochs"] = max(ckpt["train_args"].get("epochs", DEFAULTS["epochs"]), ckpt["epoch"])
+    checks = [(s["beta"] >= 0, f"--beta must be >= 0 (got {s['beta']})"),
+              (s["latent_dim"] >= 1, f"--latent-dim must be at least 1 (got {s['latent_dim']})"),
+              (s["batch_size"] >= 1, f"--batch-size must be at least 1 (got {s['batch_size']})"),
+              (s["epochs"] >= 0, f"--epochs must be >= 0 (got {s['epochs']})"),
+              (s["lr"] > 0 and math.isfinite(s["lr"]), f"--lr must be a positive number (got {s['lr']})"),
+              (args.n_samples >= 1 and args.n_recon >= 1, "sample counts must be at least 1")]
+    for ok, msg in checks:
+        if not ok:
+            raise UsageError(msg)
+    try:
+        vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    s["out_dir"], s["data_dir"] = out_dir, args.data_dir
+    return s, ckpt
+
+
+def make_step(model, opt, config, use_compile):
+    """One optimizer step; returns per-batch sums (recon, kl, total, kl per dim...) as one tensor, no host sync."""
+    def step(x, target, step_idx):
+        logits, mu, logvar = model(x)
+        terms = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx)
+        opt.zero_grad(set_to_none=True)
+        terms.total.mean().backward()
+        opt.step()
+        return torch.cat([torch.stack([terms.recon.sum(), terms.kl.sum(), terms.total.sum()]),
+                          terms.kl_per_dim.sum(0)]).detach()
+    return step
+
+
+@torch.no_grad()
+def test_metrics(model, test, config, seed, step_idx):
+    """Single-sample ELBO terms on the test split, with a fixed noise generator so epochs compare fairly."""
+    model.eval()
+    g = torch.Generator(device=test.device).manual_seed(seed)
+    sums = torch.zeros(3 + config.latent_dim, device=test.device)
+    for x, target, _ in test.batches(1000):
+        logits, mu, logvar = model(x, generator=g)
+        t = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx)
+        sums += torch.cat([torch.stack([t.recon.sum(), t.kl.sum(), t.total.sum()]), t.kl_per_dim.sum(0)])
+    model.train()
+    return (sums / len(test)).tolist()
+
+
+def summarize(v):
+    return {"recon": v[0], "kl": v[1], "total": v[2], "kl_per_dim": v[3:]}
+
+
+def epoch_loop(model, step, train, s, epoch, state):
+    """Train one epoch. Returns (mean stats per image, per-step total loss as floats, images/s)."""
+    from tqdm import tqdm
+    g = torch.Generator(device=train.device).manual_seed(s["seed"] * 100_003 + epoch)
+    torch.manual_seed(s["seed"] * 100_003 + epoch)  # noise of the reparameterization: reproducible from the epoch
+    n_steps = math.ceil(len(train) / s["batch_size"])
+    hist = torch.zeros(n_steps, 3 + s["latent_dim"], device=train.device)
+    sizes = torch.zeros(n_steps, device=train.device)
+    bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False, disable=None, file=sys.stderr)
+    t0 = time.perf_counter()
+    for i, (x, target, _) in enumerate(train.batches(s["batch_size"], shuffle=True, generator=g)):
+        hist[i] = step(x, target, state["step"])
+        sizes[i] = len(x)
+        state["step"] += 1
+        if i % 25 == 24 or i == n_steps - 1:  # the only host syncs: every 25 steps
+            check_finite(hist[:i + 1, 2], epoch, i - i % 25)
+            bar.set_postfix(loss=f"{hist[i, 2].item() / len(x):.2f}", refresh=False)
+            bar.update(i + 1 - bar.n)
+    if train.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    bar.close()
+    means = (hist.sum(0) / len(train)).tolist()
+    return means, (hist[:, 2] / sizes).tolist(), len(train) / seconds
+
+
+def check_finite(totals, epoch, first_unchecked):
+    bad = (~torch.isfinite(totals[first_unchecked:])).nonzero()
+    if len(bad):
+        raise UsageError(f"the loss became {totals[first_unchecked + bad[0, 0]].item()} at epoch {epoch + 1}, "
+                         f"step {first_unchecked + bad[0, 0].item() + 1}; the last good checkpoint is kept: "
+                         "lower --lr or --beta and train again")
+
+
+def write_figures(model, test, s, history, step_losses, first_epoch, steps_per_epoch, n_samples, n_recon):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out, tag = s["out_dir"], f"β={s['beta']:g}, z={s['latent_dim']}, epoch {len(history)}"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if step_losses:  # per-step train loss of the epochs trained in this process, averaged in ~200 bins
+        t = torch.tensor(step_losses)
+        k = max(1, len(t) // 200)
+        t = t[:len(t) // k * k].view(-1, k).mean(1)
+        ax.plot(first_epoch + (torch.arange(len(t)) * k + k / 2) / steps_per_epoch, t, lw=1, alpha=0.7,
+                label="train objective (per step)")
+    epochs = [m["epoch"] for m in history]
+    ax.plot(epochs, [m["test"]["total"] for m in history], "o-", label="test objective")
+    ax.plot(epochs, [m["test"]["recon"] for m in history], "s--", label="test reconstruction")
+    ax.set(xlabel="epoch", ylabel="nats per image", title=f"Loss — {tag}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(os.path.join(out, "loss.png"), lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    model.eval()
+    with torch.no_grad():
+        g = torch.Generator(device=test.device).manual_seed(s["seed"])
+        z = torch.randn(n_samples, s["latent_dim"], device=test.device, generator=g)
+        save_png(tile(model.decode(z).cpu().numpy(), nrow=math.ceil(math.sqrt(n_samples))),
+                 os.path.join(out, "samples.png"), scale=3)
+        x, _, _ = next(test.batches(n_recon))
+        recon = model.decode(model.encode(x)[0])  # the posterior mean, as the seed shows reconstructions
+        both = torch.cat([(x + 1) / 2, recon]).cpu().numpy()
+        save_png(tile(both, nrow=len(x)), os.path.join(out, "reconstructions.png"), scale=3)
+    model.train()
+
+
+def setup_logging(out_dir):
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(out_dir, "train.log"))):
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+
+
+def open_out_dir(out_dir):
+    """Create the folder and take its lock, so two runs never write into the same folder."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:
+        raise UsageError(f"cannot write to {out_dir} ({e.strerror}): pass a writable --out-dir") from None
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass  # no advisory locks on this platform
+    except OSError:
+        raise UsageError(f"another train.py is writing to {out_dir}: wait for it, or pass another --out-dir") from None
+    return lock
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM: finish the epoch, save, stop. Second: stop at once (the last checkpoint stays)."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this epoch and saving; send again to stop now",
+              file=sys.stderr, flush=True)
+
+
+def train(s, ckpt, args):
+    lock = open_out_dir(s["out_dir"])  # noqa: F841 (held until exit)
+    setup_logging(s["out_dir"])
+    try:
+        device = vae.pick_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    torch.manual_seed(s["seed"])
+    config = vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS})
+    model = vae.BetaVAE(config).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
+    history, start = [], 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        history, start = list(ckpt["metrics"]), ckpt["epoch"]
+    train_data = data.load(s["data_dir"], "train", device)
+    test_data = data.load(s["data_dir"], "test", device)
+    log.info(f"device {device} | train {len(train_data)} test {len(test_data)} images | {vae.param_count(model):,} "
+             f"parameters | {config} | out {s['out_dir']}")
+    if start:
+        log.info(f"resuming after epoch {start} of {s['epochs']}")
+    step = make_step(model, opt, config, args.compile)
+    train_args = {k: s[k] for k in RUN_FLAGS + ("epochs", "data_dir")}
+    state = {"step": start * math.ceil(len(train_data) / s["batch_size"])}
+    stop, step_losses = StopFlag(), []
+    for epoch in range(start, s["epochs"]):
+        means, losses, img_s = epoch_loop(model, step, train_data, s, epoch, state)
+        step_losses += losses
+        test = test_metrics(model, test_data, config, s["seed"], state["step"])
+        history.append({"epoch": epoch + 1, "step": state["step"], "train": summarize(means),
+                        "test": summarize(test), "img_per_s": img_s})
+        vae.save_checkpoint(os.path.join(s["out_dir"], "checkpoint.pt"), model, opt, epoch + 1, s["seed"],
+                            train_args, history)
+        lines = "".join(json.dumps(m) + "\n" for m in history)
+        atomic_write(os.path.join(s["out_dir"], "metrics.jsonl"), lambda f: f.write(lines.encode()))
+        log.info(f"epoch {epoch + 1:3d}/{s['epochs']} | train recon {means[0]:7.2f} kl {means[1]:6.2f} "
+                 f"total {means[2]:7.2f} | test recon {test[0]:7.2f} kl {test[1]:6.2f} total {test[2]:7.2f} "
+                 f"| {img_s:,.0f} img/s")
+        if stop.signum is not None:
+            log.info(f"stopped after epoch {epoch + 1}; continue with: python train.py --resume --out-dir "
+                     f"{s['out_dir']}")
+            return 128 + stop.signum
+    write_figures(model, test_data, s, history, step_losses, start, math.ceil(len(train_data) / s["batch_size"]),
+                  args.n_samples, args.n_recon)
+    ck = os.path.join(s["out_dir"], "checkpoint.pt")
+    log.info(f"done: {ck}, metrics.jsonl, loss.png, samples.png, reconstructions.png in {s['out_dir']}\n"
+             f"next:  python evaluate.py --checkpoint {ck} --data-dir {s['data_dir']}\n"
+             f"       python export_onnx.py --checkpoint {ck} --out decoder.onnx && "
+             f"python sample.py --onnx decoder.onnx")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        s, ckpt = resolve_args(args)
+        return train(s, ckpt, args)
+    except (UsageError, data.DataError, vae.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stopped at once; checkpoint.pt holds the last completed epoch: continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
