@@ -70,7 +70,7 @@ def _download(data_dir, split):
     try:
         FashionMNIST(data_dir, train=(split == "train"), download=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120].rstrip(":")
         raw_dir = os.path.join(data_dir, "FashionMNIST", "raw")
         raise DataError(f"Fashion-MNIST is not in {raw_dir} and could not be downloaded ({reason}): put "
                         f"{' and '.join(FILES[split])} (optionally .gz) there, or pass --data-dir to a folder holding "

@@ -245,23 +245,26 @@ class StopFlag:
 
 
 def train(s, ckpt, args):
-    lock = open_out_dir(s["out_dir"])  # noqa: F841 (held until exit)
-    setup_logging(s["out_dir"])
     try:
         device = vae.pick_device(args.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    train_data = data.load(s["data_dir"], "train", device)  # before any file is written: bad data leaves nothing
+    test_data = data.load(s["data_dir"], "test", device)
     torch.manual_seed(s["seed"])
     config = vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS})
-    model = vae.BetaVAE(config).to(device)
+    model = (vae.BetaVAE(config) if ckpt is None else vae.model_from_checkpoint(ckpt, s["out_dir"])).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
     history, start = [], 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise vae.CheckpointError(f"the optimizer state in {s['out_dir']}/checkpoint.pt does not fit ({e}); "
+                                      "start a new --out-dir") from None
         history, start = list(ckpt["metrics"]), ckpt["epoch"]
-    train_data = data.load(s["data_dir"], "train", device)
-    test_data = data.load(s["data_dir"], "test", device)
+    lock = open_out_dir(s["out_dir"])  # noqa: F841 (held until exit)
+    setup_logging(s["out_dir"])
     log.info(f"device {device} | train {len(train_data)} test {len(test_data)} images | {vae.param_count(model):,} "
              f"parameters | {config} | out {s['out_dir']}")
     if start:

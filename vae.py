@@ -5,6 +5,7 @@ objective of Higgins et al. 2017, or the controlled-capacity objective of Burges
 """
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -175,7 +176,9 @@ def read_checkpoint(path, map_location="cpu"):
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty: it is not a checkpoint; train again or pick another file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickles before refusing them; our error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle/zip errors have many types; all mean the same thing to the user
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); "
@@ -193,17 +196,21 @@ def read_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def model_from_checkpoint(ckpt, source="the checkpoint"):
+    """Build the model a checkpoint dict describes and load its weights (train mode)."""
+    try:
+        model = BetaVAE(VAEConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{source} does not match this model ({reason}); retrain with train.py") from None
+    return model
+
+
 def load_checkpoint(path, device="cpu"):
     """Rebuild the trained model from a checkpoint in one call. Returns (model in eval mode, checkpoint dict)."""
     ckpt = read_checkpoint(path)
-    try:
-        config = VAEConfig(**ckpt["model_args"])
-        model = BetaVAE(config)
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0][:160]
-        raise CheckpointError(f"{path} does not match this model ({reason}); retrain with train.py") from None
-    return model.to(device).eval(), ckpt
+    return model_from_checkpoint(ckpt, os.fspath(path)).to(device).eval(), ckpt
 
 
 def pick_device(name="auto"):

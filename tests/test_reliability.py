@@ -1,0 +1,289 @@
+"""Bad input, interruptions and untrusted files: one clear line, a non-zero exit, nothing lost or half-written."""
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import vae
+from conftest import make_images, write_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, *args, timeout=300):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_clean_error(proc, *needles):
+    """Exit 2, no traceback, and one line starting with 'error:' that names the problem."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-1500:])
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+def raw_dir(root):
+    return os.path.join(root, "FashionMNIST", "raw")
+
+
+def test_bad_magic_number(tiny_data):
+    p = os.path.join(raw_dir(tiny_data), "train-images-idx3-ubyte")
+    b = bytearray(open(p, "rb").read())
+    b[2] = 0x0D  # float type instead of ubyte
+    open(p, "wb").write(bytes(b))
+    with pytest.raises(data.DataError, match="magic number"):
+        data.load_split(tiny_data, "train")
+
+
+def test_file_shorter_than_its_header_says(tiny_data):
+    p = os.path.join(raw_dir(tiny_data), "t10k-images-idx3-ubyte")
+    b = open(p, "rb").read()
+    open(p, "wb").write(b[:-100])
+    with pytest.raises(data.DataError, match="shorter than its header"):
+        data.load_split(tiny_data, "test")
+
+
+def test_labels_and_images_of_different_counts(tiny_data):
+    imgs, labels = make_images(10, 0)
+    data.write_idx(os.path.join(raw_dir(tiny_data), "train-labels-idx1-ubyte"), labels[:7])
+    with pytest.raises(data.DataError, match="256 images but .* 7 labels"):
+        data.load_split(tiny_data, "train")
+
+
+def test_missing_data_without_network_in_train_py(tmp_path):
+    # The test machine has no route to the Fashion-MNIST mirrors, so torchvision's download fails for real.
+    proc = run_script("train.py", "--data-dir", tmp_path / "nothing", "--out-dir", tmp_path / "run", "--epochs", 1)
+    assert_clean_error(proc, "could not be downloaded", "train-images-idx3-ubyte")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_data_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(data.DataError, match="cannot create the data directory"):
+        data.load_split(str(blocker / "data"), "train")
+
+
+def test_fuzzed_idx_files_end_in_a_clear_error(tmp_path):
+    rng = random.Random(0)
+    good = tmp_path / "good"
+    data.write_idx(good, make_images(4, 0)[0])
+    valid = good.read_bytes()
+    p = str(tmp_path / "fuzz")
+    cases = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))) for _ in range(150)]
+    cases += [valid[:rng.randint(0, len(valid) - 1)] for _ in range(100)]
+    cases += [b"\x00\x00\x08\x03" + bytes(rng.getrandbits(8) for _ in range(12)) for _ in range(50)]  # huge dims
+    for case in cases:
+        open(p, "wb").write(case)
+        with pytest.raises(data.DataError):
+            data.read_idx(p, 3)
+
+
+# ----------------------------------------------------------------------------------------------------- flags
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--beta", "-1"], "--beta"), (["--latent-dim", "0"], "--latent-dim"), (["--batch-size", "0"], "--batch-size"),
+    (["--epochs", "-1"], "--epochs"), (["--lr", "0"], "--lr"), (["--num-generation-samples", "0"], "at least 1"),
+    (["--device", "tpu"], "unknown device"),
+])
+def test_bad_flags_are_refused_before_anything_is_written(tmp_path, flags, needle):
+    proc = run_script("train.py", *flags, "--data-dir", tmp_path, "--out-dir", tmp_path / "run")
+    assert_clean_error(proc, needle)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda(tiny_data, tmp_path):
+    proc = run_script("train.py", "--device", "cuda", "--data-dir", tiny_data, "--out-dir", tmp_path / "run")
+    assert_clean_error(proc, "CUDA is not available", "--device cpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_directory(tiny_data, tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_script("train.py", "--epochs", 1, "--data-dir", tiny_data, "--out-dir", tmp_path / "file" / "run")
+    assert_clean_error(proc, "cannot write to", "--out-dir")
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def test_unreadable_checkpoints_give_a_clear_error(tmp_path):
+    cases = {"missing.pt": None, "empty.pt": b"", "random.pt": os.urandom(4096), "text.pt": b"hello, world\n" * 20}
+    for name, content in cases.items():
+        p = tmp_path / name
+        if content is not None:
+            p.write_bytes(content)
+        with pytest.raises(vae.CheckpointError):
+            vae.load_checkpoint(p)
+
+
+def test_foreign_and_old_checkpoints_are_named(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(vae.CheckpointError, match="missing format_version"):
+        vae.load_checkpoint(tmp_path / "foreign.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(vae.CheckpointError, match="not a checkpoint dict"):
+        vae.load_checkpoint(tmp_path / "tensor.pt")
+    model = vae.BetaVAE(vae.VAEConfig(latent_dim=3))
+    vae.save_checkpoint(tmp_path / "old.pt", model, None, 1, 0, {}, [], extra={"format_version": 0})
+    with pytest.raises(vae.CheckpointError, match="format 0"):
+        vae.load_checkpoint(tmp_path / "old.pt")
+    ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
+    ckpt["format_version"] = vae.CHECKPOINT_FORMAT
+    ckpt["model_args"]["latent_dim"] = 5  # weights for 3 dims, config for 5
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    with pytest.raises(vae.CheckpointError, match="does not match this model"):
+        vae.load_checkpoint(tmp_path / "mismatch.pt")
+
+
+class _Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))  # would create the file when unpickled
+
+
+def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
+    target = tmp_path / "pwned"
+    p = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "model": _Exploit(str(target))}, p)
+    with open(tmp_path / "evil.pkl", "wb") as f:  # a plain pickle too, not only torch's zip format
+        pickle.dump(_Exploit(str(target)), f)
+    for path in (p, tmp_path / "evil.pkl"):
+        with pytest.raises(vae.CheckpointError):
+            vae.load_checkpoint(path)
+    assert not target.exists()
+
+
+def test_fuzzed_checkpoints_end_in_a_clear_error(tmp_path, tiny_checkpoint):
+    rng = random.Random(1)
+    valid = open(tiny_checkpoint["path"], "rb").read()
+    p = tmp_path / "fuzz.pt"
+    cases = [os.urandom(rng.randint(0, 2048)) for _ in range(100)]
+    cases += [valid[:rng.randint(0, len(valid) - 1)] for _ in range(100)]
+    for _ in range(50):  # flipped bytes inside a valid file
+        b = bytearray(valid)
+        for _ in range(8):
+            b[rng.randrange(len(b))] = rng.getrandbits(8)
+        cases.append(bytes(b))
+    for case in cases:
+        p.write_bytes(case)
+        try:
+            vae.load_checkpoint(p)
+        except vae.CheckpointError:
+            pass  # a flipped byte inside tensor data still loads: that is fine, anything else must be this error
+
+
+def test_missing_checkpoint_for_resume(tiny_data, tmp_path):
+    proc = run_script("train.py", "--resume", "--data-dir", tiny_data, "--out-dir", tmp_path / "run")
+    assert_clean_error(proc, "no checkpoint at")
+
+
+def test_resume_with_contradicting_flags_is_refused(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_data, "--out-dir", out, "--compile", "off", "--batch-size", 64]
+    assert run_script("train.py", "--epochs", 1, "--latent-dim", 3, *common).returncode == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    proc = run_script("train.py", "--resume", "--epochs", 2, "--latent-dim", 5, *common)
+    assert_clean_error(proc, "--latent-dim 5 contradicts", "trained with 3")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    proc = run_script("train.py", "--resume", "--epochs", 2, *common)  # no contradiction: the checkpoint's values
+    assert proc.returncode == 0, proc.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["model_args"]["latent_dim"] == 3
+
+
+# ---------------------------------------------------------------------------------------- interruptions
+
+
+def start_training(data_dir, out, epochs, *extra):
+    return subprocess.Popen([sys.executable, "train.py", "--epochs", str(epochs), "--data-dir", data_dir,
+                             "--out-dir", str(out), "--compile", "off", "--batch-size", "32", "--latent-dim", "3",
+                             "--seed", "4", *map(str, extra)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epoch(out, epoch, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and \
+                len((out / "metrics.jsonl").read_text().splitlines()) >= epoch:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the epoch in time")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref")
+    data_dir = write_dataset(root / "data", n_train=512, n_test=64)
+    proc = start_training(data_dir, root / "run", 6)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    return data_dir, torch.load(root / "run" / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_killed_training_resumes_to_the_same_weights(reference_run, tmp_path, sig):
+    data_dir, reference = reference_run
+    out = tmp_path / "run"
+    proc = start_training(data_dir, out, 6)
+    wait_for_epoch(out, 2, proc)
+    proc.send_signal(sig)
+    proc.communicate(timeout=120)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:  # finishes the epoch it is in, saves, and exits with 128 + the signal number
+        assert proc.returncode == 128 + sig, proc.returncode
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # always complete and loadable
+    assert 2 <= ckpt["epoch"] < 6 or sig == signal.SIGKILL
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    resumed = subprocess.run([sys.executable, "train.py", "--resume", "--epochs", "6", "--data-dir", data_dir,
+                              "--out-dir", str(out), "--compile", "off"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    final = torch.load(out / "checkpoint.pt", weights_only=True)
+    for k in reference["model"]:
+        assert torch.equal(final["model"][k], reference["model"][k]), k
+
+
+def test_two_runs_in_one_folder_do_not_corrupt_each_other(reference_run, tmp_path):
+    data_dir, _ = reference_run
+    out = tmp_path / "run"
+    first = start_training(data_dir, out, 50)
+    try:
+        wait_for_epoch(out, 1, first)
+        second = run_script("train.py", "--epochs", 1, "--data-dir", data_dir, "--out-dir", out)
+        assert_clean_error(second, "another train.py is writing to")
+    finally:
+        first.kill()
+        first.communicate()
+    vae.load_checkpoint(out / "checkpoint.pt")
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_data, "--out-dir", out, "--compile", "off"]
+    assert run_script("train.py", "--epochs", 1, *common).returncode == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["lr"] = 1e30  # a step this large overflows the weights in the next epoch
+    torch.save(ckpt, out / "checkpoint.pt")
+    good = (out / "checkpoint.pt").read_bytes()
+    proc = run_script("train.py", "--resume", "--epochs", 3, *common)
+    assert_clean_error(proc, "at epoch 2, step", "lower --lr or --beta")
+    assert (out / "checkpoint.pt").read_bytes() == good
