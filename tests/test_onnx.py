@@ -1,0 +1,166 @@
+"""export_onnx.py: parity with torch, BatchNorm folding, the dynamic batch axis, metadata, and refusing bad input."""
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import export_onnx
+import vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED_KEYS = ("format", "format_version", "latent_dim", "image_shape", "pixel_range", "beta", "objective",
+                 "epochs", "source_checkpoint", "torch_version")
+
+
+def run_main(argv):
+    """(exit code, stdout, stderr) of export_onnx.main in this process: no second torch start-up."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            export_onnx.main(argv)
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    dec, enc = str(folder / "decoder.onnx"), str(folder / "encoder.onnx")
+    code, out, err = run_main(["--checkpoint", tiny_checkpoint["path"], "--out", dec, "--encoder", enc])
+    assert code == 0, err
+    model, ckpt = vae.load_checkpoint(tiny_checkpoint["path"])
+    return {"decoder": dec, "encoder": enc, "stdout": out, "model": model, "ckpt": ckpt}
+
+
+def session(path):
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def test_export_reports_parity_and_writes_both_files(exported):
+    lines = exported["stdout"].splitlines()
+    for kind in ("decoder", "encoder"):
+        report = next(line for line in lines if line.startswith(f"{kind}: max |onnxruntime - torch|"))
+        assert float(report.split("= ")[1].split()[0]) <= 1e-5
+        assert os.path.getsize(exported[kind]) > 10_000
+
+
+@pytest.mark.parametrize("batch", [1, 7, 256])
+def test_decoder_parity(exported, batch):
+    z = np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32) * 2
+    got = session(exported["decoder"]).run(["images"], {"z": z})[0]
+    with torch.no_grad():
+        want = exported["model"].decoder(torch.from_numpy(z)).numpy()
+    assert got.shape == (batch, 1, 28, 28)
+    assert np.max(np.abs(got - want)) <= 1e-5
+    assert got.min() >= 0 and got.max() <= 1
+
+
+@pytest.mark.parametrize("batch", [1, 7, 256])
+def test_encoder_parity(exported, batch):
+    x = np.random.default_rng(batch).uniform(-1, 1, (batch, 1, 28, 28)).astype(np.float32)
+    mu, logvar = session(exported["encoder"]).run(["mu", "logvar"], {"images": x})
+    with torch.no_grad():
+        want_mu, want_logvar = exported["model"].encoder(torch.from_numpy(x))
+    assert mu.shape == logvar.shape == (batch, 4)
+    assert np.max(np.abs(mu - want_mu.numpy())) <= 1e-5
+    assert np.max(np.abs(logvar - want_logvar.numpy())) <= 1e-5
+
+
+def test_graph_has_dynamic_batch_metadata_and_no_batchnorm(exported, tiny_checkpoint):
+    ckpt = exported["ckpt"]
+    for kind, inputs, outputs in (("decoder", {"z": [4]}, {"images": [1, 28, 28]}),
+                                  ("encoder", {"images": [1, 28, 28]}, {"mu": [4], "logvar": [4]})):
+        model = onnx.load(exported[kind])
+        onnx.checker.check_model(model, full_check=True)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
+        for value, want in zip([*model.graph.input, *model.graph.output], [*inputs.items(), *outputs.items()]):
+            dims = value.type.tensor_type.shape.dim
+            assert value.name == want[0]
+            assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+            assert dims[0].dim_param and not dims[0].dim_value  # symbolic: any batch size
+            assert [d.dim_value for d in dims[1:]] == want[1]
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert set(REQUIRED_KEYS) <= set(meta)
+        assert meta["format"] == f"beta-vae-{kind}" and meta["format_version"] == "1"
+        assert meta["latent_dim"] == "4" and meta["image_shape"] == "1,28,28"
+        assert meta["pixel_range"] == ("0,1" if kind == "decoder" else "-1,1")
+        assert float(meta["beta"]) == ckpt["model_args"]["beta"] and meta["objective"] == "beta"
+        assert meta["epochs"] == "3" and meta["torch_version"] == torch.__version__
+        assert os.path.basename(meta["source_checkpoint"]) == "checkpoint.pt"
+
+
+def test_fold_batchnorm_is_exact_with_far_from_default_statistics():
+    torch.manual_seed(1)
+    model = vae.BetaVAE(vae.VAEConfig(latent_dim=3)).eval()
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-2, 2)
+            bn.running_var.uniform_(0.05, 4)
+            bn.weight.uniform_(-2, 2)
+            bn.bias.uniform_(-1, 1)
+    z, x = torch.randn(16, 3) * 2, torch.rand(16, 1, 28, 28) * 2 - 1
+    for module, inp in ((model.decoder, z), (model.encoder, x)):
+        folded = export_onnx.fold_batchnorm(module, inp[:2])
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        with torch.no_grad():
+            want, got = module(inp), folded(inp)
+        for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+            assert torch.max(torch.abs(a - b)) <= 1e-5
+    # the decoder's BN sits before a stride-2 padded ConvTranspose2d: its shift is a per-position map, not a bias;
+    # the encoder's sits before an unpadded Conv2d: there it is an ordinary per-channel bias
+    shifted = [m for m in export_onnx.fold_batchnorm(model.decoder, z[:2]).modules()
+               if isinstance(m, export_onnx._ShiftedConv)]
+    assert len(shifted) == 1 and shifted[0].shift.shape == (8, 14, 14)
+    assert shifted[0].shift.std(dim=(1, 2)).max() > 1e-3
+    encoder = export_onnx.fold_batchnorm(model.encoder, x[:2])
+    assert not any(isinstance(m, export_onnx._ShiftedConv) for m in encoder.modules())
+
+
+def test_parity_failure_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_onnx, "PARITY_ATOL", -1.0)  # every difference, even 0, now "breaks parity"
+    out = tmp_path / "decoder.onnx"
+    code, _, err = run_main(["--checkpoint", tiny_checkpoint["path"], "--out", str(out)])
+    assert code == 1 and err.startswith("error: the exported decoder does not match torch")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no checkpoint at"),
+    ("garbage", "is not a readable checkpoint"),
+    ("no_folder", "does not exist"),
+    ("opset", "--opset 11 is not supported"),
+])
+def test_bad_input_is_one_line_and_exit_2(case, message, tiny_checkpoint, tmp_path):
+    ckpt, out, extra = tiny_checkpoint["path"], str(tmp_path / "decoder.onnx"), []
+    if case == "missing":
+        ckpt = str(tmp_path / "nope.pt")
+    elif case == "garbage":
+        ckpt = str(tmp_path / "garbage.pt")
+        with open(ckpt, "w") as f:
+            f.write("not a checkpoint")
+    elif case == "no_folder":
+        out = str(tmp_path / "missing" / "decoder.onnx")
+    else:
+        extra = ["--opset", "11"]
+    code, _, err = run_main(["--checkpoint", ckpt, "--out", out, *extra])
+    assert code == 2
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(out)
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "export_onnx.py"), "--checkpoint",
+                           str(tmp_path / "nope.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: no checkpoint at ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "decoder.onnx").exists()
