@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import data
 import vae
@@ -35,34 +36,36 @@ class UsageError(Exception):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a β-VAE on Fashion-MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train a β-VAE on Fashion-MNIST.")
     # Model and run flags default to None so a resumed run can tell "given" from "default" (defaults in DEFAULTS).
-    p.add_argument("--beta", type=float, help="weight of the KL term (default 4.0)")
-    p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int, help="latent size (default 10)")
-    p.add_argument("--epochs", type=int, help="total epochs to reach (default 20; with --resume, may be raised)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="batch size (default 64)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--seed", type=int, help="seeds shuffling, initialisation and sampling (default 0)")
+    p.add_argument("--beta", type=float, help="weight of the KL term (default: 4.0)")
+    p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int, help="latent size (default: 10)")
+    p.add_argument("--epochs", type=int, help="total epochs to reach (default: 20; with --resume, may be raised)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="batch size (default: 64)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--seed", type=int, help="seeds shuffling, initialisation and sampling (default: 0)")
     p.add_argument("--objective", choices=vae.OBJECTIVES,
-                   help="beta: recon + β·KL; capacity: recon + γ·|KL − C| (default beta)")
-    p.add_argument("--gamma", type=float, help="capacity objective: weight γ (default 1000)")
+                   help="beta: recon + β·KL; capacity: recon + γ·|KL − C| (default: beta)")
+    p.add_argument("--gamma", type=float, help="capacity objective: weight γ (default: 1000)")
     p.add_argument("--capacity-max", "--capacity_max", dest="capacity_max", type=float,
-                   help="capacity objective: C_max in nats (default 25)")
+                   help="capacity objective: C_max in nats (default: 25)")
     p.add_argument("--capacity-steps", "--capacity_steps", dest="capacity_steps", type=int,
-                   help="capacity objective: steps over which C rises from 0 to C_max (default 100000)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+                   help="capacity objective: steps over which C rises from 0 to C_max (default: 100000)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default="./data",
-                   help="folder holding FashionMNIST/raw (downloaded there if missing)")
+                   help="folder holding FashionMNIST/raw, downloaded there if missing (default: ./data)")
     p.add_argument("--out-dir", "--out_dir", dest="out_dir",
-                   help="output folder (default runs/beta<β>_z<latent>_seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+                   help="output folder (default: runs/beta<β>_z<latent>_seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt; flags that contradict it are refused")
+    p.add_argument("--loop", choices=("fast", "seed"), default="fast",
+                   help="fast: data resident on the device; seed: the course project's loop (torchvision transforms "
+                        "through a 2-worker DataLoader, BCE on probabilities), kept for comparison and bench.py (default: fast)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the training step (auto: where it measurably helps)")
+                   help="torch.compile the training step; auto: where it measurably helps (default: auto)")
     p.add_argument("--num-generation-samples", "--num_generation_samples", dest="n_samples", type=int, default=64,
-                   help="images in samples.png")
+                   help="images in samples.png (default: 64)")
     p.add_argument("--num-reconstruction-samples", "--num_reconstruction_samples", dest="n_recon", type=int,
-                   default=16, help="test images in reconstructions.png")
+                   default=16, help="test images in reconstructions.png (default: 16)")
     return p.parse_args(argv)
 
 
@@ -100,7 +103,7 @@ def resolve_args(args):
         vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS})
     except ValueError as e:
         raise UsageError(str(e)) from None
-    s["out_dir"], s["data_dir"] = out_dir, args.data_dir
+    s["out_dir"], s["data_dir"], s["loop"] = out_dir, args.data_dir, args.loop
     return s, ckpt
 
 
@@ -115,6 +118,33 @@ def make_step(model, opt, config, use_compile):
         return torch.cat([torch.stack([terms.recon.sum(), terms.kl.sum(), terms.total.sum()]),
                           terms.kl_per_dim.sum(0)]).detach()
     return step
+
+
+def make_seed_step(model, opt, config):
+    """The course project's step: BCE on sigmoid probabilities, loss summed over the batch (Adam is scale-invariant)."""
+    def step(x, target, step_idx):
+        mu, logvar = model.encode(x)
+        recon = model.decode(model.reparameterize(mu, logvar))
+        rec = F.binary_cross_entropy(recon, target, reduction="none").flatten(1).sum(1)
+        kl_per_dim = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+        kl = kl_per_dim.sum(1)
+        total = rec + config.beta * kl
+        opt.zero_grad()
+        total.sum().backward()
+        opt.step()
+        return torch.cat([torch.stack([rec.sum(), kl.sum(), total.sum()]), kl_per_dim.sum(0)]).detach()
+    return step
+
+
+def seed_batches(data_dir, batch_size, device):
+    """Batches the course project's way: per-image PIL transforms in DataLoader worker processes."""
+    from torchvision import datasets, transforms
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    dataset = datasets.FashionMNIST(data_dir, train=True, download=False, transform=tf)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=2)
+    for x, y in loader:
+        x = x.to(device)
+        yield x, (x + 1) / 2, y
 
 
 @torch.no_grad()
@@ -145,7 +175,11 @@ def epoch_loop(model, step, train, s, epoch, state):
     sizes = torch.zeros(n_steps, device=train.device)
     bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False, disable=None, file=sys.stderr)
     t0 = time.perf_counter()
-    for i, (x, target, _) in enumerate(train.batches(s["batch_size"], shuffle=True, generator=g)):
+    if s.get("loop", "fast") == "seed":
+        batches = seed_batches(s["data_dir"], s["batch_size"], train.device)
+    else:
+        batches = train.batches(s["batch_size"], shuffle=True, generator=g)
+    for i, (x, target, _) in enumerate(batches):
         hist[i] = step(x, target, state["step"])
         sizes[i] = len(x)
         state["step"] += 1
@@ -269,8 +303,13 @@ def train(s, ckpt, args):
              f"parameters | {config} | out {s['out_dir']}")
     if start:
         log.info(f"resuming after epoch {start} of {s['epochs']}")
-    step = make_step(model, opt, config, args.compile)
-    train_args = {k: s[k] for k in RUN_FLAGS + ("epochs", "data_dir")}
+    if args.loop == "seed":
+        if config.objective != "beta":
+            raise UsageError("--loop seed trains the plain β objective only: drop --objective capacity")
+        step = make_seed_step(model, opt, config)
+    else:
+        step = make_step(model, opt, config, args.compile)
+    train_args = {k: s[k] for k in RUN_FLAGS + ("epochs", "data_dir", "loop")}
     state = {"step": start * math.ceil(len(train_data) / s["batch_size"])}
     stop, step_losses = StopFlag(), []
     for epoch in range(start, s["epochs"]):
