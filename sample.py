@@ -45,14 +45,17 @@ def load_decoder(path):
     except Exception as e:  # onnxruntime raises several types; all mean "this is not a model we can load"
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
         raise UsageError(f"{path} is not an ONNX model onnxruntime can load ({reason}): {hint}") from None
-    ins, outs = sess.get_inputs(), sess.get_outputs()
-    if not (len(ins) == 1 and len(outs) == 1 and len(ins[0].shape) == 2 and len(outs[0].shape) == 4
-            and ins[0].type == outs[0].type == "tensor(float)"):
+    try:  # names and metadata are decoded as UTF-8 on access; a damaged file can hold anything
+        ins, outs = sess.get_inputs(), sess.get_outputs()
         found = ", ".join(f"{a.name} {a.type} {a.shape}" for a in ins) + " -> " + \
             ", ".join(f"{a.name} {a.type} {a.shape}" for a in outs)
+        meta = sess.get_modelmeta().custom_metadata_map
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} has names or metadata that are not text, so it is damaged: {hint}") from None
+    if not (len(ins) == 1 and len(outs) == 1 and len(ins[0].shape) == 2 and len(outs[0].shape) == 4
+            and ins[0].type == outs[0].type == "tensor(float)"):
         raise UsageError(f"{path} is not a decoder (it maps {found}; a decoder maps one float [batch, latent_dim] "
                          f"to one float [batch, 1, H, W]): {hint}")
-    meta = sess.get_modelmeta().custom_metadata_map
     try:
         version = int(meta.get("format_version", FORMAT_VERSION))
         latent = ins[0].shape[1] if isinstance(ins[0].shape[1], int) else int(meta["latent_dim"])
@@ -65,8 +68,10 @@ def load_decoder(path):
         raise UsageError(f"{path} has decoder format {version}; this sample.py reads up to {FORMAT_VERSION}: update it")
     if "latent_dim" in meta and meta["latent_dim"] != str(latent):
         raise UsageError(f"{path} says latent_dim {meta['latent_dim']} but its input takes {latent}: export it again")
-    if len(shape) != 3 or shape[0] != 1 or latent < 1:
+    if len(shape) != 3 or shape[0] != 1 or not 1 <= shape[1] * shape[2] <= 2**22:
         raise UsageError(f"{path} makes images of shape {shape}; sample.py writes grayscale (1, H, W) only")
+    if not 1 <= latent <= 4096:  # a hostile file could ask for gigabytes of z before anything runs
+        raise UsageError(f"{path} takes a latent of size {latent}, outside 1-4096: not a decoder of this project")
     return sess, latent, shape
 
 

@@ -287,3 +287,33 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(t
     proc = run_script("train.py", "--resume", "--epochs", 3, *common)
     assert_clean_error(proc, "at epoch 2, step", "lower --lr or --beta")
     assert (out / "checkpoint.pt").read_bytes() == good
+
+
+def test_fuzzed_onnx_files_end_in_a_clear_error_in_sample_py(tmp_path, tiny_checkpoint):
+    import contextlib
+    import io
+
+    import export_onnx
+    import sample
+    good = tmp_path / "decoder.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", str(good)])
+    valid = good.read_bytes()
+    rng = random.Random(2)
+    cases = [os.urandom(rng.randint(0, 2048)) for _ in range(100)]
+    cases += [valid[:rng.randint(0, len(valid) - 1)] for _ in range(100)]
+    for _ in range(60):
+        b = bytearray(valid)
+        for _ in range(4):
+            b[rng.randrange(len(b))] = rng.getrandbits(8)
+        cases.append(bytes(b))
+    p = tmp_path / "fuzz.onnx"
+    loaded = 0
+    for case in cases:
+        p.write_bytes(case)
+        try:
+            sample.load_decoder(str(p))
+            loaded += 1  # a flipped byte inside a weight still makes a valid decoder
+        except sample.UsageError:
+            pass
+    assert loaded < len(cases) // 2
