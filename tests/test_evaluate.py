@@ -1,0 +1,155 @@
+"""evaluate.py end to end (a subprocess, as users run it) and its handling of bad input (in-process, fast)."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = ("test.recon", "test.kl", "test.neg_elbo", "test.iwae_nll", "active_units", "linear_probe_acc",
+            "fid.pixels.reconstruction", "fid.pixels.generation", "fid.classifier.reconstruction",
+            "fid.classifier.generation", "classifier_test_acc")
+FIGURES = ("reconstructions.png", "samples.png", "traversals.png", "interpolations.png")
+
+
+def dotted(report, key):
+    for part in key.split("."):
+        report = report[part]
+    return report
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_checkpoint, tmp_path_factory):
+    """Two runs with the same seed on fresh tiny data: the first trains the FID classifier, the second reads it.
+
+    The second spells its flags in snake_case and leaves --out-dir out, so its files go beside its checkpoint.
+    """
+    from conftest import write_dataset
+    root = tmp_path_factory.mktemp("evaluate")
+    data_dir = write_dataset(root / "data")
+    (root / "second").mkdir()
+    shutil.copy(tiny_checkpoint["path"], root / "second" / "checkpoint.pt")
+    commands = [["--checkpoint", tiny_checkpoint["path"], "--data-dir", data_dir, "--out-dir", str(root / "first"),
+                 "--iwae-k", "4", "--n-show", "4", "--batch-size", "50"],
+                ["--checkpoint", str(root / "second" / "checkpoint.pt"), "--data_dir", data_dir,
+                 "--iwae_k", "4", "--n_show", "4", "--batch_size", "50", "--seed", "0"]]
+    runs = [subprocess.run([sys.executable, "evaluate.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300) for argv in commands]
+    return root, data_dir, runs
+
+
+def test_evaluate_writes_every_key_and_figure(evaluated, tiny_checkpoint):
+    root, data_dir, runs = evaluated
+    result = runs[0]
+    assert result.returncode == 0, result.stderr
+    report = json.loads((root / "first" / "report.json").read_text())
+    for key in REQUIRED:
+        value = dotted(report, key)
+        assert isinstance(value, (int, float)) and math.isfinite(value), key
+    assert report["test"]["iwae_nll"] <= report["test"]["neg_elbo"]
+    assert report["test"]["neg_elbo"] == pytest.approx(report["test"]["recon"] + report["test"]["kl"])
+    assert report["test"]["n_images"] == 128 and report["test"]["iwae_k"] == 4
+    assert len(report["kl_per_dim"]) == report["model_args"]["latent_dim"] == 4
+    assert 0 <= report["active_units"] <= 4
+    assert 0.0 <= report["linear_probe_acc"] <= 1.0 and 0.0 <= report["classifier_test_acc"] <= 1.0
+    for extractor in ("pixels", "classifier"):
+        fid = report["fid"][extractor]
+        assert fid["n_real"] == fid["n_reconstruction"] == fid["n_generation"] == 128  # the whole test split
+        assert fid["reconstruction"] >= 0 and fid["generation"] >= 0
+    assert report["fid"]["pixels"]["feature_dim"] == 784 and report["fid"]["classifier"]["feature_dim"] == 64
+    assert report["checkpoint"] == os.path.abspath(tiny_checkpoint["path"])
+    assert report["data"] == {"data_dir": os.path.abspath(data_dir), "n_train": 256, "n_test": 128}
+    assert report["seed"] == 0 and report["device"] in ("cpu", "cuda", "mps")
+    assert set(report["timings_s"]) >= {"load", "likelihood", "latents", "classifier", "fid", "figures", "total"}
+    assert all(t >= 0 for t in report["timings_s"].values())
+    assert any("128 samples of 784-dimensional" in w for w in report["warnings"])  # pixel FID on 128 images
+    for name in FIGURES:
+        with open(root / "first" / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert not [n for n in os.listdir(root / "first") if n.endswith(".tmp")]
+    assert "linear probe accuracy" in result.stdout and "FID classifier features" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_same_seed_same_report_and_out_dir_defaults_to_the_checkpoints_folder(evaluated):
+    root, _, runs = evaluated
+    assert runs[1].returncode == 0, runs[1].stderr
+    assert all((root / "second" / name).is_file() for name in FIGURES)
+    first, second = (json.loads((root / name / "report.json").read_text()) for name in ("first", "second"))
+    assert not first["classifier_from_cache"] and second["classifier_from_cache"]
+    for report in (first, second):
+        for key in ("timings_s", "classifier_from_cache", "checkpoint"):
+            report.pop(key)
+    assert first == second
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def fails(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path, tiny_data, capsys):
+    out = tmp_path / "out"
+    line = fails(["--checkpoint", str(tmp_path / "nope.pt"), "--data-dir", tiny_data, "--out-dir", str(out)], capsys)
+    assert "no checkpoint at" in line
+    assert not out.exists()
+
+
+def test_damaged_data_is_one_line_and_writes_nothing(tmp_path, tiny_data, tiny_checkpoint, capsys):
+    with open(os.path.join(tiny_data, "FashionMNIST", "raw", "t10k-images-idx3-ubyte"), "r+b") as f:
+        f.truncate(1000)
+    out = tmp_path / "out"
+    line = fails(["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data, "--out-dir", str(out)], capsys)
+    assert "t10k-images-idx3-ubyte" in line and "damaged" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value,expected", [("--iwae-k", "0", "--iwae-k must be"),
+                                                 ("--batch-size", "0", "--batch-size must be"),
+                                                 ("--n-show", "0", "--n-show must be"),
+                                                 ("--iwae-k", "many", "invalid int value"),
+                                                 ("--device", "tpu", "unknown device")])
+def test_bad_flags_are_one_line(flag, value, expected, tmp_path, tiny_data, tiny_checkpoint, capsys):
+    line = fails(["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data, "--out-dir", str(tmp_path / "o"),
+                  flag, value], capsys)
+    assert expected in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_one_line(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    line = fails(["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data, "--device", "cuda"], capsys)
+    assert "CUDA is not available" in line
+
+
+def test_unwritable_out_dir_is_one_line(tmp_path, tiny_data, tiny_checkpoint, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should be")
+    line = fails(["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data, "--out-dir", str(blocker)], capsys)
+    assert "cannot write to the output folder" in line and "--out-dir" in line
+    assert blocker.read_text().startswith("a file")
+
+
+def test_help_states_every_default_and_snake_case_aliases_parse(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: ./data)", "(default: the checkpoint's folder)", "(default: 64)", "(default: 0)",
+                    "(default: auto)", "(default: 1000)", "(default: 10)"):
+        assert default in text
+    args = evaluate.parse_args(["--checkpoint", "c.pt", "--data_dir", "d", "--out_dir", "o", "--iwae_k", "5",
+                                "--batch_size", "7", "--n_show", "3"])
+    assert (args.data_dir, args.out_dir, args.iwae_k, args.batch_size, args.n_show) == ("d", "o", 5, 7, 3)
