@@ -127,13 +127,14 @@ def capacity_at(step, config: VAEConfig):
     return config.capacity_max * min(1.0, step / config.capacity_steps)
 
 
-def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0):
+def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0, capacity=None):
     """β-VAE loss per image, in nats.
 
     recon = −Σ_pixels [x log p + (1 − x) log(1 − p)] with p = sigmoid(logits), target x in [0, 1];
     KL    = ½ Σ_d (μ² + σ² − 1 − log σ²)  (closed form against N(0, I)).
     objective "beta":     recon + β·KL                  (Higgins et al. 2017)
     objective "capacity": recon + γ·|KL − C(step)|      (Burgess et al. 2018)
+    `capacity` overrides C(step) (a tensor there keeps a compiled step from recompiling as C changes).
     """
     recon = F.binary_cross_entropy_with_logits(recon_logits, target, reduction="none").flatten(1).sum(1)
     kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
@@ -141,7 +142,8 @@ def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0):
     if config.objective == "beta":
         total = recon + config.beta * kl
     else:
-        total = recon + config.gamma * (kl - capacity_at(step, config)).abs()
+        c = capacity_at(step, config) if capacity is None else capacity
+        total = recon + config.gamma * (kl - c).abs()
     return LossTerms(recon, kl, total, kl_per_dim)
 
 
