@@ -6,7 +6,8 @@ $ python bench.py --data-dir ../shared/data --device cuda
 
 1. training: images/s of one epoch of train.py's loop vs the course project's loop (train.py --loop seed), batch 64,
    interleaved epoch by epoch, and train.py's loop at batch sizes 128, 256, 512;
-2. evaluation: evaluate.py's parts on a 10,000-image test split (the data's test images repeated when it has fewer);
+2. evaluation: evaluate.py on a 10,000-image test split (the data's test images repeated when it has fewer), after a
+   warm-up run that caches the FID classifier; the wall time and each part's time;
 3. sampling: a cold `python sample.py --onnx ... --n 64` vs the same 64 images made with torch from the checkpoint;
 4. decoder throughput: onnxruntime vs torch eager at batch sizes 1, 64, 1024.
 Every timing is the median of several repeats after a warm-up; the spread is (min, max).
@@ -182,15 +183,17 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=("on", "off"), default="on",
                    help="also measure the compiled training step where a compiler exists; --quick skips it "
                         "(default: on)")
+    p.add_argument("--eval-images", "--eval_images", dest="eval_images", type=int, default=10_000,
+                   help="size of the test split evaluated (default: 10000, the full Fashion-MNIST test split)")
     p.add_argument("--only", default="train,evaluate,sample,decoder",
                    help="comma-separated sections to run (default: all four)")
     p.add_argument("--out", default="bench.json", help="JSON file to write (default: bench.json)")
     return p.parse_args(argv)
 
 
-def ten_thousand_test_split(data_dir, work):
-    """A data folder whose test split has exactly 10,000 images (the data's own, repeated if it has fewer) and
-    whose train files are the data's own (symlinked, so the FID classifier's cache key stays the same)."""
+def sized_test_split(data_dir, work, n):
+    """A data folder whose test split has exactly n images (the data's own, repeated if it has fewer) and whose
+    train files are the data's own (symlinked, so the FID classifier's cache key stays the same)."""
     import metrics
     raw = os.path.join(work, "data", "FashionMNIST", "raw")
     os.makedirs(raw)
@@ -198,18 +201,18 @@ def ten_thousand_test_split(data_dir, work):
         src = data._find(os.path.join(data_dir, "FashionMNIST", "raw"), name)
         os.symlink(os.path.abspath(src), os.path.join(raw, os.path.basename(src)))
     images, labels = data.load_split(data_dir, "test", download=False)
-    reps = math.ceil(10_000 / len(images))
-    data.write_idx(os.path.join(raw, data.FILES["test"][0]), np.tile(images.numpy(), (reps, 1, 1))[:10_000])
-    data.write_idx(os.path.join(raw, data.FILES["test"][1]), np.tile(labels.numpy().astype(np.uint8), reps)[:10_000])
+    reps = math.ceil(n / len(images))
+    data.write_idx(os.path.join(raw, data.FILES["test"][0]), np.tile(images.numpy(), (reps, 1, 1))[:n])
+    data.write_idx(os.path.join(raw, data.FILES["test"][1]), np.tile(labels.numpy().astype(np.uint8), reps)[:n])
     cached, target = metrics.classifier_cache_path(data_dir), metrics.classifier_cache_path(os.path.join(work, "data"))
     if os.path.isfile(cached) and not os.path.exists(target):
         shutil.copy2(cached, target)
     return os.path.join(work, "data"), len(images)
 
 
-def bench_evaluate(ckpt_path, data_dir, work, device, repeats, say):
+def bench_evaluate(ckpt_path, data_dir, work, device, repeats, n_images, say):
     import evaluate
-    eval_dir, n_real = ten_thousand_test_split(data_dir, work)
+    eval_dir, n_real = sized_test_split(data_dir, work, n_images)
     argv = ["--checkpoint", ckpt_path, "--data-dir", eval_dir, "--out-dir", os.path.join(work, "eval"),
             "--device", device.type]
     runs = []
@@ -223,7 +226,7 @@ def bench_evaluate(ckpt_path, data_dir, work, device, repeats, say):
             runs.append(dict(report["timings_s"], wall=wall))
         say(f"  evaluate {'warm-up' if not r else f'repeat {r}/{repeats}'}: {wall:.1f} s")
     parts = {k: stats([run[k] for run in runs]) for k in runs[0]}
-    return {"test_images": 10_000, "distinct_test_images": n_real, "seconds": stats([r["wall"] for r in runs]),
+    return {"test_images": n_images, "distinct_test_images": min(n_real, n_images), "seconds": stats([r["wall"] for r in runs]),
             "parts": parts}
 
 
@@ -242,7 +245,7 @@ def table(result):
                 rows.append((f"train, train.py {tr['step']} step, batch {bs}", f"{v['median']:,.0f} img/s", ""))
     ev = result.get("evaluate")
     if ev:
-        rows.append(("evaluate, 10,000 test images", f"{ev['seconds']['median']:.1f} s",
+        rows.append((f"evaluate, {ev['test_images']:,} test images", f"{ev['seconds']['median']:.1f} s",
                      ", ".join(f"{k} {v['median']:.1f}" for k, v in ev["parts"].items() if k not in ("wall",))))
     sa = result.get("sample")
     if sa:
@@ -265,6 +268,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     sections = set(args.only.split(","))
+    if not sections <= {"train", "evaluate", "sample", "decoder"} or args.eval_images < 1 or args.repeats < 1:
+        print("error: --only takes train,evaluate,sample,decoder; --eval-images and --repeats must be >= 1",
+              file=sys.stderr)
+        return 2
     repeats = 1 if args.quick else max(1, args.repeats)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -286,7 +293,7 @@ def main(argv=None):
         vae.save_checkpoint(ckpt_path, model, None, 0, 0, {}, [])
         if "evaluate" in sections:
             say("evaluation ...")
-            result["evaluate"] = bench_evaluate(ckpt_path, args.data_dir, work, device, repeats, say)
+            result["evaluate"] = bench_evaluate(ckpt_path, args.data_dir, work, device, repeats, args.eval_images, say)
         if sections & {"sample", "decoder"}:
             import export_onnx
             onnx_path = os.path.join(work, "decoder.onnx")
