@@ -13,6 +13,8 @@ $ python bench.py --data-dir ../shared/data --device cuda
 Every timing is the median of several repeats after a warm-up; the spread is (min, max).
 """
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -218,7 +220,8 @@ def bench_evaluate(ckpt_path, data_dir, work, device, repeats, n_images, say):
     runs = []
     for r in range(repeats + 1):  # the first run is the warm-up; it trains and caches the classifier if needed
         t = time.perf_counter()
-        evaluate.main(argv)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            evaluate.main(argv)  # its table and progress bars would drown bench's own lines
         wall = time.perf_counter() - t
         with open(os.path.join(work, "eval", "report.json")) as f:
             report = json.load(f)
@@ -297,7 +300,8 @@ def main(argv=None):
         if sections & {"sample", "decoder"}:
             import export_onnx
             onnx_path = os.path.join(work, "decoder.onnx")
-            export_onnx.main(["--checkpoint", ckpt_path, "--out", onnx_path])
+            with contextlib.redirect_stdout(io.StringIO()):
+                export_onnx.main(["--checkpoint", ckpt_path, "--out", onnx_path])
             if "sample" in sections:
                 say("sampling cold starts ...")
                 result["sample"] = bench_sample(ckpt_path, onnx_path, work, 3 if args.quick else 2 * repeats + 1)
