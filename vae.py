@@ -182,7 +182,12 @@ def read_checkpoint(path, map_location="cpu"):
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle/zip errors have many types; all mean the same thing to the user
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        if "WeightsUnpickler error:" in text:  # torch's own text suggests weights_only=False: never for a stranger's file
+            detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:120]
+            reason = f"the safe loader refused it, it may hold code: {detail}"
+        else:
+            reason = text.splitlines()[0][:160] if text else type(e).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); "
                               "pass a checkpoint.pt written by train.py") from None
     if not isinstance(ckpt, dict):
