@@ -4,6 +4,7 @@ Files are read from <data-dir>/FashionMNIST/raw (torchvision's layout). When the
 and verifies them (md5). Every file is read by a strict IDX reader, so a damaged file gives a message, not garbage.
 """
 import gzip
+import math
 import os
 import struct
 
@@ -40,7 +41,7 @@ def read_idx(path, expect_ndim):
     if len(raw) < header:
         raise DataError(f"{path} ends inside its header; delete it so it is downloaded again")
     dims = struct.unpack(">" + "I" * ndim, raw[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)  # Python ints: numpy's int64 product wraps on hostile headers
     if len(raw) != expected:
         what = "shorter" if len(raw) < expected else "longer"
         raise DataError(f"{path} is {len(raw)} bytes, {what} than its header says ({expected} for shape {dims}): "

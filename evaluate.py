@@ -3,7 +3,7 @@
     $ python evaluate.py --checkpoint runs/<run>/checkpoint.pt [--data-dir ./data] [--out-dir O] [--iwae-k 64]
 
 Everything about the model comes from the checkpoint. Prints a table and writes O/report.json plus
-reconstructions.png, samples.png, traversals.png and interpolations.png (O defaults to the checkpoint's folder).
+reconstructions.png, samples.png, traversals.png and interpolations.png (O defaults to eval/ beside the checkpoint).
 The same --seed gives the same numbers; only the timings change.
 """
 import argparse
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", "--data_dir", default="./data",
                    help="folder holding FashionMNIST/raw; downloaded there if missing (default: ./data)")
     p.add_argument("--out-dir", "--out_dir", default=None,
-                   help="where report.json and the figures go (default: the checkpoint's folder)")
+                   help="where report.json and the figures go (default: eval/ beside the checkpoint)")
     p.add_argument("--iwae-k", "--iwae_k", type=int, default=metrics.IWAE_K,
                    help="importance samples per test image for the IWAE bound on -log p(x) "
                         f"(default: {metrics.IWAE_K})")
@@ -161,7 +161,8 @@ def evaluate(args):
     model, ckpt = vae.load_checkpoint(args.checkpoint, device)
     train = data.load(args.data_dir, "train", device)
     test = data.load(args.data_dir, "test", device)
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.checkpoint))
+    # <run>/eval by default: train.py's samples.png and reconstructions.png stay as they are
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     prepare_out_dir(out_dir)  # only once every input is known good: a failed run leaves no new folder behind
     torch.manual_seed(args.seed)
     gen_iwae, gen_prior, gen_pairs = (torch.Generator().manual_seed(args.seed + i) for i in range(3))

@@ -175,7 +175,11 @@ def main(argv=None):
             sys.exit(1)
         ready.append((kind, path, data))
     for kind, path, data in ready:  # only once every model passed: never one file new and the other stale
-        atomic_write(path, lambda f, data=data: f.write(data))
+        try:
+            atomic_write(path, lambda f, data=data: f.write(data))
+        except OSError as err:
+            print(f"error: cannot write {path} ({err.strerror}): choose another --out/--encoder path", file=sys.stderr)
+            sys.exit(2)
         print(f"wrote {path}: {kind}, {len(data) / 1024:.0f} KiB, opset {args.opset}, latent_dim {d}, "
               f"epoch {ckpt['epoch']}")
 

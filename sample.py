@@ -144,8 +144,13 @@ def main(argv=None):
         sess, d, shape = load_decoder(args.onnx)
         z, ncol = latents(args, d)
         name = sess.get_inputs()[0].name
-        images = np.concatenate([sess.run(None, {name: z[i:i + CHUNK].astype(np.float32)})[0]
-                                 for i in range(0, len(z), CHUNK)])
+        try:
+            images = np.concatenate([sess.run(None, {name: z[i:i + CHUNK].astype(np.float32)})[0]
+                                     for i in range(0, len(z), CHUNK)])
+        except Exception as e:  # loads, but fails on a [batch, latent] input: not a working decoder
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+            raise UsageError(f"{args.onnx} loads but fails to run on z ({reason}): pass the decoder.onnx that "
+                             "export_onnx.py wrote") from None
         if images.shape != (len(z), *shape):
             raise UsageError(f"{args.onnx} returned shape {images.shape}, not {(len(z), *shape)}: export it again")
         if not np.all(np.isfinite(images)):
@@ -153,10 +158,15 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if args.npy:
-        atomic_write(args.npy, lambda f: np.save(f, images))
     grid = tile(images, ncol)
-    save_png(grid, args.out, scale=args.scale)
+    try:
+        save_png(grid, args.out, scale=args.scale)
+        if args.npy:
+            atomic_write(args.npy, lambda f: np.save(f, images))
+    except OSError as e:
+        where = args.out + (f" or {args.npy}" if args.npy else "")
+        print(f"error: cannot write {where} ({e.strerror}): choose another --out/--npy path", file=sys.stderr)
+        sys.exit(2)
     rows = -(-len(images) // ncol)
     print(f"wrote {args.out}: {len(images)} images, {rows} x {ncol} grid, "
           f"{grid.shape[1] * args.scale} x {grid.shape[0] * args.scale} px" + (f"; {args.npy}" if args.npy else ""))

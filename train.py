@@ -97,7 +97,8 @@ def resolve_args(args):
               (s["batch_size"] >= 1, f"--batch-size must be at least 1 (got {s['batch_size']})"),
               (s["epochs"] >= 0, f"--epochs must be >= 0 (got {s['epochs']})"),
               (s["lr"] > 0 and math.isfinite(s["lr"]), f"--lr must be a positive number (got {s['lr']})"),
-              (args.n_samples >= 1 and args.n_recon >= 1, "sample counts must be at least 1")]
+              (args.n_samples >= 1 and args.n_recon >= 1,
+               "--num-generation-samples and --num-reconstruction-samples must be at least 1")]
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
@@ -313,7 +314,8 @@ def train(s, ckpt, args):
             raise UsageError("--loop seed trains the plain β objective only: drop --objective capacity")
         step = make_seed_step(model, opt, config)
     else:
-        use_compile = want_compile(args.compile, device, (s["epochs"] - start) * len(train_data))
+        # decided from the whole run, not what is left of it: a resumed run takes the same path, bit for bit
+        use_compile = want_compile(args.compile, device, s["epochs"] * len(train_data))
         step = train_step.make_train_step(model, opt, config, compile=use_compile)
         if use_compile:
             log.info("compiling the training step (--compile off skips this)")
@@ -324,6 +326,9 @@ def train(s, ckpt, args):
         means, losses, img_s = epoch_loop(model, step, train_data, s, epoch, state)
         step_losses += losses
         test = test_metrics(model, test_data, config, s["seed"], state["step"])
+        if not all(math.isfinite(v) for v in test[:3]):  # the epoch's last update broke the weights: never save them
+            raise UsageError(f"the weights became NaN or infinite at the end of epoch {epoch + 1}; the last good "
+                             "checkpoint is kept: lower --lr or --beta and train again")
         history.append({"epoch": epoch + 1, "step": state["step"], "train": summarize(means),
                         "test": summarize(test), "img_per_s": img_s})
         vae.save_checkpoint(os.path.join(s["out_dir"], "checkpoint.pt"), model, opt, epoch + 1, s["seed"],

@@ -28,7 +28,7 @@ def dotted(report, key):
 def evaluated(tiny_checkpoint, tmp_path_factory):
     """Two runs with the same seed on fresh tiny data: the first trains the FID classifier, the second reads it.
 
-    The second spells its flags in snake_case and leaves --out-dir out, so its files go beside its checkpoint.
+    The second spells its flags in snake_case and leaves --out-dir out, so its files go to eval/ beside its checkpoint.
     """
     from conftest import write_dataset
     root = tmp_path_factory.mktemp("evaluate")
@@ -77,11 +77,12 @@ def test_evaluate_writes_every_key_and_figure(evaluated, tiny_checkpoint):
     assert "Traceback" not in result.stderr
 
 
-def test_same_seed_same_report_and_out_dir_defaults_to_the_checkpoints_folder(evaluated):
+def test_same_seed_same_report_and_out_dir_defaults_to_eval_beside_the_checkpoint(evaluated):
     root, _, runs = evaluated
     assert runs[1].returncode == 0, runs[1].stderr
-    assert all((root / "second" / name).is_file() for name in FIGURES)
-    first, second = (json.loads((root / name / "report.json").read_text()) for name in ("first", "second"))
+    assert all((root / "second" / "eval" / name).is_file() for name in FIGURES)
+    assert not (root / "second" / "samples.png").exists()  # train.py's own figures there are never overwritten
+    first, second = (json.loads((root / name / "report.json").read_text()) for name in ("first", "second/eval"))
     assert not first["classifier_from_cache"] and second["classifier_from_cache"]
     for report in (first, second):
         for key in ("timings_s", "classifier_from_cache", "checkpoint"):
@@ -147,7 +148,7 @@ def test_help_states_every_default_and_snake_case_aliases_parse(capsys):
         evaluate.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: ./data)", "(default: the checkpoint's folder)", "(default: 64)", "(default: 0)",
+    for default in ("(default: ./data)", "(default: eval/ beside the checkpoint)", "(default: 64)", "(default: 0)",
                     "(default: auto)", "(default: 1000)", "(default: 10)"):
         assert default in text
     args = evaluate.parse_args(["--checkpoint", "c.pt", "--data_dir", "d", "--out_dir", "o", "--iwae_k", "5",

@@ -317,3 +317,31 @@ def test_fuzzed_onnx_files_end_in_a_clear_error_in_sample_py(tmp_path, tiny_chec
         except sample.UsageError:
             pass
     assert loaded < len(cases) // 2
+
+
+def test_idx_header_whose_size_overflows_int64_is_a_clear_error(tmp_path):
+    import struct
+    p = tmp_path / "hostile"
+    p.write_bytes(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 2**31, 2**31, 4))
+    with pytest.raises(data.DataError, match="shorter than its header"):
+        data.read_idx(str(p), 3)
+
+
+def test_decoder_that_loads_but_fails_to_run_and_unwritable_outputs(tmp_path, tiny_checkpoint):
+    import onnx
+    from onnx import TensorProto, helper
+    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 2])
+    graph = helper.make_graph([helper.make_node("Reshape", ["z", "shape"], ["images"])], "g",
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])],
+                              [shape])
+    bad = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bad)
+    assert_clean_error(run_script("sample.py", "--onnx", bad, "--n", 1, "--out", tmp_path / "x.png"), "fails to run")
+    good = tmp_path / "decoder.onnx"
+    assert run_script("export_onnx.py", "--checkpoint", tiny_checkpoint["path"], "--out", good).returncode == 0
+    assert_clean_error(run_script("export_onnx.py", "--checkpoint", tiny_checkpoint["path"],
+                                  "--out", "/proc/decoder.onnx"), "cannot write /proc/decoder.onnx")
+    proc = run_script("sample.py", "--onnx", good, "--out", "/proc/x.png", "--npy", tmp_path / "x.npy")
+    assert_clean_error(proc, "cannot write /proc/x.png")
+    assert not (tmp_path / "x.npy").exists()  # the PNG goes first: a failed PNG leaves no half result behind
