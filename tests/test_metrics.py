@@ -9,6 +9,7 @@ import scipy.linalg
 import torch
 
 import data
+import fast_decoder
 import metrics
 import vae
 from conftest import write_dataset
@@ -160,23 +161,23 @@ def test_sub_pixel_convolution_equals_the_transposed_convolution(c_in, c_out, si
     convt = torch.nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=padding, output_padding=output_padding)
     x = torch.randn(5, c_in, size, size)
     with torch.no_grad():
-        expected, got = convt(x), metrics.SubPixelConvTranspose(convt)(x)
+        expected, got = convt(x), fast_decoder.SubPixelConvTranspose(convt)(x)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_fast_copy_reproduces_the_decoder_and_leaves_the_model_alone(tiny_model):
     model, _ = tiny_model
-    fast = metrics.fast_copy(model)
+    fast = fast_decoder.fast_copy(model)
     assert fast is not model and not fast.training
-    assert sum(isinstance(m, metrics.SubPixelConvTranspose) for m in fast.modules()) == 3
-    assert not any(isinstance(m, metrics.SubPixelConvTranspose) for m in model.modules())
+    assert sum(isinstance(m, fast_decoder.SubPixelConvTranspose) for m in fast.modules()) == 3
+    assert not any(isinstance(m, fast_decoder.SubPixelConvTranspose) for m in model.modules())
     z = torch.randn(50, 4, generator=torch.Generator().manual_seed(1)) * 3
     with torch.no_grad():
         assert torch.allclose(fast.decoder.logits(z), model.decoder.logits(z), atol=1e-4)
     training = vae.BetaVAE(vae.VAEConfig(latent_dim=3))  # train mode: batch norm must not see the check's latents
     before = {k: v.clone() for k, v in training.state_dict().items()}
-    assert not metrics.fast_copy(training).training and training.training
+    assert not fast_decoder.fast_copy(training).training and training.training
     assert all(torch.equal(v, before[k]) for k, v in training.state_dict().items())
 
 
