@@ -139,7 +139,7 @@ class _PixelLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         a, w = ctx.saved_tensors
-        ga = torch.mm(w, g.t()).t() if ctx.needs_input_grad[0] else None
+        ga = torch.mm(w, g.t()).t().contiguous() if ctx.needs_input_grad[0] else None
         n = a.shape[0]
         return ga, _long_k_mm(a.t(), g, parts=next(k for k in (64, 32, 16, 8, 4, 2, 1) if n % k == 0))
 
