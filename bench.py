@@ -12,7 +12,6 @@ $ python bench.py --data-dir ../shared/data --device cuda
 4. decoder throughput: onnxruntime vs torch eager at batch sizes 1, 64, 1024.
 Every timing is the median of several repeats after a warm-up; the spread is (min, max).
 """
-import argparse
 import contextlib
 import io
 import json
@@ -32,7 +31,7 @@ import torch
 import data
 import train_step
 import vae
-from images import atomic_write
+from images import ArgumentParser, atomic_write
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -176,7 +175,7 @@ def bench_decoder(ckpt_path, onnx_path, repeats):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Measure training, evaluation and sampling speed side by side.")
+    p = ArgumentParser(description="Measure training, evaluation and sampling speed side by side.")
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default="./data",
                    help="folder holding FashionMNIST/raw (default: ./data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")

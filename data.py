@@ -60,6 +60,8 @@ def _find(raw_dir, name):
 def _download(data_dir, split):
     """torchvision downloads, verifies md5 and unpacks into <data_dir>/FashionMNIST/raw."""
     from torchvision.datasets import FashionMNIST
+    raw_dir = os.path.join(data_dir, "FashionMNIST", "raw")
+    created = [d for d in (raw_dir, os.path.dirname(raw_dir), data_dir) if not os.path.exists(d)]
     try:
         os.makedirs(data_dir, exist_ok=True)
     except OSError as e:
@@ -72,7 +74,11 @@ def _download(data_dir, split):
         FashionMNIST(data_dir, train=(split == "train"), download=True)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120].rstrip(":")
-        raw_dir = os.path.join(data_dir, "FashionMNIST", "raw")
+        for d in created:   # leave no empty folders behind (a partial download stays, for the next attempt)
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
         raise DataError(f"Fashion-MNIST is not in {raw_dir} and could not be downloaded ({reason}): put "
                         f"{' and '.join(FILES[split])} (optionally .gz) there, or pass --data-dir to a folder holding "
                         "FashionMNIST/raw") from None

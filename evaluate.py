@@ -6,7 +6,6 @@ Everything about the model comes from the checkpoint. Prints a table and writes 
 reconstructions.png, samples.png, traversals.png and interpolations.png (O defaults to eval/ beside the checkpoint).
 The same --seed gives the same numbers; only the timings change.
 """
-import argparse
 import ctypes
 import json
 import os
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
 import vae  # noqa: E402
-from images import atomic_write, tile  # noqa: E402
+from images import ArgumentParser, atomic_write, tile  # noqa: E402
 
 FIGURES = ("reconstructions.png", "samples.png", "traversals.png", "interpolations.png")
 TRAVERSAL_VALUES = np.linspace(-3.0, 3.0, 11)
@@ -36,14 +35,8 @@ class UsageError(Exception):
     """A flag or path the user can fix; the message says how."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as for every other bad input
-        print(f"error: {message} (see python evaluate.py --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py (required)")
     p.add_argument("--data-dir", "--data_dir", default="./data",
                    help="folder holding FashionMNIST/raw; downloaded there if missing (default: ./data)")
@@ -170,14 +163,16 @@ def evaluate(args):
 
     t = time.perf_counter()
     bounds = metrics.likelihood_bounds(model, test, k=args.iwae_k, generator=gen_iwae, progress=True)
-    timings["likelihood"] = time.perf_counter() - t
+    timings["elbo_iwae"] = time.perf_counter() - t   # one pass: the ELBO averages the same k samples
 
     t = time.perf_counter()
     mu_test, _, y_test = metrics.encode_split(model, test, args.batch_size)
     mu_train, _, y_train = metrics.encode_split(model, train, args.batch_size)
     n_active, mu_variance = metrics.active_units(mu_test)
+    timings["encode"] = time.perf_counter() - t
+    t = time.perf_counter()
     probe_acc = metrics.linear_probe_accuracy(mu_train, y_train, mu_test, y_test)
-    timings["latents"] = time.perf_counter() - t
+    timings["probe"] = time.perf_counter() - t
 
     t = time.perf_counter()
     classifier, cls_info = metrics.load_classifier(args.data_dir, device, train, test, progress=True)
@@ -188,15 +183,17 @@ def evaluate(args):
     real = test.images.float().cpu() / 255.0
     recon_images = metrics.decode_batched(model, mu_test, args.batch_size)
     generated = metrics.prior_samples(model, n, gen_prior, args.batch_size)
+    timings["decode"] = time.perf_counter() - t
     fid = {}
     for name, extract in (("pixels", metrics.pixel_features),
                           ("classifier", lambda im: metrics.classifier_features(classifier, im, args.batch_size))):
+        t = time.perf_counter()
         real_stats = metrics.feature_stats(extract(real))
         fid[name] = {part: metrics.frechet_distance(*real_stats, *metrics.feature_stats(extract(images)))
                      for part, images in (("reconstruction", recon_images), ("generation", generated))}
         fid[name].update(n_real=n, n_reconstruction=n, n_generation=n, feature_dim=int(real_stats[0].shape[0]),
                          features=EXTRACTOR_NAMES[name])
-    timings["fid"] = time.perf_counter() - t
+        timings[f"fid_{name}"] = time.perf_counter() - t
 
     t = time.perf_counter()
     cfg = ckpt["model_args"]

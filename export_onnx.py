@@ -9,7 +9,6 @@ Each passes onnx.checker and matches torch under onnxruntime at batch sizes 1, 7
 Route: torch.onnx's TorchScript exporter (dynamo=False): it traces this fixed feed-forward stack in well under a
 second with no extra package, where the default dynamo exporter needs onnxscript and took ~7 s per model here.
 """
-import argparse
 import copy
 import hashlib
 import io
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 
 import vae
-from images import atomic_write
+from images import ArgumentParser, atomic_write
 
 FORMAT_VERSION = 1
 PARITY_BATCHES = (1, 7, 256)
@@ -132,7 +131,7 @@ def metadata(kind, ckpt, checkpoint_path, pixel_range):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Export the β-VAE decoder (and encoder) to ONNX.")
+    p = ArgumentParser(description="Export the β-VAE decoder (and encoder) to ONNX.")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py (required)")
     p.add_argument("--out", default="decoder.onnx", help="decoder file to write (default decoder.onnx)")
     p.add_argument("--encoder", default=None, help="also export the encoder to this file (default: not exported)")

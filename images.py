@@ -1,11 +1,21 @@
-"""Torch-free helpers: image grids, PNG files and atomic writes (numpy and Pillow only).
+"""Torch-free helpers: image grids, PNG files, atomic writes and the scripts' argument parser (numpy, Pillow).
 
 sample.py imports this module, so it must never import torch, directly or through another project module.
 """
+import argparse
 import os
+import sys
 import tempfile
 
 import numpy as np
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported like every other bad input: one line, exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def atomic_write(path, write_fn):

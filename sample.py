@@ -8,7 +8,6 @@ $ python sample.py --onnx decoder.onnx --interpolate --out interpolate.png # --r
 Latent size and image shape come from the file's input signature and metadata, so --onnx is the only flag needed.
 z = numpy.random.default_rng(seed).standard_normal((n, latent_dim)) * temperature: the same seed, the same pixels.
 """
-import argparse
 import math
 import os
 import sys
@@ -16,7 +15,7 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
-from images import atomic_write, save_png, tile
+from images import ArgumentParser, atomic_write, save_png, tile
 
 MAX_BYTES = 64 * 2**20  # the decoder is ~0.2 MiB; refuse to parse anything far outside that
 FORMAT_VERSION = 1      # newest decoder format this script reads (export_onnx.FORMAT_VERSION)
@@ -102,7 +101,7 @@ def latents(args, d):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample images from decoder.onnx without torch.")
+    p = ArgumentParser(description="Sample images from decoder.onnx without torch.")
     p.add_argument("--onnx", default="decoder.onnx", help="decoder written by export_onnx.py (default decoder.onnx)")
     p.add_argument("--n", type=int, default=64, help="number of samples, 1-10000 (default 64; grid ceil(sqrt(n)) wide)")
     p.add_argument("--seed", type=int, default=0, help="seed of numpy's default_rng for z (default 0)")

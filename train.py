@@ -8,7 +8,6 @@ $ python train.py --beta 4 --epochs 30 --resume                           # cont
 Writes into --out-dir: checkpoint.pt (every epoch), metrics.jsonl, train.log, loss.png, samples.png,
 reconstructions.png. Ctrl-C (or SIGTERM) finishes the current epoch, saves, and stops; press it twice to stop at once.
 """
-import argparse
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 import data
 import train_step
 import vae
-from images import atomic_write, save_png, tile
+from images import ArgumentParser, atomic_write, save_png, tile
 
 MODEL_FLAGS = ("latent_dim", "beta", "objective", "gamma", "capacity_max", "capacity_steps")
 RUN_FLAGS = ("batch_size", "lr", "seed")  # must match the checkpoint when resuming, or the run is not one run
@@ -38,7 +37,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a β-VAE on Fashion-MNIST.")
+    p = ArgumentParser(description="Train a β-VAE on Fashion-MNIST.")
     # Model and run flags default to None so a resumed run can tell "given" from "default" (defaults in DEFAULTS).
     p.add_argument("--beta", type=float, help="weight of the KL term (default: 4.0)")
     p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int, help="latent size (default: 10)")
@@ -59,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", "--out_dir", dest="out_dir",
                    help="output folder (default: runs/beta<β>_z<latent>_seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt; flags that contradict it are refused")
-    p.add_argument("--loop", choices=("fast", "seed"), default="fast",
+    p.add_argument("--loop", choices=("fast", "seed"), default=None,
                    help="fast: data resident on the device; seed: the course project's loop (torchvision transforms "
                         "through a 2-worker DataLoader, BCE on probabilities), kept for comparison and bench.py (default: fast)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -92,6 +91,12 @@ def resolve_args(args):
             s[k] = saved[k] if saved.get(k) is not None else s[k]
         if given["epochs"] is None:
             s["epochs"] = max(ckpt["train_args"].get("epochs", DEFAULTS["epochs"]), ckpt["epoch"])
+        saved_loop = ckpt["train_args"].get("loop", "fast")
+        if args.loop is not None and args.loop != saved_loop:
+            raise UsageError(f"--loop {args.loop} contradicts the checkpoint in {out_dir} (trained with --loop "
+                             f"{saved_loop}): drop the flag to resume, or use a new --out-dir")
+        args.loop = saved_loop
+    args.loop = args.loop or "fast"
     checks = [(s["beta"] >= 0, f"--beta must be >= 0 (got {s['beta']})"),
               (s["latent_dim"] >= 1, f"--latent-dim must be at least 1 (got {s['latent_dim']})"),
               (s["batch_size"] >= 1, f"--batch-size must be at least 1 (got {s['batch_size']})"),
@@ -99,6 +104,9 @@ def resolve_args(args):
               (s["lr"] > 0 and math.isfinite(s["lr"]), f"--lr must be a positive number (got {s['lr']})"),
               (args.n_samples >= 1 and args.n_recon >= 1,
                "--num-generation-samples and --num-reconstruction-samples must be at least 1")]
+    if args.loop == "seed":
+        checks.append((s["objective"] == "beta", "--loop seed trains the plain β objective only: drop --objective "
+                                                 "capacity"))
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
@@ -291,6 +299,11 @@ def train(s, ckpt, args):
         raise UsageError(str(e)) from None
     train_data = data.load(s["data_dir"], "train", device)  # before any file is written: bad data leaves nothing
     test_data = data.load(s["data_dir"], "test", device)
+    raw = os.path.join(s["data_dir"], "FashionMNIST", "raw")
+    missing = [n for n in data.FILES["train"] if not os.path.isfile(os.path.join(raw, n))]
+    if args.loop == "seed" and missing:
+        raise UsageError(f"--loop seed reads the data through torchvision, which needs the uncompressed "
+                         f"{' and '.join(missing)} in {raw}: gunzip the .gz files there, or use --loop fast")
     torch.manual_seed(s["seed"])
     config = vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS})
     model = (vae.BetaVAE(config) if ckpt is None else vae.model_from_checkpoint(ckpt, s["out_dir"])).to(device)
@@ -310,8 +323,6 @@ def train(s, ckpt, args):
     if start:
         log.info(f"resuming after epoch {start} of {s['epochs']}")
     if args.loop == "seed":
-        if config.objective != "beta":
-            raise UsageError("--loop seed trains the plain β objective only: drop --objective capacity")
         step = make_seed_step(model, opt, config)
     else:
         # decided from the whole run, not what is left of it: a resumed run takes the same path, bit for bit

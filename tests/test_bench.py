@@ -21,7 +21,8 @@ def test_quick_bench_writes_every_key(tiny_data, tmp_path):
     assert set(t["by_batch_size"]) == {"64", "128", "256", "512"}
     e = r["evaluate"]
     assert e["test_images"] == 300 and e["seconds"]["median"] > 0
-    assert {"likelihood", "fid", "figures", "total"} <= set(e["parts"])
+    assert {"load", "elbo_iwae", "encode", "probe", "classifier", "decode", "fid_pixels",
+            "fid_classifier", "figures", "total"} <= set(e["parts"])
     s = r["sample"]
     assert s["onnx_cold_s"]["median"] > 0 and s["torch_cold_s"]["median"] > 0 and s["speedup"] > 0
     assert set(r["decoder"]) == {"1", "64", "1024"}

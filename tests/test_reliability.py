@@ -68,6 +68,7 @@ def test_missing_data_without_network_in_train_py(tmp_path):
     proc = run_script("train.py", "--data-dir", tmp_path / "nothing", "--out-dir", tmp_path / "run", "--epochs", 1)
     assert_clean_error(proc, "could not be downloaded", "train-images-idx3-ubyte")
     assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "nothing").exists()   # no empty FashionMNIST/raw folders left behind either
 
 
 def test_unwritable_data_directory(tmp_path):
@@ -204,6 +205,38 @@ def test_resume_with_contradicting_flags_is_refused(tiny_data, tmp_path):
     proc = run_script("train.py", "--resume", "--epochs", 2, *common)  # no contradiction: the checkpoint's values
     assert proc.returncode == 0, proc.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=True)["model_args"]["latent_dim"] == 3
+
+
+@pytest.mark.parametrize("script, flag", [("train.py", "--seed"), ("evaluate.py", "--seed"),
+                                          ("export_onnx.py", "--opset"), ("sample.py", "--seed"),
+                                          ("bench.py", "--repeats")])
+def test_a_wrongly_typed_flag_is_one_line(script, flag):
+    proc = run_script(script, flag, "many")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: argument {flag}: invalid int value: 'many' "
+                                                f"(see python {script} --help)"], proc.stderr
+
+
+def test_seed_loop_without_uncompressed_files(tmp_path):
+    import gzip
+    import shutil
+    root = write_dataset(tmp_path / "data")
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    for name in os.listdir(raw):   # the same data, gzipped only: the fast loop reads it, torchvision's loop cannot
+        with open(os.path.join(raw, name), "rb") as src, gzip.open(os.path.join(raw, name + ".gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(os.path.join(raw, name))
+    proc = run_script("train.py", "--loop", "seed", "--data-dir", root, "--out-dir", tmp_path / "run", "--epochs", 1)
+    assert_clean_error(proc, "--loop seed", "gunzip", "train-images-idx3-ubyte")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_another_loop_is_refused(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_data, "--out-dir", out, "--compile", "off", "--batch-size", 64, "--latent-dim", 3]
+    assert run_script("train.py", "--epochs", 1, *common).returncode == 0
+    proc = run_script("train.py", "--resume", "--epochs", 2, "--loop", "seed", *common)
+    assert_clean_error(proc, "--loop seed contradicts", "trained with --loop fast")
 
 
 # ---------------------------------------------------------------------------------------- interruptions
