@@ -253,7 +253,7 @@ def table(result):
     if sa:
         rows.append(("sample.py cold start, 64 images", f"{sa['onnx_cold_s']['median']:.2f} s",
                      f"{sa['speedup']:.1f}x faster than torch ({sa['torch_cold_s']['median']:.2f} s)"))
-    for bs, v in result.get("decoder", {}).items():
+    for bs, v in result.get("decoder", {}).get("by_batch_size", {}).items():
         rows.append((f"decoder, batch {bs}", f"{v['onnxruntime_img_s']['median']:,.0f} img/s onnxruntime",
                      f"{v['torch_img_s']['median']:,.0f} img/s torch ({v['onnxruntime_speedup']:.1f}x)"))
     w = max(len(r[0]) for r in rows) if rows else 0
@@ -306,7 +306,7 @@ def main(argv=None):
                 result["sample"] = bench_sample(ckpt_path, onnx_path, work, 3 if args.quick else 2 * repeats + 1)
             if "decoder" in sections:
                 say("decoder throughput ...")
-                result["decoder"] = bench_decoder(ckpt_path, onnx_path, repeats)
+                result["decoder"] = {"by_batch_size": bench_decoder(ckpt_path, onnx_path, repeats)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(table(result))

@@ -25,7 +25,7 @@ def test_quick_bench_writes_every_key(tiny_data, tmp_path):
             "fid_classifier", "figures", "total"} <= set(e["parts"])
     s = r["sample"]
     assert s["onnx_cold_s"]["median"] > 0 and s["torch_cold_s"]["median"] > 0 and s["speedup"] > 0
-    assert set(r["decoder"]) == {"1", "64", "1024"}
-    for v in r["decoder"].values():
+    assert set(r["decoder"]["by_batch_size"]) == {"1", "64", "1024"}
+    for v in r["decoder"]["by_batch_size"].values():
         assert v["onnxruntime_img_s"]["median"] > 0 and v["torch_img_s"]["median"] > 0
     assert "train, seed loop, batch 64" in proc.stdout and "sample.py cold start" in proc.stdout
