@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data
+import nhwc_forward
 import train_step
 import vae
 
@@ -99,3 +100,22 @@ def test_compiled_step_follows_replaced_tensors(tiny_data):
     torch.manual_seed(5)
     want = eager(*bs[4], 0)
     assert torch.allclose(got[:3], want[:3], rtol=1e-4), (got[:3], want[:3])
+
+
+def test_nhwc_forward_is_the_module_forward():
+    torch.manual_seed(0)
+    model = vae.BetaVAE(vae.VAEConfig(latent_dim=6))
+    assert nhwc_forward.layers_as_expected(model)
+    x, eps = torch.rand(16, 1, 28, 28) * 2 - 1, torch.randn(16, 6)
+    P = dict(model.named_parameters())
+    B = {k: v.clone() for k, v in model.named_buffers()}
+    logits, mu, logvar = nhwc_forward.forward(P, B, model, x, eps)
+    mu0, logvar0 = model.encoder(x)                       # train mode: batch statistics, running stats updated
+    ref = model.decoder.logits(mu0 + eps * torch.exp(0.5 * logvar0))
+    assert torch.allclose(mu, mu0, atol=1e-5) and torch.allclose(logvar, logvar0, atol=1e-5)
+    assert torch.allclose(logits, nhwc_forward.to_phases(ref), atol=1e-4)
+    for k, v in model.named_buffers():
+        assert torch.allclose(B[k], v, atol=1e-6), k
+    img = torch.arange(2 * 784.0).view(2, 1, 28, 28)      # to_phases only reorders pixels, image by image
+    assert torch.equal(nhwc_forward.to_phases(img).flatten(1).sort(1).values, img.flatten(1))
+    assert nhwc_forward.to_phases(img)[0, 1, 0, 0] == img[0, 0, 0, 1]   # phase 2a+c holds pixel (2m+a, 2n+c)
