@@ -301,7 +301,7 @@ def train(s, ckpt, args):
     train_data = data.load(s["data_dir"], "train", device)  # before any file is written: bad data leaves nothing
     test_data = data.load(s["data_dir"], "test", device)
     raw = os.path.join(s["data_dir"], "FashionMNIST", "raw")
-    missing = [n for n in data.FILES["train"] if not os.path.isfile(os.path.join(raw, n))]
+    missing = [n for n in data.FILES["train"] + data.FILES["test"] if not os.path.isfile(os.path.join(raw, n))]
     if args.loop == "seed" and missing:
         raise UsageError(f"--loop seed reads the data through torchvision, which needs the uncompressed "
                          f"{' and '.join(missing)} in {raw}: gunzip the .gz files there, or use --loop fast")

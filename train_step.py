@@ -10,9 +10,11 @@ Why the compiled step is fast on CPU (bench.py measures it against the eager ste
     run well at these small sizes;
   * after the first call the compiled graph is called directly, without dynamo's per-call guard evaluation over the
     ~115 tensors it takes. The step checks what matters itself: the per-call tensors' dtype, device, shape and
-    strides, and that parameters, buffers and optimizer state still live in the same storage; anything else goes
-    back through dynamo (guards, recompilation if needed), so replaced state (optimizer.load_state_dict) or
-    re-laid-out weights are never read as the old layout.
+    strides; that parameters, buffers and optimizer state still live in the same storage with the same strides and
+    sizes; the config and BatchNorm constants the graph bakes in; and that dynamo's last call ran the latest graph.
+    Anything else goes back through dynamo (guards, recompilation if needed), so replaced state
+    (optimizer.load_state_dict), re-laid-out weights or a changed β are never computed as before (tested).
+    Hyperparameters of Adam other than lr are read once, when the step is made.
 Inductor's kernels and MKL use torch's thread count (the cores). On a CPU shared with other busy processes, OpenMP
 barriers stall whenever another process holds a core; OMP_NUM_THREADS=1 is then faster.
 The math is the module's, layer for layer, on the module's own tensors (parameters, BatchNorm buffers and
@@ -23,7 +25,7 @@ Batches of another size than the first (an epoch's short last batch), eval mode,
 not reproduce exactly (not plain single-group Adam) run the eager step on the same tensors: no recompiles.
 On CUDA the graph uses the module's own layers (cuDNN) through functional_call instead of the NHWC rewrite.
 """
-import gc
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -68,23 +70,31 @@ def _feed_order(gm):
     None when an input does not come straight from one of the step function's arguments."""
     import re
     feed = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            source = getattr(node.meta.get("grapharg"), "source", None)
-            m = re.fullmatch(r"L\['(\w+)'\](?:\[(\d+)\])?", getattr(source, "name", "") or "")
-            if m is None:
-                return None
-            feed.append((m.group(1), None if m.group(2) is None else int(m.group(2))))
+    try:
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                name = node.meta["grapharg"].source.name
+                m = re.fullmatch(r"L\['(\w+)'\](?:\[(\d+)\])?", name if isinstance(name, str) else name())
+                if m is None:
+                    return None
+                feed.append((m.group(1), None if m.group(2) is None else int(m.group(2))))
+    except (AttributeError, KeyError, TypeError):   # another torch's internals: always go through dynamo
+        return None
     return feed
 
 
 _PER_CALL = ("x", "target", "eps", "C", "lr")
 
 
+def _meta(t):
+    return t.dtype, t.device, t.shape, t.stride()
+
+
 def _signature(inputs, feed):
-    """What the compiled graph depends on: the same parameter/buffer/optimizer-state tensors (their storage), and
-    per-call inputs of the same dtype, device, shape and strides."""
-    return [(t.dtype, t.device, t.shape, t.stride()) if name in _PER_CALL else t.data_ptr()
+    """What a direct call depends on, cheaply: per-call inputs of the same dtype, device, shape and strides, and the
+    parameters, buffers and optimizer state in the same storage (so the same dtype and device) with the same strides
+    and number of elements (t.shape would double the cost of this check)."""
+    return [_meta(t) if name in _PER_CALL else (t.data_ptr(), t.stride(), t.numel())
             for t, (name, _) in zip(inputs, feed)]
 
 
@@ -143,12 +153,18 @@ def make_train_step(model, optimizer, config, compile=False):
         return stats
 
     options = {"cpp_wrapper": True} if device.type == "cpu" else {}
-    direct = {}   # the inductor-compiled graph, how to feed it, and the inputs it was compiled for
+    direct = {}   # the latest compiled graph, how to feed it, the inputs it was compiled for, a signature to reuse it
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def constants():   # Python values the graph bakes in: dynamo guards on them, so the direct path must too
+        return dataclasses.astuple(config), [(m.momentum, m.eps) for m in bns]
 
     def backend(gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
+        feed = _feed_order(gm)   # before compile_fx, which may change gm
         fn = compile_fx(gm, example_inputs, config_patches=options)
-        direct.update(fn=fn, feed=_feed_order(gm))
+        direct.clear()
+        direct.update(fn=fn, feed=feed, meta=[_meta(t) for t in example_inputs])
         return fn
 
     compiled = torch.compile(graph, backend=backend, dynamic=False, fullgraph=True)
@@ -176,19 +192,20 @@ def make_train_step(model, optimizer, config, compile=False):
         args = dict(plist=params, blist=list(model.buffers()), exp_avgs=[state[p]["exp_avg"] for p in params],
                     exp_avg_sqs=[state[p]["exp_avg_sq"] for p in params], steps=[state[p]["step"] for p in params],
                     x=x, target=target, eps=eps, C=C, lr=lr)
-        if direct.get("feed"):
+        if "signature" in direct:
             inputs = [args[k] if i is None else args[k][i] for k, i in direct["feed"]]
-            if _signature(inputs, direct["feed"]) == direct.get("signature"):
+            if (constants(), _signature(inputs, direct["feed"])) == direct["signature"]:
                 return direct["fn"](*inputs)[0]
         out = compiled(**args)   # dynamo evaluates its guards here, and recompiles if it must
+        direct.pop("signature", None)
         if direct.get("feed"):
-            if "signature" not in direct:   # compiling left ~0.5M Python objects; a full collection took ~0.15 s
-                gc.collect()
-                gc.freeze()
             inputs = [args[k] if i is None else args[k][i] for k, i in direct["feed"]]
-            direct["signature"] = _signature(inputs, direct["feed"])
+            # dynamo may have run an older graph than direct["fn"]: reuse the latest only for inputs it was built for
+            if [_meta(t) for t in inputs] == direct["meta"]:
+                direct["signature"] = (constants(), _signature(inputs, direct["feed"]))
         return out
 
     step.eager_step = eager_step
     step.compiled = compiled
+    step.direct = direct
     return step

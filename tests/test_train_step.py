@@ -70,36 +70,50 @@ def test_compiled_step_matches_eager(tiny_data, objective):
 @needs_compiler
 def test_compiled_step_follows_replaced_tensors(tiny_data):
     # After its first call the graph is called without dynamo's guards. Replaced optimizer state (as --resume does)
-    # must be updated in place, and a weight stored with other strides must be read as such (through dynamo, which
-    # recompiles), never as the layout the graph was compiled for.
+    # must be updated in place; a weight stored with other strides, or a changed β, must be computed as such (through
+    # dynamo, which recompiles or reuses an older graph), never with what the latest graph was compiled for.
     import copy
     config = vae.VAEConfig(latent_dim=4)
-    bs = batches(tiny_data, [32] * 5)
+    bs = batches(tiny_data, [32] * 8)
     torch.manual_seed(0)
     model = vae.BetaVAE(config)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     step = train_step.make_train_step(model, opt, config, compile=True)
-    for x, t in bs[:3]:
+    for x, t in bs[:2]:
         step(x, t, 0)
+    direct_calls = []
+    fn = step.direct["fn"]
+    step.direct["fn"] = lambda *a: direct_calls.append(1) or fn(*a)
+    step(*bs[2], 0)
+    assert direct_calls == [1]                                       # the guard-free path is the one taken
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))          # new state tensors
     first = next(iter(model.parameters()))
     old_m = opt.state[first]["exp_avg"].clone()
     step(*bs[3], 0)
     assert all(opt.state[p]["step"].item() == 4 for p in model.parameters())
     assert not torch.equal(opt.state[first]["exp_avg"], old_m)
+    config.beta = 2.0                                                # a constant baked into the graph changes
+    stats = step(*bs[7], 0)
+    assert torch.allclose(stats[2], stats[0] + 2.0 * stats[1], rtol=1e-5)
+
+    def matches_eager(batch):
+        twin = copy.deepcopy(model)
+        twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
+        twin_opt.load_state_dict(opt.state_dict())
+        eager = train_step.make_train_step(twin, twin_opt, copy.copy(config), compile=False)
+        torch.manual_seed(5)
+        got = step(*batch, 0)
+        torch.manual_seed(5)
+        want = eager(*batch, 0)
+        return torch.allclose(got[:3], want[:3], rtol=1e-4)
 
     w = model.decoder.fc[2].weight                                   # (288, 128): store it column-major
     with torch.no_grad():
         w.data = w.detach().t().contiguous().t()
-    twin = copy.deepcopy(model)
-    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
-    twin_opt.load_state_dict(opt.state_dict())
-    eager = train_step.make_train_step(twin, twin_opt, config, compile=False)
-    torch.manual_seed(5)
-    got = step(*bs[4], 0)
-    torch.manual_seed(5)
-    want = eager(*bs[4], 0)
-    assert torch.allclose(got[:3], want[:3], rtol=1e-4), (got[:3], want[:3])
+    assert matches_eager(bs[4])                                      # a new graph for this layout
+    with torch.no_grad():
+        w.data = w.detach().contiguous()                             # row-major again: dynamo reuses the first graph
+    assert matches_eager(bs[5]) and matches_eager(bs[6])
 
 
 def test_nhwc_forward_is_the_module_forward():
@@ -119,3 +133,10 @@ def test_nhwc_forward_is_the_module_forward():
     img = torch.arange(2 * 784.0).view(2, 1, 28, 28)      # to_phases only reorders pixels, image by image
     assert torch.equal(nhwc_forward.to_phases(img).flatten(1).sort(1).values, img.flatten(1))
     assert nhwc_forward.to_phases(img)[0, 1, 0, 0] == img[0, 0, 0, 1]   # phase 2a+c holds pixel (2m+a, 2n+c)
+
+
+def test_pixel_linear_gradients():
+    a = torch.randn(64, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(nhwc_forward._PixelLinear.apply, (a, w))
+    assert torch.allclose(nhwc_forward._PixelLinear.apply(a, w), a @ w)
