@@ -31,7 +31,8 @@ import torch
 import data
 import train_step
 import vae
-from images import ArgumentParser, atomic_write
+from cli import ArgumentParser
+from fileio import atomic_write
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -24,15 +24,13 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
 import vae  # noqa: E402
-from images import ArgumentParser, atomic_write, tile  # noqa: E402
+from cli import ArgumentParser, UsageError  # noqa: E402
+from fileio import atomic_write  # noqa: E402
+from images import tile  # noqa: E402
 
 FIGURES = ("reconstructions.png", "samples.png", "traversals.png", "interpolations.png")
 TRAVERSAL_VALUES = np.linspace(-3.0, 3.0, 11)
 EXTRACTOR_NAMES = {"pixels": "raw pixels, the course project's FID", "classifier": "Fashion-MNIST CNN features"}
-
-
-class UsageError(Exception):
-    """A flag or path the user can fix; the message says how."""
 
 
 def parse_args(argv=None):

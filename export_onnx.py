@@ -24,16 +24,13 @@ import torch
 import torch.nn as nn
 
 import vae
-from images import ArgumentParser, atomic_write
+from cli import ArgumentParser, UsageError
+from fileio import atomic_write
 
 FORMAT_VERSION = 1
 PARITY_BATCHES = (1, 7, 256)
 PARITY_ATOL = 1e-5
 OPSETS = range(17, 21)  # 17 or newer, as the issue asks; the TorchScript exporter stops at 20
-
-
-class UsageError(Exception):
-    pass
 
 
 class _ShiftedConv(nn.Module):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import data
 import vae
 from fast_decoder import fast_copy
-from images import atomic_write
+from fileio import atomic_write
 
 PROJECT = "beta-vae-fashion-mnist"
 # Importance samples per image for −log p(x). On the subset, k = 64 already closes 85-95% of the gap between the

@@ -15,15 +15,13 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
-from images import ArgumentParser, atomic_write, save_png, tile
+from cli import ArgumentParser, UsageError
+from fileio import atomic_write
+from images import save_png, tile
 
 MAX_BYTES = 64 * 2**20  # the decoder is ~0.2 MiB; refuse to parse anything far outside that
 FORMAT_VERSION = 1      # newest decoder format this script reads (export_onnx.FORMAT_VERSION)
 CHUNK = 1024            # images per onnxruntime call: bounds memory for large --n
-
-
-class UsageError(Exception):
-    pass
 
 
 def load_decoder(path):

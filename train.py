@@ -23,17 +23,15 @@ import torch.nn.functional as F
 import data
 import train_step
 import vae
-from images import ArgumentParser, atomic_write, save_png, tile
+from cli import ArgumentParser, UsageError
+from fileio import atomic_write
+from images import save_png, tile
 
 MODEL_FLAGS = ("latent_dim", "beta", "objective", "gamma", "capacity_max", "capacity_steps")
 RUN_FLAGS = ("batch_size", "lr", "seed")  # must match the checkpoint when resuming, or the run is not one run
 DEFAULTS = dict(latent_dim=10, beta=4.0, objective="beta", gamma=1000.0, capacity_max=25.0, capacity_steps=100_000,
                 batch_size=64, lr=1e-3, seed=0, epochs=20)
 log = logging.getLogger("train")
-
-
-class UsageError(Exception):
-    pass
 
 
 def parse_args(argv=None):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from images import atomic_write
+from fileio import atomic_write
 
 CHECKPOINT_FORMAT = 1
 OBJECTIVES = ("beta", "capacity")

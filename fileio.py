@@ -1,0 +1,140 @@
+"""Writing files safely (torch-free): atomic replaces, outputs that never clobber inputs, leftovers of killed runs.
+
+Every file this project writes goes through a temporary file in the same folder, named `.<name>.<pid>.<random>.tmp`,
+and a rename, so a reader never sees half a file. A process killed mid-write (SIGKILL, power cut) leaves its temp
+file behind; `clean_stale_temps` removes those of dead processes the next time a script writes to that folder.
+"""
+import os
+import re
+import tempfile
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _temp_for(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    return tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+
+
+def _write_temp(path, write_fn):
+    fd, tmp = _temp_for(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return tmp
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def atomic_write(path, write_fn):
+    """write_fn(binary file) into a temporary file beside `path`, then rename: `path` is the old file or the new one."""
+    tmp = _write_temp(path, write_fn)
+    try:
+        os.replace(tmp, os.fspath(path))
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def atomic_write_all(items):
+    """Write several files as one: afterwards either every path holds its new content or every path is as before.
+
+    items: [(path, write_fn)]. Everything is written to temporary files first (a full disk fails here, before any
+    path changes); old files are kept as hard links until every rename has happened, and put back if one fails.
+    """
+    temps, backups, done = [], {}, []
+    try:
+        for path, write_fn in items:
+            temps.append((os.fspath(path), _write_temp(path, write_fn)))
+        for path, tmp in temps:
+            if os.path.exists(path):
+                fd, backup = _temp_for(path)
+                os.close(fd)
+                os.unlink(backup)
+                os.link(path, backup)
+                backups[path] = backup
+        for path, tmp in temps:
+            os.replace(tmp, path)
+            done.append(path)
+    except BaseException:
+        for path in done:  # put the old files back (or remove new files that had no old one)
+            if path in backups:
+                os.replace(backups.pop(path), path)
+            else:
+                _unlink(path)
+        for _, tmp in temps:
+            _unlink(tmp)
+        raise
+    finally:
+        for backup in backups.values():
+            _unlink(backup)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def clean_stale_temps(folder):
+    """Remove this project's temporary files left in `folder` by processes that no longer run. Returns their names."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def same_file(a, b):
+    """Whether two paths name one file: through symlinks, `..`, hard links or case-insensitive file systems."""
+    a, b = os.fspath(a), os.fspath(b)
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): then they are one file only if they resolve alike
+        return False
+
+
+def clashes(inputs, outputs):
+    """Names the first output that would replace an input or another output, or None.
+
+    inputs, outputs: {flag: path} (a path may be None: not used). Paths are compared by what they resolve to.
+    """
+    seen = [(flag, p) for flag, p in inputs.items() if p is not None]
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        for other_flag, other in seen:
+            if same_file(path, other):
+                return f"{flag} {path} is the same file as {other_flag} {other}"
+        seen.append((flag, path))
+    return None
