@@ -13,6 +13,7 @@ $ python bench.py --data-dir ../shared/data --device cuda
 Every timing is the median of several repeats after a warm-up; the spread is (min, max).
 """
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 import data
-import train_step
+import idx
+import training
 import vae
 from cli import ArgumentParser
 from fileio import atomic_write
@@ -42,38 +44,44 @@ def stats(values):
 
 
 def settings(data_dir, batch_size, loop):
-    return dict(latent_dim=10, beta=4.0, objective="beta", gamma=1000.0, capacity_max=25.0, capacity_steps=100_000,
-                batch_size=batch_size, lr=1e-3, seed=0, epochs=1, data_dir=data_dir, loop=loop)
+    """What train.py would train with by default, at this batch size, for one epoch."""
+    return {**dataclasses.asdict(vae.VAEConfig()), **dataclasses.asdict(training.RUN_DEFAULTS),
+            "batch_size": batch_size, "epochs": 1, "data_dir": data_dir, "loop": loop}
 
 
 class Trainer:
-    """A model, optimizer and step as train.py builds them; .epoch() runs train.py's epoch loop once, returns img/s."""
+    """A model, optimizer and step as train.py builds them; .epoch() runs one epoch as train.py does (training, then
+    the test pass) or as the course project did (training only), and returns (training images/s, epoch seconds)."""
 
-    def __init__(self, train_mod, train_data, s, compile_mode):
-        self.t, self.data, self.s = train_mod, train_data, s
+    def __init__(self, train_data, test_data, s, compile_mode):
+        self.data, self.test, self.s = train_data, test_data, s
         torch.manual_seed(0)
-        config = vae.VAEConfig(**{k: s[k] for k in train_mod.MODEL_FLAGS})
-        self.model = vae.BetaVAE(config).to(train_data.device)
+        self.config = vae.VAEConfig()
+        self.model = vae.BetaVAE(self.config).to(train_data.device)
         opt = torch.optim.Adam(self.model.parameters(), lr=s["lr"])
-        self.step = (train_mod.make_seed_step(self.model, opt, config) if s["loop"] == "seed"
-                     else train_step.make_train_step(self.model, opt, config, compile=compile_mode))
+        self.step = (training.make_seed_step(self.model, opt, self.config) if s["loop"] == "seed"
+                     else training.make_train_step(self.model, opt, self.config, compile=compile_mode))
         self.state, self.n = {"step": 0}, 0
 
     def epoch(self):
-        _, _, img_s = self.t.epoch_loop(self.model, self.step, self.data, self.s, self.n, self.state)
+        t = time.perf_counter()
+        _, _, img_s = training.epoch_loop(self.model, self.step, self.data, self.s, self.n, self.state,
+                                          progress=False)
+        if self.s["loop"] != "seed":   # train.py's epoch ends with a test pass; the course project's had none
+            training.test_metrics(self.model, self.test, self.config, 0, self.state["step"])
         self.n += 1
-        return img_s
+        return img_s, time.perf_counter() - t
 
 
 def bench_train(args, device, repeats, say):
     """The seed loop, train.py's eager step and its compiled step, interleaved epoch by epoch at batch 64."""
-    import train as train_mod
     train_data = data.load(args.data_dir, "train", device)
-    compiled = args.compile != "off" and not args.quick and train_mod.want_compile("auto", device, float("inf"))
-    loops = {"seed": Trainer(train_mod, train_data, settings(args.data_dir, 64, "seed"), False),
-             "eager": Trainer(train_mod, train_data, settings(args.data_dir, 64, "fast"), False)}
+    test_data = data.load(args.data_dir, "test", device)
+    compiled = args.compile != "off" and not args.quick and training.want_compile("auto", device, float("inf"))
+    loops = {"seed": Trainer(train_data, test_data, settings(args.data_dir, 64, "seed"), False),
+             "eager": Trainer(train_data, test_data, settings(args.data_dir, 64, "fast"), False)}
     if compiled:
-        loops["compiled"] = Trainer(train_mod, train_data, settings(args.data_dir, 64, "fast"), True)
+        loops["compiled"] = Trainer(train_data, test_data, settings(args.data_dir, 64, "fast"), True)
     for name, t in loops.items():  # warm-up epoch (includes compilation)
         w = time.perf_counter()
         t.epoch()
@@ -82,17 +90,22 @@ def bench_train(args, device, repeats, say):
     for r in range(repeats):  # interleaved, so every loop sees the same machine
         for name, t in loops.items():
             runs[name].append(t.epoch())
-        say(f"  train repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:,.0f} img/s" for k, v in runs.items()))
+        say(f"  train repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1][0]:,.0f} img/s, epoch {v[-1][1]:.2f} s"
+                                                               for k, v in runs.items()))
     best = "compiled" if compiled else "eager"
-    out = {"images_per_epoch": len(train_data), "reference_img_s": stats(runs["seed"]), "img_s": stats(runs[best]),
-           "step": best, "eager_img_s": stats(runs["eager"]),
-           "speedup_bs64": statistics.median(f / r for f, r in zip(runs[best], runs["seed"])),
-           "eager_speedup_bs64": statistics.median(f / r for f, r in zip(runs["eager"], runs["seed"]))}
-    by_bs = {64: stats(runs[best])}
+    img_s = {k: [r[0] for r in v] for k, v in runs.items()}
+    secs = {k: [r[1] for r in v] for k, v in runs.items()}
+    out = {"images_per_epoch": len(train_data), "test_images": len(test_data), "step": best,
+           "reference_img_s": stats(img_s["seed"]), "img_s": stats(img_s[best]), "eager_img_s": stats(img_s["eager"]),
+           "epoch_s": {k: stats(v) for k, v in secs.items()},
+           "epoch_speedup_bs64": statistics.median(s / b for s, b in zip(secs["seed"], secs[best])),
+           "speedup_bs64": statistics.median(f / r for f, r in zip(img_s[best], img_s["seed"])),
+           "eager_speedup_bs64": statistics.median(f / r for f, r in zip(img_s["eager"], img_s["seed"]))}
+    by_bs = {64: stats(img_s[best])}
     for bs in (128, 256, 512):
-        t = Trainer(train_mod, train_data, settings(args.data_dir, bs, "fast"), compiled)
+        t = Trainer(train_data, test_data, settings(args.data_dir, bs, "fast"), compiled)
         t.epoch()
-        by_bs[bs] = stats([t.epoch() for _ in range(repeats)])
+        by_bs[bs] = stats([t.epoch()[0] for _ in range(repeats)])
     out["by_batch_size"] = {str(k): v for k, v in by_bs.items()}
     return out
 
@@ -200,12 +213,12 @@ def sized_test_split(data_dir, work, n):
     raw = os.path.join(work, "data", "FashionMNIST", "raw")
     os.makedirs(raw)
     for name in data.FILES["train"]:
-        src = data._find(os.path.join(data_dir, "FashionMNIST", "raw"), name)
+        src = data.find(data_dir, name)
         os.symlink(os.path.abspath(src), os.path.join(raw, os.path.basename(src)))
     images, labels = data.load_split(data_dir, "test", download=False)
     reps = math.ceil(n / len(images))
-    data.write_idx(os.path.join(raw, data.FILES["test"][0]), np.tile(images.numpy(), (reps, 1, 1))[:n])
-    data.write_idx(os.path.join(raw, data.FILES["test"][1]), np.tile(labels.numpy().astype(np.uint8), reps)[:n])
+    idx.write_idx(os.path.join(raw, data.FILES["test"][0]), np.tile(images.numpy(), (reps, 1, 1))[:n])
+    idx.write_idx(os.path.join(raw, data.FILES["test"][1]), np.tile(labels.numpy().astype(np.uint8), reps)[:n])
     cached, target = metrics.classifier_cache_path(data_dir), metrics.classifier_cache_path(os.path.join(work, "data"))
     if os.path.isfile(cached) and not os.path.exists(target):
         shutil.copy2(cached, target)
@@ -243,6 +256,8 @@ def table(result):
         if tr["step"] == "compiled":
             rows.append(("train, train.py compiled step, batch 64", f"{tr['img_s']['median']:,.0f} img/s",
                          f"{tr['speedup_bs64']:.1f}x the seed loop"))
+        rows.append((f"epoch, train.py {tr['step']} step + test pass", f"{tr['epoch_s'][tr['step']]['median']:.2f} s",
+                     f"{tr['epoch_speedup_bs64']:.1f}x the seed loop's epoch ({tr['epoch_s']['seed']['median']:.2f} s)"))
         for bs, v in tr["by_batch_size"].items():
             if bs != "64":
                 rows.append((f"train, train.py {tr['step']} step, batch {bs}", f"{v['median']:,.0f} img/s", ""))

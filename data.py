@@ -1,124 +1,101 @@
 """Fashion-MNIST held as uint8 tensors on the training device, batched from shuffled indices there.
 
-Files are read from <data-dir>/FashionMNIST/raw (torchvision's layout). When they are missing, torchvision downloads
-and verifies them (md5). Every file is read by a strict IDX reader, so a damaged file gives a message, not garbage.
+Files are read from <data-dir>/FashionMNIST/raw (torchvision's layout) by idx.py's strict reader, so a damaged file
+gives a message, not garbage. Missing files are downloaded with torchvision's download helpers (md5-verified), only
+those that are missing: files already there are never replaced.
 """
-import gzip
-import math
+import contextlib
+import io
 import os
-import struct
 
-import numpy as np
 import torch
 
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-IDX_UBYTE = 0x08
+from idx import CLASSES, FILES, DataError, find, raw_dir, read_split, write_idx  # noqa: F401 (re-exported)
 
 
-class DataError(Exception):
-    """The data is missing or damaged; the message says where to put which files."""
+def missing_files(data_dir, splits=("train", "test")):
+    """The Fashion-MNIST files (plain or .gz) of `splits` that are not in the data folder."""
+    return [name for split in splits for name in FILES[split] if find(data_dir, name) is None]
 
 
-def read_idx(path, expect_ndim):
-    """Read an uncompressed (or .gz) IDX file of unsigned bytes as a numpy uint8 array, checking every header field."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"cannot read {path} ({e.__class__.__name__}: {e}); delete it so it is downloaded again")
-    if len(raw) < 4:
-        raise DataError(f"{path} is {len(raw)} bytes, too short for an IDX header; delete it so it is downloaded again")
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != IDX_UBYTE or ndim != expect_ndim:
-        raise DataError(f"{path} has a bad magic number 0x{raw[:4].hex()} (expected 0x00000{IDX_UBYTE:x}0{expect_ndim}): "
-                        "it is not a Fashion-MNIST IDX file; delete it so it is downloaded again")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} ends inside its header; delete it so it is downloaded again")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:header])
-    expected = header + math.prod(dims)  # Python ints: numpy's int64 product wraps on hostile headers
-    if len(raw) != expected:
-        what = "shorter" if len(raw) < expected else "longer"
-        raise DataError(f"{path} is {len(raw)} bytes, {what} than its header says ({expected} for shape {dims}): "
-                        "the file is damaged; delete it so it is downloaded again")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+def missing_uncompressed(data_dir):
+    """The files of both splits not present uncompressed (torchvision's own reader, the seed loop's, needs them)."""
+    return [n for split in FILES for n in FILES[split] if not os.path.isfile(os.path.join(raw_dir(data_dir), n))]
 
 
-def _find(raw_dir, name):
-    for candidate in (name, name + ".gz"):
-        p = os.path.join(raw_dir, candidate)
-        if os.path.isfile(p):
-            return p
-    return None
+def _new_folders(path):
+    """The folders that creating `path` would create, deepest first."""
+    made = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        made.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return made
 
 
-def _download(data_dir, split):
-    """torchvision downloads, verifies md5 and unpacks into <data_dir>/FashionMNIST/raw."""
+def ensure_files(data_dir, splits=("train", "test"), download=True):
+    """Make sure every file of `splits` is present, downloading the missing ones (and only those) if allowed.
+    On failure: one DataError naming every missing file and why the download failed; no folder left behind."""
+    missing = missing_files(data_dir, splits)
+    if not missing:
+        return
+    folder = raw_dir(data_dir)
+    names = ", ".join(missing)
+    if not download:
+        raise DataError(f"Fashion-MNIST files are missing from {folder}: put {names} (or their .gz) there")
     from torchvision.datasets import FashionMNIST
-    raw_dir = os.path.join(data_dir, "FashionMNIST", "raw")
-    created = [d for d in (raw_dir, os.path.dirname(raw_dir), data_dir) if not os.path.exists(d)]
+    from torchvision.datasets.utils import download_and_extract_archive
+    created = _new_folders(folder)
     try:
-        os.makedirs(data_dir, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cannot create the data directory {data_dir} ({e.strerror}): "
-                        "pass a writable --data-dir, or one that already holds FashionMNIST/raw")
-    if not os.access(data_dir, os.W_OK):
-        raise DataError(f"the data directory {data_dir} is not writable, so Fashion-MNIST cannot be downloaded there: "
-                        "pass a writable --data-dir, or one that already holds FashionMNIST/raw")
-    try:
-        FashionMNIST(data_dir, train=(split == "train"), download=True)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120].rstrip(":")
-        for d in created:   # leave no empty folders behind (a partial download stays, for the next attempt)
+        raise DataError(f"cannot create the data directory {data_dir} ({e.strerror}): pass a writable --data-dir, "
+                        "or one that already holds FashionMNIST/raw") from None
+    if not os.access(folder, os.W_OK):
+        raise DataError(f"the data directory {data_dir} is not writable, so Fashion-MNIST cannot be downloaded "
+                        "there: pass a writable --data-dir, or one that already holds FashionMNIST/raw")
+    md5 = {os.path.splitext(f)[0]: (f, h) for f, h in FashionMNIST.resources}
+    reason = None
+    for name in missing:
+        archive, checksum = md5[name]
+        for mirror in FashionMNIST.mirrors:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    download_and_extract_archive(mirror + archive, download_root=folder, filename=archive,
+                                                 md5=checksum)
+                break
+            except Exception as e:  # urllib and torchvision raise many kinds; every one means "not downloaded"
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:120]
+        else:
+            break   # one file failed on every mirror: the network is the problem, do not try the rest
+    still = missing_files(data_dir, splits)
+    if still:
+        for d in created:   # leave no empty folders behind (files that did arrive stay, for the next attempt)
             try:
                 os.rmdir(d)
             except OSError:
                 pass
-        raise DataError(f"Fashion-MNIST is not in {raw_dir} and could not be downloaded ({reason}): put "
-                        f"{' and '.join(FILES[split])} (optionally .gz) there, or pass --data-dir to a folder holding "
-                        "FashionMNIST/raw") from None
+        raise DataError(f"Fashion-MNIST could not be downloaded ({reason}): put {', '.join(still)} (or their .gz) "
+                        f"in {folder}, or pass --data-dir to a folder that holds FashionMNIST/raw")
 
 
 def load_split(data_dir, split, download=True):
     """(images uint8 (N, 28, 28), labels int64 (N,)) as torch tensors on the CPU."""
     if split not in FILES:
         raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
-    raw_dir = os.path.join(data_dir, "FashionMNIST", "raw")
-    img_name, lbl_name = FILES[split]
-    img_path, lbl_path = _find(raw_dir, img_name), _find(raw_dir, lbl_name)
-    if img_path is None or lbl_path is None:
-        if not download:
-            raise DataError(f"Fashion-MNIST {split} files are not in {raw_dir}: put {img_name} and {lbl_name} there")
-        _download(data_dir, split)
-        img_path, lbl_path = _find(raw_dir, img_name), _find(raw_dir, lbl_name)
-        if img_path is None or lbl_path is None:
-            raise DataError(f"download finished but {img_name}/{lbl_name} are not in {raw_dir}; put them there by hand")
-    images = read_idx(img_path, 3)
-    labels = read_idx(lbl_path, 1)
-    if images.shape[1:] != (28, 28):
-        raise DataError(f"{img_path} holds {images.shape[1]}x{images.shape[2]} images, not 28x28: "
-                        "it is not Fashion-MNIST")
-    if len(images) != len(labels):
-        raise DataError(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels: "
-                        "the two files do not belong together; replace both")
-    if len(images) == 0:
-        raise DataError(f"{img_path} holds no images; replace it")
-    if labels.max() >= len(CLASSES):
-        raise DataError(f"{lbl_path} has label {int(labels.max())}, but Fashion-MNIST has 10 classes; replace it")
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+    ensure_files(data_dir, (split,), download)
+    images, labels = read_split(data_dir, split)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype("int64"))
 
 
 def fingerprint(data_dir, split="train"):
     """A short key that changes when the split's files change (size and mtime), for caches built from the data."""
-    raw_dir = os.path.join(data_dir, "FashionMNIST", "raw")
     parts = []
     for name in FILES[split]:
-        p = _find(raw_dir, name)
+        p = find(data_dir, name)
         if p is None:
             parts.append(f"{name}:missing")
         else:
@@ -163,11 +140,3 @@ def load(data_dir, split, device, download=True):
     images, labels = load_split(data_dir, split, download=download)
     return DeviceData(images, labels, device)
 
-
-def write_idx(path, array):
-    """Write a uint8 array as an IDX file (used by the tests and bench to make small data sets)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    with open(path, "wb") as f:
-        f.write(struct.pack(">HBB", 0, IDX_UBYTE, array.ndim))
-        f.write(struct.pack(">" + "I" * array.ndim, *array.shape))
-        f.write(array.tobytes())

@@ -14,19 +14,15 @@ import tempfile
 import time
 import warnings
 
-# Idle OpenMP threads spin while they wait for work: on a busy or shared CPU that made the IWAE pass 5x slower
-# (measured on 2 cores). OpenMP reads this once, when torch loads, so it comes before `import torch`; yours wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import data  # noqa: E402
-import metrics  # noqa: E402
-import vae  # noqa: E402
-from cli import ArgumentParser, UsageError  # noqa: E402
-from fileio import atomic_write  # noqa: E402
-from images import tile  # noqa: E402
+import data
+import metrics
+import vae
+from cli import ArgumentParser, UsageError, check_int, safe_streams
+from fileio import atomic_write, clashes, clean_stale_temps
+from images import labelled_grid, save_image
 
 FIGURES = ("reconstructions.png", "samples.png", "traversals.png", "interpolations.png")
 TRAVERSAL_VALUES = np.linspace(-3.0, 3.0, 11)
@@ -55,76 +51,50 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    for name, low, high in (("iwae_k", 1, 100_000), ("batch_size", 1, 1_000_000), ("n_show", 1, 32)):
-        value = getattr(args, name)
-        if not low <= value <= high:
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} must be between {low} and {high} (got {value}); pass a value in that range")
+    check_int("--iwae-k", args.iwae_k, 1, 100_000)
+    check_int("--batch-size", args.batch_size, 1, 1_000_000)
+    check_int("--n-show", args.n_show, 1, 32)
+    check_int("--seed", args.seed, 0, 2**32 - 1)
 
 
-def prepare_out_dir(out_dir):
+def prepare_out_dir(out_dir, inputs):
+    problem = clashes(inputs, {f"--out-dir {name}": os.path.join(out_dir, name) for name in ("report.json",) + FIGURES})
+    if problem:
+        raise UsageError(f"{problem}: pass another --out-dir")
     try:
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):  # the only sure test of writability (root passes os.access)
             pass
     except OSError as e:
         raise UsageError(f"cannot write to the output folder {out_dir} ({e.strerror}); pass a writable --out-dir")
+    clean_stale_temps(out_dir)  # half-written files of an evaluation that was killed
 
 
 # ------------------------------------------------------------------------------------------------ figures
 
-def _figure(rows, labels, title, nrow, top_labels=None):
-    """One image strip per row, labelled on the left; returns the matplotlib figure (Agg, never a window)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    strips = [tile(r.numpy(), nrow) for r in rows]
-    height, width = strips[0].shape
-    fig, axes = plt.subplots(len(strips), 1, squeeze=False,
-                             figsize=(max(7.5, width / 36), 0.9 + len(strips) * max(0.45, height / 36)))
-    for ax, strip, label in zip(axes[:, 0], strips, labels):
-        ax.imshow(strip, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_yticks([])
-        ax.set_xticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    if top_labels is not None:
-        axes[0, 0].set_xticks([2 + i * 30 + 14 for i in range(len(top_labels))], top_labels, fontsize=8)
-        axes[0, 0].xaxis.tick_top()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+def _grid(path, rows, labels, title, col_labels=None):
+    save_image(labelled_grid([r.numpy() for r in rows], labels, title, col_labels), path)
 
 
 def write_figures(out_dir, model, test, mu, recon_images, generated, kl_per_dim, fid, caption, n, generator):
     originals = test.images[:n].float().cpu() / 255.0
     fids = lambda part: "".join(f"FID {part} vs test, {EXTRACTOR_NAMES[e]}: {fid[e][part]:.2f}\n"  # noqa: E731
                                 for e in fid)
-    _save(_figure([originals, recon_images[:n]], ["original", "reconstruction"],
-                  "Test images (above) and reconstructions at z = posterior mean (below)\n"
-                  f"{fids('reconstruction')}{caption}", n),
-          os.path.join(out_dir, "reconstructions.png"))
-    _save(_figure([generated[:n * n]], [""],
-                  f"Samples from the prior: decoder means at z ~ N(0, I)\n{fids('generation')}{caption}", n),
-          os.path.join(out_dir, "samples.png"))
+    _grid(os.path.join(out_dir, "reconstructions.png"), [originals, recon_images[:n]], ["test image", "reconstruction"],
+          f"Test images and their reconstructions at z = posterior mean\n{fids('reconstruction')}{caption}")
+    _grid(os.path.join(out_dir, "samples.png"), [generated[i:i + n] for i in range(0, min(n * n, len(generated)), n)], None,
+          f"Samples from the prior: decoder means at z ~ N(0, I)\n{fids('generation')}{caption}")
 
     order = sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])
-    base = mu[0]
     rows = []
     for d in order:
-        z = base.repeat(len(TRAVERSAL_VALUES), 1)
+        z = mu[0].repeat(len(TRAVERSAL_VALUES), 1)
         z[:, d] = torch.as_tensor(TRAVERSAL_VALUES, dtype=z.dtype)
         rows.append(metrics.decode_batched(model, z))
-    _save(_figure(rows, [f"z{d}  KL {kl_per_dim[d]:.2f}" for d in order],
-                  "Latent traversals from the first test image's posterior mean: one dimension set to -3..3, the "
-                  "rest fixed\nrows sorted by KL (nats per image, test split); near-zero KL = an unused dimension\n"
-                  + caption, len(TRAVERSAL_VALUES), top_labels=[f"{v:+.1f}" for v in TRAVERSAL_VALUES]),
-          os.path.join(out_dir, "traversals.png"))
+    _grid(os.path.join(out_dir, "traversals.png"), rows, [f"z{d}  KL {kl_per_dim[d]:.2f}" for d in order],
+          "Latent traversals from the first test image's posterior mean: one dimension set to -3..3, the rest fixed\n"
+          "rows sorted by KL (nats per image, test split); near-zero KL = an unused dimension\n" + caption,
+          [f"{v:+.1f}" for v in TRAVERSAL_VALUES])
 
     pairs = torch.randperm(len(test), generator=generator)[:2 * max(1, n // 2)].view(-1, 2)
     weights = torch.linspace(0.0, 1.0, n).unsqueeze(1)
@@ -132,11 +102,10 @@ def write_figures(out_dir, model, test, mu, recon_images, generated, kl_per_dim,
     for a, b in pairs.tolist():
         path = metrics.decode_batched(model, (1 - weights) * mu[a] + weights * mu[b])
         ends = test.images[[a, b]].float().cpu() / 255.0
-        rows.append(torch.cat([ends[:1], path, ends[1:]]))
-    _save(_figure(rows, [f"#{a} -> #{b}" for a, b in pairs.tolist()],
-                  "Interpolations between posterior means of random test-image pairs\n"
-                  f"(first and last columns: the original images; between: decoder means)\n{caption}", n + 2),
-          os.path.join(out_dir, "interpolations.png"))
+        rows.append(torch.cat([ends[:1, 0], path[:, 0], ends[1:, 0]]))
+    _grid(os.path.join(out_dir, "interpolations.png"), rows, [f"#{a} -> #{b}" for a, b in pairs.tolist()],
+          "Interpolations between posterior means of random test-image pairs\n"
+          f"(first and last columns: the original images; between: decoder means)\n{caption}")
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -150,11 +119,17 @@ def evaluate(args):
         raise UsageError(str(e))
     print(f"device: {device}", file=sys.stderr)
     model, ckpt = vae.load_checkpoint(args.checkpoint, device)
+    data.ensure_files(args.data_dir)   # both splits at once: one message names every missing file
     train = data.load(args.data_dir, "train", device)
     test = data.load(args.data_dir, "test", device)
+    if len(test) < 2:
+        raise UsageError(f"the test split in {args.data_dir} has {len(test)} image; the FIDs and the interpolation "
+                         "figure need at least 2: use a data folder with more test images")
     # <run>/eval by default: train.py's samples.png and reconstructions.png stay as they are
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-    prepare_out_dir(out_dir)  # only once every input is known good: a failed run leaves no new folder behind
+    inputs = {"--checkpoint": args.checkpoint}
+    inputs.update({f"data file {n}": data.find(args.data_dir, n) for s in data.FILES.values() for n in s})
+    prepare_out_dir(out_dir, inputs)  # only once every input is known good: a failed run leaves no new folder
     torch.manual_seed(args.seed)
     gen_iwae, gen_prior, gen_pairs = (torch.Generator().manual_seed(args.seed + i) for i in range(3))
     timings["load"] = time.perf_counter() - t_start
@@ -199,7 +174,7 @@ def evaluate(args):
                f"β={cfg['beta']}, epoch {ckpt['epoch']} · data {args.data_dir} "
                f"({len(train):,} train / {n:,} test images)")
     write_figures(out_dir, model, test, mu_test, recon_images, generated, bounds["kl_per_dim"], fid, caption,
-                  args.n_show, gen_pairs)
+                  min(args.n_show, len(test)), gen_pairs)
     timings["figures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
@@ -260,6 +235,7 @@ def keep_freed_memory():
 
 
 def main(argv=None):
+    safe_streams()
     args = parse_args(argv)
     keep_freed_memory()
     with warnings.catch_warnings(record=True) as caught:

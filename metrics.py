@@ -157,7 +157,8 @@ def train_classifier(train, test, device, epochs=CLASSIFIER_EPOCHS, max_train=No
         net = FeatureNet().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     steps = epochs * math.ceil(n / batch_size)
-    bar = tqdm(total=steps, desc="training the FID classifier (once)", disable=not progress, leave=False)
+    bar = tqdm(total=steps, desc="training the FID classifier (once)", leave=False,
+               disable=None if progress else True)  # None: a bar only on a terminal, never in a redirected log
     net.train()
     for _ in range(epochs):
         order = torch.randperm(n, generator=order_gen).to(images.device)
@@ -288,12 +289,13 @@ def likelihood_bounds(model, split, k=IWAE_K, generator=None, samples_per_pass=S
     dim = model.config.latent_dim
     sums = {"recon": 0.0, "kl": 0.0, "iwae_nll": 0.0}
     kl_per_dim = torch.zeros(dim, dtype=torch.float64)
-    bar = tqdm(total=len(split), desc=f"ELBO and IWAE (k={k})", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(split), desc=f"ELBO and IWAE (k={k})", unit="img", leave=False,
+               disable=None if progress else True)
     for x, target, _ in split.batches(max(1, samples_per_pass // k)):
         b = len(x)
         mu, logvar = model.encode(x)
         eps = torch.randn(k, b, dim, generator=generator).to(mu.device)
-        z = mu + eps * torch.exp(0.5 * logvar)                                          # (k, B, D)
+        z = vae.reparameterize(mu, logvar, eps)                                        # (k, B, D)
         logits = model.decoder.logits(z.reshape(k * b, dim))                           # (k·B, 1, 28, 28)
         recon = bernoulli_nll(logits.view(k, b, *target.shape[1:]), target)             # (k, B)
         # log p(z) − log q(z|x): the 2π constants cancel, and (z − μ)/σ is eps.

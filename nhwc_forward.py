@@ -1,9 +1,9 @@
 """The model's forward pass rewritten for the compiled CPU training step (train_step.py), layer for layer.
 
-forward(P, Bf, model, x, eps) computes what model(x) computes with reparameterisation noise eps, from the parameter
-and buffer dicts P and Bf (the module's own tensors, so torch.func can differentiate it and BatchNorm's running
-statistics are updated in place). The logits come back in phase order (to_phases). layers_as_expected(model) says
-whether the model has the architecture this rewrite hard-codes.
+Plan(model) walks the model's layers and turns each into an NHWC op; Plan.forward(P, Bf, x, eps) then computes what
+model(x, eps=eps) computes, from the parameter and buffer dicts P and Bf (views of the module's own tensors, so
+torch.func can differentiate it and BatchNorm's running statistics are updated in place). A layer or setting it does
+not reproduce raises Unsupported with the reason, and the training step then uses the module's own layers.
 
 Why it is written this way (bench.py measures the result):
   * activations are NHWC and every 3x3 stride-2 convolution is an explicit GEMM: im2col as 9 strided slices for
@@ -20,6 +20,8 @@ Why it is written this way (bench.py measures the result):
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import vae
 
 # ------------------------------------------------------------------------------------------- NHWC convolutions
 
@@ -127,13 +129,14 @@ class _PixelLinear(torch.autograd.Function):
         return ga, _long_k_mm(a.t(), g, parts=next(k for k in (64, 32, 16, 8, 4, 2, 1) if n % k == 0))
 
 
-def _conv_in1(x, w, b):
-    """Conv2d(1->Co, k3, s2, p1) on x (B,28,28) -> NHWC (B,14,14,Co): tap-major im2col of the data, one GEMM."""
-    B = x.shape[0]
-    xp = F.pad(x, (1, 1, 1, 1))
-    colsT = torch.stack([xp[:, ky:ky + 27:2, kx:kx + 27:2] for ky in range(3) for kx in range(3)])  # (9,B,14,14)
-    y = _PixelLinear.apply(colsT.reshape(9, -1).t(), w.reshape(w.shape[0], 9).t()) + b
-    return y.view(B, 14, 14, -1)
+def _conv_in1(x, w, b, p):
+    """Conv2d(1->Co, k3, s2, padding p) on x (B,H,W) -> NHWC (B,Ho,Wo,Co): tap-major im2col of the data, one GEMM."""
+    B, H, W = x.shape
+    Ho, Wo = (H + 2 * p - 3) // 2 + 1, (W + 2 * p - 3) // 2 + 1
+    xp = F.pad(x, (p, p, p, p)) if p else x
+    colsT = torch.stack([xp[:, ky:ky + 2 * Ho - 1:2, kx:kx + 2 * Wo - 1:2] for ky in range(3) for kx in range(3)])
+    y = _PixelLinear.apply(colsT.reshape(9, -1).t(), w.reshape(w.shape[0], 9).t()) + b   # colsT: (9,B,Ho,Wo)
+    return y.view(B, Ho, Wo, -1)
 
 
 def _shift(q, dy, dx):
@@ -164,9 +167,10 @@ def _convt_out1(h, w, b):
 
 
 def to_phases(img):
-    """(B,1,28,28) -> (B,4,14,14), the layout of _convt_out1's output."""
-    B = img.shape[0]
-    return img.reshape(B, 14, 2, 14, 2).permute(0, 2, 4, 1, 3).reshape(B, 4, 14, 14)
+    """(B,1,2H,2W) -> (B,4,H,W), the layout of _convt_out1's output."""
+    B, _, H2, W2 = img.shape
+    H, W = H2 // 2, W2 // 2
+    return img.reshape(B, H, 2, W, 2).permute(0, 2, 4, 1, 3).reshape(B, 4, H, W)
 
 
 def _bn_train(x_nhwc, w, b, rm, rv, nbt, bn):
@@ -175,55 +179,100 @@ def _bn_train(x_nhwc, w, b, rm, rv, nbt, bn):
     return y
 
 
-def forward(P, Bf, model, x, eps):
-    """model.forward(x) with the given reparameterisation noise, layer for layer, in NHWC. Returns the logits in
-    phase order (see to_phases), mu and logvar."""
-    enc, dec = model.encoder.features, model.decoder.deconv
-    B = x.shape[0]
-    h = torch.relu(_conv_in1(x.reshape(B, 28, 28), P['encoder.features.0.weight'], P['encoder.features.0.bias']))
-    h = torch.relu(_conv_s2(h, P['encoder.features.2.weight'], P['encoder.features.2.bias'], enc[2].padding[0]))
-    h = _bn_train(h, P['encoder.features.4.weight'], P['encoder.features.4.bias'],
-                  Bf['encoder.features.4.running_mean'], Bf['encoder.features.4.running_var'],
-                  Bf['encoder.features.4.num_batches_tracked'], enc[4])
-    h = torch.relu(_conv_s2(h, P['encoder.features.5.weight'], P['encoder.features.5.bias'], enc[5].padding[0]))
-    C3 = h.shape[3]
-    w8 = P['encoder.features.8.weight']        # its columns follow nn.Flatten's (C,H,W) order: permute to (H,W,C)
-    w8 = w8.view(w8.shape[0], C3, h.shape[1], h.shape[2]).permute(0, 2, 3, 1).reshape(w8.shape[0], -1)
-    h = torch.addmm(P['encoder.features.8.bias'], h.reshape(B, -1), w8.t())
-    wml = torch.cat([P['encoder.fc_mu.weight'], P['encoder.fc_logvar.weight']], 0)
-    bml = torch.cat([P['encoder.fc_mu.bias'], P['encoder.fc_logvar.bias']], 0)
-    ml = torch.addmm(bml, h, wml.t())
-    L = ml.shape[1] // 2
-    mu, logvar = ml[:, :L], ml[:, L:]
-    z = mu + eps * torch.exp(0.5 * logvar)               # BetaVAE.reparameterize
-    h = torch.relu(torch.addmm(P['decoder.fc.0.bias'], z, P['decoder.fc.0.weight'].t()))
-    w2, b2 = P['decoder.fc.2.weight'], P['decoder.fc.2.bias']   # rows in .view(-1, 32, 3, 3) order: permute
-    w2 = w2.view(32, 3, 3, -1).permute(1, 2, 0, 3).reshape(288, -1)
-    b2 = b2.view(32, 3, 3).permute(1, 2, 0).reshape(288)
-    h = torch.relu(torch.addmm(b2, h, w2.t())).view(B, 3, 3, 32)
-    t0, t1, t2 = dec[0], dec[3], dec[5]
-    h = torch.relu(_convt_s2(h, P['decoder.deconv.0.weight'], P['decoder.deconv.0.bias'],
-                             t0.padding[0], t0.output_padding[0]))
-    h = _bn_train(h, P['decoder.deconv.2.weight'], P['decoder.deconv.2.bias'],
-                  Bf['decoder.deconv.2.running_mean'], Bf['decoder.deconv.2.running_var'],
-                  Bf['decoder.deconv.2.num_batches_tracked'], dec[2])
-    h = torch.relu(_convt_s2(h, P['decoder.deconv.3.weight'], P['decoder.deconv.3.bias'],
-                             t1.padding[0], t1.output_padding[0]))
-    return _convt_out1(h, P['decoder.deconv.5.weight'], P['decoder.deconv.5.bias']), mu, logvar
+# ------------------------------------------------------------------------------------------- the model, derived
+
+class Unsupported(Exception):
+    """The model has a layer or setting this formulation does not reproduce; the message says which."""
 
 
-def layers_as_expected(model):
-    """The im2col formulation hard-codes the project's architecture; check it before using it."""
-    try:
-        enc, dec = model.encoder.features, model.decoder.deconv
-        convs = [enc[0], enc[2], enc[5], dec[0], dec[3], dec[5]]
-        ok = all(c.kernel_size == (3, 3) and c.stride == (2, 2) and c.dilation == (1, 1) and c.groups == 1
-                 and c.padding[0] == c.padding[1] and c.bias is not None for c in convs)
-        ok = ok and [c.padding[0] for c in convs] == [1, 1, 0, 0, 1, 1]
-        ok = ok and [c.output_padding[0] for c in convs[3:]] == [0, 1, 1]
-        ok = ok and enc[0].in_channels == 1 and dec[5].out_channels == 1
-        ok = ok and all(isinstance(b, nn.BatchNorm2d) and b.affine and b.track_running_stats
-                        and b.momentum is not None for b in (enc[4], dec[2]))
-        return ok
-    except (AttributeError, IndexError, TypeError):
-        return False
+def _check_conv(m, name):
+    if not (m.kernel_size == (3, 3) and m.stride == (2, 2) and m.dilation == (1, 1) and m.groups == 1
+            and m.padding[0] == m.padding[1] and m.bias is not None and m.padding_mode == "zeros"):
+        raise Unsupported(f"{name} is not a 3x3, stride-2, zero-padded convolution with a bias")
+    if isinstance(m, nn.ConvTranspose2d) and (m.output_padding[0] != m.output_padding[1] or m.output_padding[0] > 1):
+        raise Unsupported(f"{name} has an output padding other than (0, 0) or (1, 1)")
+
+
+def _phase_output(convt):
+    """Whether the model's last layer is one _convt_out1 computes (its logits then come in phase order)."""
+    return convt.out_channels == 1 and convt.padding[0] == 1 and convt.output_padding[0] == 1
+
+
+def _layer_ops(seq, prefix, first, last):
+    """Ops for the layers of one nn.Sequential; each op maps (h, P, Bf) -> h with h in NHWC (or (B, F) when flat)."""
+    ops = []
+    for i, m in enumerate(seq):
+        name = f"{prefix}.{i}"
+        w, b = name + ".weight", name + ".bias"
+        if isinstance(m, nn.Conv2d):
+            _check_conv(m, name)
+            p = m.padding[0]
+            if first and i == 0 and m.in_channels == 1:   # the image itself: (B,1,H,W) -> NHWC
+                ops.append(lambda h, P, Bf, w=w, b=b, p=p: _conv_in1(h.reshape(h.shape[0], *h.shape[2:]), P[w], P[b], p))
+            else:
+                if first and i == 0:
+                    ops.append(lambda h, P, Bf: h.permute(0, 2, 3, 1))
+                ops.append(lambda h, P, Bf, w=w, b=b, p=p: _conv_s2(h, P[w], P[b], p))
+        elif isinstance(m, nn.ConvTranspose2d):
+            _check_conv(m, name)
+            p, op = m.padding[0], m.output_padding[0]
+            if last and i == len(seq) - 1 and _phase_output(m):
+                ops.append(lambda h, P, Bf, w=w, b=b: _convt_out1(h, P[w], P[b]))   # phase layout, see to_phases
+            else:
+                ops.append(lambda h, P, Bf, w=w, b=b, p=p, op=op: _convt_s2(h, P[w], P[b], p, op))
+                if last and i == len(seq) - 1:
+                    ops.append(lambda h, P, Bf: h.permute(0, 3, 1, 2))
+        elif isinstance(m, nn.BatchNorm2d):
+            if not (m.affine and m.track_running_stats and m.momentum is not None):
+                raise Unsupported(f"{name} is a BatchNorm2d without affine weights, running statistics or momentum")
+            ops.append(lambda h, P, Bf, n=name, m=m: _bn_train(h, P[n + ".weight"], P[n + ".bias"],
+                                                            Bf[n + ".running_mean"], Bf[n + ".running_var"],
+                                                            Bf[n + ".num_batches_tracked"], m))
+        elif isinstance(m, nn.ReLU):
+            ops.append(lambda h, P, Bf: torch.relu(h))
+        elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+            ops.append(lambda h, P, Bf: h.permute(0, 3, 1, 2).reshape(h.shape[0], -1))  # nn.Flatten's (C,H,W) order
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            ops.append(lambda h, P, Bf, w=w, b=b: torch.addmm(P[b], h, P[w].t()))
+        else:
+            raise Unsupported(f"{name} is a {type(m).__name__}, which nhwc_forward.py does not reproduce")
+    return ops
+
+
+class Plan:
+    """model.forward(x, eps=eps) as NHWC ops derived from the model's layers. Raises Unsupported(reason)."""
+
+    def __init__(self, model):
+        enc, dec = model.encoder, model.decoder
+        try:
+            parts = (enc.features, enc.fc_mu, enc.fc_logvar, dec.fc, dec.unflat, dec.deconv)
+        except AttributeError as e:
+            raise Unsupported(f"the model is not vae.BetaVAE's layout ({e})") from None
+        if not all(isinstance(s, nn.Sequential) for s in (enc.features, dec.fc, dec.deconv)) or \
+                not all(isinstance(m, nn.Linear) and m.bias is not None for m in parts[1:3]):
+            raise Unsupported("the model is not vae.BetaVAE's layout")
+        self.encoder = _layer_ops(enc.features, "encoder.features", first=True, last=False)
+        self.decoder_fc = _layer_ops(dec.fc, "decoder.fc", first=False, last=False)
+        self.decoder = _layer_ops(dec.deconv, "decoder.deconv", first=False, last=True)
+        self.unflat = tuple(dec.unflat)
+        self.phase_output = _phase_output(dec.deconv[len(dec.deconv) - 1])
+
+    def forward(self, P, Bf, x, eps):
+        """(logits, mu, logvar) as model(x, eps=eps); logits in phase order (to_phases) when self.phase_output."""
+        h = x
+        for op in self.encoder:
+            h = op(h, P, Bf)
+        w = torch.cat([P["encoder.fc_mu.weight"], P["encoder.fc_logvar.weight"]], 0)   # both heads: one GEMM
+        ml = torch.addmm(torch.cat([P["encoder.fc_mu.bias"], P["encoder.fc_logvar.bias"]], 0), h, w.t())
+        mu, logvar = ml.chunk(2, dim=1)
+        h = vae.reparameterize(mu, logvar, eps)
+        for op in self.decoder_fc:
+            h = op(h, P, Bf)
+        h = h.view(h.shape[0], *self.unflat).permute(0, 2, 3, 1)        # (B, C, H, W) as the module views it -> NHWC
+        for op in self.decoder:
+            h = op(h, P, Bf)
+        return h, mu, logvar
+
+    def target(self, target):
+        """The BCE target in the logits' pixel order."""
+        return to_phases(target) if self.phase_output else target

@@ -1,70 +1,74 @@
 """Train a β-VAE (Higgins et al. 2017) on Fashion-MNIST.
 
 $ python train.py --beta 4
-$ python train.py --beta 1 --epochs 20 --data-dir ../shared/data
+$ python train.py --beta 1 --epochs 20 --data-dir /path/to/data
 $ python train.py --objective capacity --capacity-max 25 --gamma 1000     # Burgess et al. 2018
 $ python train.py --beta 4 --epochs 30 --resume                           # continue runs/beta4_z10_seed0
 
 Writes into --out-dir: checkpoint.pt (every epoch), metrics.jsonl, train.log, loss.png, samples.png,
-reconstructions.png. Ctrl-C (or SIGTERM) finishes the current epoch, saves, and stops; press it twice to stop at once.
+reconstructions.png. A folder that already holds a checkpoint is never started over: pass --resume to continue it.
+Ctrl-C (or SIGTERM) finishes the current epoch, saves, and stops; press it twice to stop at once.
 """
+import dataclasses
 import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 import data
-import train_step
+import training
 import vae
-from cli import ArgumentParser, UsageError
-from fileio import atomic_write
-from images import save_png, tile
+from cli import ArgumentParser, UsageError, check_float, check_int, safe_streams
+from fileio import atomic_write, clean_stale_temps
+from images import labelled_grid, save_image
 
-MODEL_FLAGS = ("latent_dim", "beta", "objective", "gamma", "capacity_max", "capacity_steps")
+MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig))
 RUN_FLAGS = ("batch_size", "lr", "seed")  # must match the checkpoint when resuming, or the run is not one run
-DEFAULTS = dict(latent_dim=10, beta=4.0, objective="beta", gamma=1000.0, capacity_max=25.0, capacity_steps=100_000,
-                batch_size=64, lr=1e-3, seed=0, epochs=20)
+MODEL_DEFAULTS, RUN_DEFAULTS = vae.VAEConfig(), training.RUN_DEFAULTS
 log = logging.getLogger("train")
 
 
 def parse_args(argv=None):
+    m, r = MODEL_DEFAULTS, RUN_DEFAULTS
     p = ArgumentParser(description="Train a β-VAE on Fashion-MNIST.")
-    # Model and run flags default to None so a resumed run can tell "given" from "default" (defaults in DEFAULTS).
-    p.add_argument("--beta", type=float, help="weight of the KL term (default: 4.0)")
-    p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int, help="latent size (default: 10)")
-    p.add_argument("--epochs", type=int, help="total epochs to reach (default: 20; with --resume, may be raised)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="batch size (default: 64)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3)")
-    p.add_argument("--seed", type=int, help="seeds shuffling, initialisation and sampling (default: 0)")
+    # Model and run flags default to None so a resumed run can tell "given" from "default".
+    p.add_argument("--beta", type=float, help=f"weight of the KL term (default: {m.beta:g})")
+    p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int,
+                   help=f"latent size (default: {m.latent_dim})")
+    p.add_argument("--epochs", type=int, help=f"total epochs to reach (default: {r.epochs}; with --resume, may be raised)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int,
+                   help=f"batch size (default: {r.batch_size})")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {r.lr:g})")
+    p.add_argument("--seed", type=int, help=f"seeds shuffling, initialisation and sampling, 0 to 2^32-1 (default: {r.seed})")
     p.add_argument("--objective", choices=vae.OBJECTIVES,
-                   help="beta: recon + β·KL; capacity: recon + γ·|KL − C| (default: beta)")
-    p.add_argument("--gamma", type=float, help="capacity objective: weight γ (default: 1000)")
+                   help=f"beta: recon + β·KL; capacity: recon + γ·|KL − C| (default: {m.objective})")
+    p.add_argument("--gamma", type=float, help=f"capacity objective: weight γ (default: {m.gamma:g})")
     p.add_argument("--capacity-max", "--capacity_max", dest="capacity_max", type=float,
-                   help="capacity objective: C_max in nats (default: 25)")
+                   help=f"capacity objective: C_max in nats (default: {m.capacity_max:g})")
     p.add_argument("--capacity-steps", "--capacity_steps", dest="capacity_steps", type=int,
-                   help="capacity objective: steps over which C rises from 0 to C_max (default: 100000)")
+                   help=f"capacity objective: steps over which C rises from 0 to C_max (default: {m.capacity_steps})")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default="./data",
                    help="folder holding FashionMNIST/raw, downloaded there if missing (default: ./data)")
     p.add_argument("--out-dir", "--out_dir", dest="out_dir",
                    help="output folder (default: runs/beta<β>_z<latent>_seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt; flags that contradict it are refused")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out-dir>/checkpoint.pt (a new run if there is none yet); flags that contradict "
+                        "it are refused. Without it, a folder holding a checkpoint is refused (default: off)")
     p.add_argument("--loop", choices=("fast", "seed"), default=None,
                    help="fast: data resident on the device; seed: the course project's loop (torchvision transforms "
-                        "through a 2-worker DataLoader, BCE on probabilities), kept for comparison and bench.py (default: fast)")
+                        "through a 2-worker DataLoader, BCE on probabilities), kept for comparison (default: fast)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the training step; auto: where it measurably helps (default: auto)")
+                   help="torch.compile the training step; auto: on a CPU, for runs of a million images or more "
+                        "(default: auto)")
     p.add_argument("--num-generation-samples", "--num_generation_samples", dest="n_samples", type=int, default=64,
-                   help="images in samples.png (default: 64)")
+                   help="images in samples.png, 1 to 10000 (default: 64)")
     p.add_argument("--num-reconstruction-samples", "--num_reconstruction_samples", dest="n_recon", type=int,
-                   default=16, help="test images in reconstructions.png (default: 16)")
+                   default=16, help="test images in reconstructions.png, 1 to 1000 (default: 16)")
     return p.parse_args(argv)
 
 
@@ -73,14 +77,34 @@ def run_name(a):
     return f"{head}_z{a['latent_dim']}_seed{a['seed']}"
 
 
+def check_settings(s, args):
+    """Every flag within its range, named in the message, before anything is read or written."""
+    for name, (low, high) in vae.LIMITS.items():
+        flag = "--" + name.replace("_", "-")
+        (check_int if isinstance(low, int) else check_float)(flag, s[name], low, high)
+    check_int("--batch-size", s["batch_size"], 1, 1_000_000)
+    check_int("--epochs", s["epochs"], 1, 1_000_000)
+    check_int("--seed", s["seed"], 0, 2**32 - 1)
+    check_float("--lr", s["lr"], 1e-12, 10.0)
+    check_int("--num-generation-samples", args.n_samples, 1, 10_000)
+    check_int("--num-reconstruction-samples", args.n_recon, 1, 1_000)
+    if args.loop == "seed" and s["objective"] != "beta":
+        raise UsageError("--loop seed trains the plain β objective only: drop --objective capacity")
+
+
 def resolve_args(args):
     """Fill defaults (or the checkpoint's values when resuming) and validate. Returns (settings dict, checkpoint)."""
     given = {k: getattr(args, k) for k in MODEL_FLAGS + RUN_FLAGS + ("epochs",)}
-    s = {k: (DEFAULTS[k] if v is None else v) for k, v in given.items()}
+    defaults = dict(dataclasses.asdict(MODEL_DEFAULTS), **dataclasses.asdict(RUN_DEFAULTS))
+    s = {k: (defaults[k] if v is None else v) for k, v in given.items()}
     out_dir = args.out_dir or os.path.join("runs", run_name(s))
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     ckpt = None
-    if args.resume:
-        ckpt = vae.read_checkpoint(os.path.join(out_dir, "checkpoint.pt"))
+    if os.path.exists(ckpt_path) and not args.resume:
+        raise UsageError(f"{out_dir} already holds a run (checkpoint.pt): pass --resume to continue it, or "
+                         "--out-dir NEW for a new run; nothing was changed")
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = vae.read_checkpoint(ckpt_path)
         saved = dict(ckpt["model_args"], **{k: ckpt["train_args"].get(k) for k in RUN_FLAGS})
         for k in MODEL_FLAGS + RUN_FLAGS:
             if given[k] is not None and saved.get(k) is not None and given[k] != saved[k]:
@@ -88,139 +112,29 @@ def resolve_args(args):
                                  f"(trained with {saved[k]}): drop the flag to resume, or use a new --out-dir")
             s[k] = saved[k] if saved.get(k) is not None else s[k]
         if given["epochs"] is None:
-            s["epochs"] = max(ckpt["train_args"].get("epochs", DEFAULTS["epochs"]), ckpt["epoch"])
+            s["epochs"] = max(ckpt["train_args"].get("epochs", RUN_DEFAULTS.epochs), ckpt["epoch"])
         saved_loop = ckpt["train_args"].get("loop", "fast")
         if args.loop is not None and args.loop != saved_loop:
             raise UsageError(f"--loop {args.loop} contradicts the checkpoint in {out_dir} (trained with --loop "
                              f"{saved_loop}): drop the flag to resume, or use a new --out-dir")
         args.loop = saved_loop
+        if s["epochs"] < ckpt["epoch"]:
+            raise UsageError(f"--epochs {s['epochs']} is below the {ckpt['epoch']} epochs {out_dir} has already "
+                             "trained: raise --epochs or drop it")
     args.loop = args.loop or "fast"
-    checks = [(s["beta"] >= 0, f"--beta must be >= 0 (got {s['beta']})"),
-              (s["latent_dim"] >= 1, f"--latent-dim must be at least 1 (got {s['latent_dim']})"),
-              (s["batch_size"] >= 1, f"--batch-size must be at least 1 (got {s['batch_size']})"),
-              (s["epochs"] >= 0, f"--epochs must be >= 0 (got {s['epochs']})"),
-              (s["lr"] > 0 and math.isfinite(s["lr"]), f"--lr must be a positive number (got {s['lr']})"),
-              (args.n_samples >= 1 and args.n_recon >= 1,
-               "--num-generation-samples and --num-reconstruction-samples must be at least 1")]
-    if args.loop == "seed":
-        checks.append((s["objective"] == "beta", "--loop seed trains the plain β objective only: drop --objective "
-                                                 "capacity"))
-    for ok, msg in checks:
-        if not ok:
-            raise UsageError(msg)
-    try:
-        vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS})
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    s["out_dir"], s["data_dir"], s["loop"] = out_dir, args.data_dir, args.loop
-    return s, ckpt
-
-
-# Compiling costs ~10 s (warm inductor cache) to ~45 s (cold) on a 2-core CPU and saves ~55 µs per image there
-# (bench.py: ~8,900 vs ~17,000 img/s): it pays for itself within about a million images even with a cold cache,
-# e.g. the default 20 epochs of the full 60,000.
-COMPILE_AUTO_MIN_IMAGES = 1_000_000
-
-
-def want_compile(mode, device, images_to_train):
-    """Whether to compile the training step: 'on', 'off', or 'auto' (only where it saves time overall)."""
-    has_cxx = device.type != "cpu" or any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-    if mode == "on" and not has_cxx:
+    check_settings(s, args)
+    if args.compile == "on" and not training.has_cxx():
         raise UsageError("--compile on needs a C++ compiler for the CPU (g++ or clang++): install one or use "
                          "--compile off")
-    if mode == "auto":
-        return has_cxx and device.type in ("cpu", "cuda") and images_to_train >= COMPILE_AUTO_MIN_IMAGES
-    return mode == "on"
-
-
-def make_seed_step(model, opt, config):
-    """The course project's step: BCE on sigmoid probabilities, loss summed over the batch (Adam is scale-invariant)."""
-    def step(x, target, step_idx):
-        mu, logvar = model.encode(x)
-        recon = model.decode(model.reparameterize(mu, logvar))
-        rec = F.binary_cross_entropy(recon, target, reduction="none").flatten(1).sum(1)
-        kl_per_dim = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
-        kl = kl_per_dim.sum(1)
-        total = rec + config.beta * kl
-        opt.zero_grad()
-        total.sum().backward()
-        opt.step()
-        return torch.cat([torch.stack([rec.sum(), kl.sum(), total.sum()]), kl_per_dim.sum(0)]).detach()
-    return step
-
-
-def seed_batches(data_dir, batch_size, device):
-    """Batches the course project's way: per-image PIL transforms in DataLoader worker processes."""
-    from torchvision import datasets, transforms
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    dataset = datasets.FashionMNIST(data_dir, train=True, download=False, transform=tf)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=2)
-    for x, y in loader:
-        x = x.to(device)
-        yield x, (x + 1) / 2, y
-
-
-@torch.no_grad()
-def test_metrics(model, test, config, seed, step_idx):
-    """Single-sample ELBO terms on the test split, with a fixed noise generator so epochs compare fairly."""
-    model.eval()
-    g = torch.Generator(device=test.device).manual_seed(seed)
-    sums = torch.zeros(3 + config.latent_dim, device=test.device)
-    for x, target, _ in test.batches(1000):
-        logits, mu, logvar = model(x, generator=g)
-        t = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx)
-        sums += torch.cat([torch.stack([t.recon.sum(), t.kl.sum(), t.total.sum()]), t.kl_per_dim.sum(0)])
-    model.train()
-    return (sums / len(test)).tolist()
-
-
-def summarize(v):
-    return {"recon": v[0], "kl": v[1], "total": v[2], "kl_per_dim": v[3:]}
-
-
-def epoch_loop(model, step, train, s, epoch, state):
-    """Train one epoch. Returns (mean stats per image, per-step total loss as floats, images/s)."""
-    from tqdm import tqdm
-    g = torch.Generator(device=train.device).manual_seed(s["seed"] * 100_003 + epoch)
-    torch.manual_seed(s["seed"] * 100_003 + epoch)  # noise of the reparameterization: reproducible from the epoch
-    n_steps = math.ceil(len(train) / s["batch_size"])
-    hist = torch.zeros(n_steps, 3 + s["latent_dim"], device=train.device)
-    sizes = torch.zeros(n_steps, device=train.device)
-    bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False, disable=None, file=sys.stderr)
-    t0 = time.perf_counter()
-    if s.get("loop", "fast") == "seed":
-        batches = seed_batches(s["data_dir"], s["batch_size"], train.device)
-    else:
-        batches = train.batches(s["batch_size"], shuffle=True, generator=g)
-    for i, (x, target, _) in enumerate(batches):
-        hist[i] = step(x, target, state["step"])
-        sizes[i] = len(x)
-        state["step"] += 1
-        if i % 25 == 24 or i == n_steps - 1:  # the only host syncs: every 25 steps
-            check_finite(hist[:i + 1, 2], epoch, i - i % 25)
-            bar.set_postfix(loss=f"{hist[i, 2].item() / len(x):.2f}", refresh=False)
-            bar.update(i + 1 - bar.n)
-    if train.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    bar.close()
-    means = (hist.sum(0) / len(train)).tolist()
-    return means, (hist[:, 2] / sizes).tolist(), len(train) / seconds
-
-
-def check_finite(totals, epoch, first_unchecked):
-    bad = (~torch.isfinite(totals[first_unchecked:])).nonzero()
-    if len(bad):
-        raise UsageError(f"the loss became {totals[first_unchecked + bad[0, 0]].item()} at epoch {epoch + 1}, "
-                         f"step {first_unchecked + bad[0, 0].item() + 1}; the last good checkpoint is kept: "
-                         "lower --lr or --beta and train again")
+    s["out_dir"], s["data_dir"], s["loop"] = out_dir, args.data_dir, args.loop
+    return s, ckpt
 
 
 def write_figures(model, test, s, history, step_losses, first_epoch, steps_per_epoch, n_samples, n_recon):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out, tag = s["out_dir"], f"β={s['beta']:g}, z={s['latent_dim']}, epoch {len(history)}"
+    out, tag = s["out_dir"], f"β={s['beta']:g}, latent {s['latent_dim']}, epoch {len(history)}"
     fig, ax = plt.subplots(figsize=(7, 4))
     if step_losses:  # per-step train loss of the epochs trained in this process, averaged in ~200 bins
         t = torch.tensor(step_losses)
@@ -241,19 +155,24 @@ def write_figures(model, test, s, history, step_losses, first_epoch, steps_per_e
     with torch.no_grad():
         g = torch.Generator(device=test.device).manual_seed(s["seed"])
         z = torch.randn(n_samples, s["latent_dim"], device=test.device, generator=g)
-        save_png(tile(model.decode(z).cpu().numpy(), nrow=math.ceil(math.sqrt(n_samples))),
-                 os.path.join(out, "samples.png"), scale=3)
-        x, _, _ = next(test.batches(n_recon))
+        images = model.decode(z).cpu().numpy()
+        ncol = math.ceil(math.sqrt(n_samples))
+        rows = [images[i:i + ncol] for i in range(0, len(images), ncol)]
+        save_image(labelled_grid(rows, title=f"Samples from the prior: decoder means at z ~ N(0, I)\n{tag}"),
+                   os.path.join(out, "samples.png"))
+        x, _, _ = next(test.batches(min(n_recon, len(test))))
         recon = model.decode(model.encode(x)[0])  # the posterior mean, as the seed shows reconstructions
-        both = torch.cat([(x + 1) / 2, recon]).cpu().numpy()
-        save_png(tile(both, nrow=len(x)), os.path.join(out, "reconstructions.png"), scale=3)
+        save_image(labelled_grid([((x + 1) / 2).cpu().numpy(), recon.cpu().numpy()], ["test image", "reconstruction"],
+                                 f"Test images and their reconstructions at z = posterior mean\n{tag}"),
+                   os.path.join(out, "reconstructions.png"))
     model.train()
 
 
 def setup_logging(out_dir):
     log.setLevel(logging.INFO)
     log.handlers.clear()
-    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(out_dir, "train.log"))):
+    file_handler = logging.FileHandler(os.path.join(out_dir, "train.log"), encoding="utf-8", errors="backslashreplace")
+    for h in (logging.StreamHandler(sys.stdout), file_handler):
         h.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(h)
 
@@ -272,6 +191,7 @@ def open_out_dir(out_dir):
         pass  # no advisory locks on this platform
     except OSError:
         raise UsageError(f"another train.py is writing to {out_dir}: wait for it, or pass another --out-dir") from None
+    clean_stale_temps(out_dir)  # half-written files of a run that was killed
     return lock
 
 
@@ -291,6 +211,29 @@ class StopFlag:
               file=sys.stderr, flush=True)
 
 
+def build(s, ckpt, device):
+    """The model and optimizer, fresh or from the checkpoint; (model, optimizer, history, first epoch)."""
+    torch.manual_seed(s["seed"])
+    config = vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS})
+    if ckpt is None:
+        model = vae.BetaVAE(config).to(device)
+        return model, torch.optim.Adam(model.parameters(), lr=s["lr"]), [], 0
+    model = vae.model_from_checkpoint(ckpt, s["out_dir"]).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
+    vae.load_optimizer_state(opt, ckpt, s["out_dir"])
+    return model, opt, list(ckpt["metrics"]), ckpt["epoch"]
+
+
+def slow_epoch_hint(history):
+    """One line when an epoch ran far slower than the run's best: the usual cause is another busy process."""
+    speeds = [m["img_per_s"] for m in history]
+    if len(speeds) >= 2 and speeds[-1] < max(speeds) / 3:
+        return (f"note: this epoch ran at {speeds[-1]:,.0f} img/s, under a third of this run's best "
+                f"({max(speeds):,.0f}): another process is probably using the CPU; if it stays, try "
+                "OMP_NUM_THREADS=1 or OMP_WAIT_POLICY=PASSIVE before python train.py")
+    return None
+
+
 def train(s, ckpt, args):
     try:
         device = vae.pick_device(args.device)
@@ -298,63 +241,65 @@ def train(s, ckpt, args):
         raise UsageError(str(e)) from None
     train_data = data.load(s["data_dir"], "train", device)  # before any file is written: bad data leaves nothing
     test_data = data.load(s["data_dir"], "test", device)
-    raw = os.path.join(s["data_dir"], "FashionMNIST", "raw")
-    missing = [n for n in data.FILES["train"] + data.FILES["test"] if not os.path.isfile(os.path.join(raw, n))]
+    missing = data.missing_uncompressed(s["data_dir"])
     if args.loop == "seed" and missing:
         raise UsageError(f"--loop seed reads the data through torchvision, which needs the uncompressed "
-                         f"{' and '.join(missing)} in {raw}: gunzip the .gz files there, or use --loop fast")
-    torch.manual_seed(s["seed"])
-    config = vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS})
-    model = (vae.BetaVAE(config) if ckpt is None else vae.model_from_checkpoint(ckpt, s["out_dir"])).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
-    history, start = [], 0
-    if ckpt is not None:
-        try:
-            opt.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise vae.CheckpointError(f"the optimizer state in {s['out_dir']}/checkpoint.pt does not fit ({e}); "
-                                      "start a new --out-dir") from None
-        history, start = list(ckpt["metrics"]), ckpt["epoch"]
+                         f"{' and '.join(missing)} in {data.raw_dir(s['data_dir'])}: gunzip the .gz files there, or "
+                         "use --loop fast")
+    model, opt, history, start = build(s, ckpt, device)
+    config = model.config
     lock = open_out_dir(s["out_dir"])  # noqa: F841 (held until exit)
     setup_logging(s["out_dir"])
     log.info(f"device {device} | train {len(train_data)} test {len(test_data)} images | {vae.param_count(model):,} "
              f"parameters | {config} | out {s['out_dir']}")
     if start:
         log.info(f"resuming after epoch {start} of {s['epochs']}")
+    elif args.resume:
+        log.info(f"no checkpoint in {s['out_dir']} yet: starting a new run there")
     if args.loop == "seed":
-        step = make_seed_step(model, opt, config)
+        step = training.make_seed_step(model, opt, config)
     else:
         # decided from the whole run, not what is left of it: a resumed run takes the same path, bit for bit
-        use_compile = want_compile(args.compile, device, s["epochs"] * len(train_data))
-        step = train_step.make_train_step(model, opt, config, compile=use_compile)
+        use_compile = training.want_compile(args.compile, device, s["epochs"] * len(train_data))
+        step = training.make_train_step(model, opt, config, compile=use_compile, log=log.info)
         if use_compile:
-            log.info("compiling the training step (--compile off skips this)")
+            log.info("compiling the training step on its first batch, 10-45 s (--compile off skips this)")
     train_args = {k: s[k] for k in RUN_FLAGS + ("epochs", "data_dir", "loop")}
     state = {"step": start * math.ceil(len(train_data) / s["batch_size"])}
     stop, step_losses = StopFlag(), []
+    ck = os.path.join(s["out_dir"], "checkpoint.pt")
     for epoch in range(start, s["epochs"]):
-        means, losses, img_s = epoch_loop(model, step, train_data, s, epoch, state)
+        means, losses, img_s = training.epoch_loop(model, step, train_data, s, epoch, state)
         step_losses += losses
-        test = test_metrics(model, test_data, config, s["seed"], state["step"])
+        test = training.test_metrics(model, test_data, config, s["seed"], state["step"])
         if not all(math.isfinite(v) for v in test[:3]):  # the epoch's last update broke the weights: never save them
-            raise UsageError(f"the weights became NaN or infinite at the end of epoch {epoch + 1}; the last good "
-                             "checkpoint is kept: lower --lr or --beta and train again")
-        history.append({"epoch": epoch + 1, "step": state["step"], "train": summarize(means),
-                        "test": summarize(test), "img_per_s": img_s})
-        vae.save_checkpoint(os.path.join(s["out_dir"], "checkpoint.pt"), model, opt, epoch + 1, s["seed"],
-                            train_args, history)
-        lines = "".join(json.dumps(m) + "\n" for m in history)
-        atomic_write(os.path.join(s["out_dir"], "metrics.jsonl"), lambda f: f.write(lines.encode()))
+            raise training.NonFinite(f"the weights became NaN or infinite at the end of epoch {epoch + 1}")
+        history.append({"epoch": epoch + 1, "step": state["step"], "train": training_summary(means),
+                        "test": training_summary(test), "img_per_s": img_s})
+        try:
+            vae.save_checkpoint(ck, model, opt, epoch + 1, s["seed"], train_args, history)
+            lines = "".join(json.dumps(m) + "\n" for m in history)
+            atomic_write(os.path.join(s["out_dir"], "metrics.jsonl"), lambda f: f.write(lines.encode()))
+        except OSError as e:
+            kept = f"checkpoint.pt still holds epoch {epoch}" if epoch else "no checkpoint was written"
+            raise UsageError(f"cannot save epoch {epoch + 1} in {s['out_dir']} ({e.strerror or e}); {kept}: free "
+                             "space and run the same command with --resume") from None
         log.info(f"epoch {epoch + 1:3d}/{s['epochs']} | train recon {means[0]:7.2f} kl {means[1]:6.2f} "
                  f"total {means[2]:7.2f} | test recon {test[0]:7.2f} kl {test[1]:6.2f} total {test[2]:7.2f} "
                  f"| {img_s:,.0f} img/s")
+        hint = slow_epoch_hint(history[start:])
+        if hint:
+            log.info(hint)
         if stop.signum is not None:
             log.info(f"stopped after epoch {epoch + 1}; continue with: python train.py --resume --out-dir "
                      f"{s['out_dir']}")
             return 128 + stop.signum
-    write_figures(model, test_data, s, history, step_losses, start, math.ceil(len(train_data) / s["batch_size"]),
-                  args.n_samples, args.n_recon)
-    ck = os.path.join(s["out_dir"], "checkpoint.pt")
+    try:
+        write_figures(model, test_data, s, history, step_losses, start,
+                      math.ceil(len(train_data) / s["batch_size"]), args.n_samples, args.n_recon)
+    except OSError as e:
+        raise UsageError(f"cannot write the figures in {s['out_dir']} ({e.strerror or e}); checkpoint.pt is "
+                         "complete: free space and run the same command with --resume to draw them") from None
     log.info(f"done: {ck}, metrics.jsonl, loss.png, samples.png, reconstructions.png in {s['out_dir']}\n"
              f"next:  python evaluate.py --checkpoint {ck} --data-dir {s['data_dir']}\n"
              f"       python export_onnx.py --checkpoint {ck} --out decoder.onnx && "
@@ -362,13 +307,21 @@ def train(s, ckpt, args):
     return 0
 
 
+def training_summary(v):
+    return {"recon": v[0], "kl": v[1], "total": v[2], "kl_per_dim": v[3:]}
+
+
 def main(argv=None):
+    safe_streams()
     args = parse_args(argv)
     try:
         s, ckpt = resolve_args(args)
         return train(s, ckpt, args)
     except (UsageError, data.DataError, vae.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except training.NonFinite as e:
+        print(f"error: {e}; the last good checkpoint is kept: lower --lr or --beta and train again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stopped at once; checkpoint.pt holds the last completed epoch: continue with --resume", file=sys.stderr)

@@ -1,7 +1,13 @@
 """The β-VAE: config, encoder, decoder, loss and checkpoints.
 
-The architecture is the course project's (../shared/SEED.md) layer for layer. The loss is the β-VAE
+The architecture is the course project's, as its README's layer table lists it (ReLU before BatchNorm, no activation
+after the encoder's 288→128 layer); see docs/usage.md for how its published code differs. The loss is the β-VAE
 objective of Higgins et al. 2017, or the controlled-capacity objective of Burgess et al. 2018.
+
+Changing the architecture: nhwc_forward.py re-derives the fast CPU training formulation from these layers and says
+in one log line when it cannot (training then uses the module's own layers, slower); export_onnx.py folds each
+BatchNorm into the convolution after it; fast_decoder.py rewrites stride-2 transposed convolutions. Their tests
+(tests/test_train_step.py, tests/test_onnx.py, tests/test_metrics.py) check each against this module.
 """
 import dataclasses
 import os
@@ -24,6 +30,12 @@ class CheckpointError(Exception):
     """A checkpoint is missing, unreadable, foreign or inconsistent; the message says what to do."""
 
 
+# The range of every model setting: VAEConfig refuses values outside it (a checkpoint from elsewhere included) and
+# train.py names the flag. A latent of 10^9 would allocate 500 GB of weights before anything could fail.
+LIMITS = {"latent_dim": (1, 4096), "beta": (0.0, 1e6), "gamma": (0.0, 1e9), "capacity_max": (0.0, 1e6),
+          "capacity_steps": (1, 10**12)}
+
+
 @dataclass
 class VAEConfig:
     latent_dim: int = 10
@@ -34,14 +46,15 @@ class VAEConfig:
     capacity_steps: int = 100_000  # capacity objective: optimizer steps over which C rises from 0 to C_max
 
     def __post_init__(self):
-        if self.latent_dim < 1:
-            raise ValueError(f"latent size must be at least 1 (got {self.latent_dim})")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0 (got {self.beta})")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
-        if self.gamma < 0 or self.capacity_max < 0 or self.capacity_steps < 1:
-            raise ValueError("capacity objective needs gamma >= 0, capacity-max >= 0 and capacity-steps >= 1")
+        for name, (low, high) in LIMITS.items():
+            value = getattr(self, name)
+            kind = int if isinstance(low, int) else (int, float)
+            # bool is an int to Python, and NaN passes no comparison: both refused here
+            if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+                raise ValueError(f"{name} must be a{'n integer' if kind is int else ' number'} from {low:g} to "
+                                 f"{high:g} (got {value!r})")
 
 
 class Encoder(nn.Module):
@@ -64,6 +77,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    unflat = (32, 3, 3)  # fc's output viewed as (B, 32, 3, 3) before the transposed convolutions
+
     def __init__(self, latent_dim):
         super().__init__()
         self.fc = nn.Sequential(
@@ -79,7 +94,7 @@ class Decoder(nn.Module):
 
     def logits(self, z):
         # Training uses the logits: BCE-with-logits is the seed's BCE, stable where sigmoid saturates.
-        return self.deconv(self.fc(z).view(-1, 32, 3, 3))
+        return self.deconv(self.fc(z).view(-1, *self.unflat))
 
     def forward(self, z):
         return torch.sigmoid(self.logits(z))  # pixels in [0, 1], the seed's final Sigmoid
@@ -102,17 +117,23 @@ class BetaVAE(nn.Module):
             eps = torch.randn_like(mu)
         else:
             eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-        return mu + eps * torch.exp(0.5 * logvar)
+        return reparameterize(mu, logvar, eps)
 
     def decode(self, z):
         """z (B, latent_dim) -> images in [0, 1], (B, 1, 28, 28). Runs alone: this is what gets exported."""
         return self.decoder(z)
 
-    def forward(self, x, generator=None):
-        """Returns (reconstruction logits, mu, logvar); sigmoid(logits) is the reconstruction."""
+    def forward(self, x, generator=None, eps=None):
+        """Returns (reconstruction logits, mu, logvar); sigmoid(logits) is the reconstruction. `eps` (B, latent_dim)
+        replaces the reparameterization noise (the compiled training step draws it outside its graph)."""
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar, generator)
+        z = self.reparameterize(mu, logvar, generator) if eps is None else reparameterize(mu, logvar, eps)
         return self.decoder.logits(z), mu, logvar
+
+
+def reparameterize(mu, logvar, eps):
+    """z = μ + ε·σ with σ = exp(½ log σ²): the reparameterization trick (Kingma & Welling 2014)."""
+    return mu + eps * torch.exp(0.5 * logvar)
 
 
 class LossTerms(NamedTuple):
@@ -120,6 +141,10 @@ class LossTerms(NamedTuple):
     kl: torch.Tensor          # (B,) KL(q(z|x) || N(0, I)), nats
     total: torch.Tensor       # (B,) the objective being minimised
     kl_per_dim: torch.Tensor  # (B, latent_dim)
+
+    def batch_sums(self):
+        """One tensor (3 + latent_dim,): the batch's sums of recon, kl, total, then of each dimension's KL."""
+        return torch.cat([torch.stack([self.recon.sum(), self.kl.sum(), self.total.sum()]), self.kl_per_dim.sum(0)])
 
 
 def capacity_at(step, config: VAEConfig):
@@ -198,9 +223,77 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is not a checkpoint of this project's format (missing {', '.join(missing)}); "
                               "retrain with train.py")
     if ckpt["format_version"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {ckpt['format_version']}, this code reads "
+        raise CheckpointError(f"{path} has checkpoint format {ckpt['format_version']!r}, this code reads "
                               f"{CHECKPOINT_FORMAT}; use the matching version of the project or retrain")
+    problem = _field_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path} is damaged: {problem}; retrain, or resume from a backup of the run folder")
     return ckpt
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _summary_problem(m):
+    if not isinstance(m, dict) or not all(_is_number(m.get(k)) for k in ("recon", "kl", "total")):
+        return "recon, kl and total numbers"
+    if not isinstance(m.get("kl_per_dim"), list) or not all(_is_number(v) for v in m["kl_per_dim"]):
+        return "a kl_per_dim list of numbers"
+    return None
+
+
+def _field_problem(ckpt):
+    """What is wrong with the types of a checkpoint's fields (a file from elsewhere can hold anything), or None."""
+    for key, kind in (("model_args", dict), ("model", dict), ("optimizer", dict), ("train_args", dict),
+                      ("metrics", list)):
+        if not isinstance(ckpt[key], kind):
+            return f"{key} is a {type(ckpt[key]).__name__}, not a {kind.__name__}"
+    if not _is_int(ckpt["epoch"]) or ckpt["epoch"] < 0:
+        return f"epoch is {ckpt['epoch']!r}, not a count of epochs"
+    if not _is_int(ckpt["seed"]):
+        return f"seed is {ckpt['seed']!r}, not an integer"
+    if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in ckpt["model"].items()):
+        return "model holds entries that are not named tensors"
+    for i, m in enumerate(ckpt["metrics"]):
+        if not isinstance(m, dict) or not _is_int(m.get("epoch")) or not _is_number(m.get("img_per_s", 0)):
+            return f"metrics entry {i} is not an epoch record"
+        for split in ("train", "test"):
+            problem = _summary_problem(m.get(split))
+            if problem:
+                return f"metrics entry {i} has no {split} record with {problem}"
+    return None
+
+
+def load_optimizer_state(optimizer, ckpt, source):
+    """optimizer.load_state_dict(ckpt["optimizer"]), refusing state that does not fit the parameters: torch only
+    finds out at the first step, deep inside Adam."""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:
+            if not (_is_number(group["lr"]) and len(group["betas"]) == 2 and all(map(_is_number, group["betas"]))
+                    and _is_number(group["eps"]) and _is_number(group["weight_decay"])):
+                raise ValueError("its hyperparameters are not numbers")
+            for p in group["params"]:
+                st = optimizer.state.get(p, {})
+                if not st:
+                    continue
+                for key in ("exp_avg", "exp_avg_sq"):
+                    t = st.get(key)
+                    if not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point():
+                        raise ValueError(f"its {key} does not match a parameter of shape {tuple(p.shape)}")
+                step = st.get("step")
+                step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+                if not _is_number(step) or not 0 <= step < 2**53:
+                    raise ValueError(f"its step count is {step!r}")
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"the optimizer state in {source} does not fit this model ({reason}); start a new "
+                              "--out-dir") from None
 
 
 def model_from_checkpoint(ckpt, source="the checkpoint"):

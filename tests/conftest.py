@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import idx  # noqa: E402
 
 
 def make_images(n, seed):
@@ -39,8 +40,8 @@ def write_dataset(root, n_train=256, n_test=128, seed=0):
     for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
         imgs, labels = make_images(n, s)
         img_name, lbl_name = data.FILES[split]
-        data.write_idx(os.path.join(raw, img_name), imgs)
-        data.write_idx(os.path.join(raw, lbl_name), labels)
+        idx.write_idx(os.path.join(raw, img_name), imgs)
+        idx.write_idx(os.path.join(raw, lbl_name), labels)
     return str(root)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import data
+import idx
 from conftest import make_images
 
 
@@ -23,7 +24,7 @@ def test_reads_gzipped_files(tmp_path):
     raw.mkdir(parents=True)
     imgs, labels = make_images(20, 3)
     for name, arr in (("t10k-images-idx3-ubyte", imgs), ("t10k-labels-idx1-ubyte", labels)):
-        data.write_idx(raw / "plain", arr)
+        idx.write_idx(raw / "plain", arr)
         (raw / (name + ".gz")).write_bytes(gzip.compress((raw / "plain").read_bytes()))
     images, lab = data.load_split(str(tmp_path), "test", download=False)
     assert np.array_equal(images.numpy(), imgs) and np.array_equal(lab.numpy(), labels)

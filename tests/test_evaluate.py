@@ -118,9 +118,9 @@ def test_damaged_data_is_one_line_and_writes_nothing(tmp_path, tiny_data, tiny_c
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag,value,expected", [("--iwae-k", "0", "--iwae-k must be"),
-                                                 ("--batch-size", "0", "--batch-size must be"),
-                                                 ("--n-show", "0", "--n-show must be"),
+@pytest.mark.parametrize("flag,value,expected", [("--iwae-k", "0", "--iwae-k 0 is out of range"),
+                                                 ("--batch-size", "0", "--batch-size 0 is out of range"),
+                                                 ("--n-show", "0", "--n-show 0 is out of range"),
                                                  ("--iwae-k", "many", "invalid int value"),
                                                  ("--device", "tpu", "unknown device")])
 def test_bad_flags_are_one_line(flag, value, expected, tmp_path, tiny_data, tiny_checkpoint, capsys):

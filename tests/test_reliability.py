@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import idx
 import vae
 from conftest import make_images, write_dataset
 
@@ -58,7 +59,7 @@ def test_file_shorter_than_its_header_says(tiny_data):
 
 def test_labels_and_images_of_different_counts(tiny_data):
     imgs, labels = make_images(10, 0)
-    data.write_idx(os.path.join(raw_dir(tiny_data), "train-labels-idx1-ubyte"), labels[:7])
+    idx.write_idx(os.path.join(raw_dir(tiny_data), "train-labels-idx1-ubyte"), labels[:7])
     with pytest.raises(data.DataError, match="256 images but .* 7 labels"):
         data.load_split(tiny_data, "train")
 
@@ -81,7 +82,7 @@ def test_unwritable_data_directory(tmp_path):
 def test_fuzzed_idx_files_end_in_a_clear_error(tmp_path):
     rng = random.Random(0)
     good = tmp_path / "good"
-    data.write_idx(good, make_images(4, 0)[0])
+    idx.write_idx(good, make_images(4, 0)[0])
     valid = good.read_bytes()
     p = str(tmp_path / "fuzz")
     cases = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))) for _ in range(150)]
@@ -90,14 +91,14 @@ def test_fuzzed_idx_files_end_in_a_clear_error(tmp_path):
     for case in cases:
         open(p, "wb").write(case)
         with pytest.raises(data.DataError):
-            data.read_idx(p, 3)
+            idx.read_idx(p, 3)
 
 
 # ----------------------------------------------------------------------------------------------------- flags
 
 @pytest.mark.parametrize("flags, needle", [
     (["--beta", "-1"], "--beta"), (["--latent-dim", "0"], "--latent-dim"), (["--batch-size", "0"], "--batch-size"),
-    (["--epochs", "-1"], "--epochs"), (["--lr", "0"], "--lr"), (["--num-generation-samples", "0"], "at least 1"),
+    (["--epochs", "-1"], "--epochs"), (["--lr", "0"], "--lr"), (["--num-generation-samples", "0"], "--num-generation-samples 0 is out of range"),
     (["--device", "tpu"], "unknown device"),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(tmp_path, flags, needle):
@@ -187,11 +188,6 @@ def test_fuzzed_checkpoints_end_in_a_clear_error(tmp_path, tiny_checkpoint):
             vae.load_checkpoint(p)
         except vae.CheckpointError:
             pass  # a flipped byte inside tensor data still loads: that is fine, anything else must be this error
-
-
-def test_missing_checkpoint_for_resume(tiny_data, tmp_path):
-    proc = run_script("train.py", "--resume", "--data-dir", tiny_data, "--out-dir", tmp_path / "run")
-    assert_clean_error(proc, "no checkpoint at")
 
 
 def test_resume_with_contradicting_flags_is_refused(tiny_data, tmp_path):
@@ -301,6 +297,8 @@ def test_two_runs_in_one_folder_do_not_corrupt_each_other(reference_run, tmp_pat
     try:
         wait_for_epoch(out, 1, first)
         second = run_script("train.py", "--epochs", 1, "--data-dir", data_dir, "--out-dir", out)
+        assert_clean_error(second, "already holds a run", "--resume")      # refused before the lock is tried
+        second = run_script("train.py", "--resume", "--data-dir", data_dir, "--out-dir", out)
         assert_clean_error(second, "another train.py is writing to")
     finally:
         first.kill()
@@ -356,8 +354,11 @@ def test_idx_header_whose_size_overflows_int64_is_a_clear_error(tmp_path):
     import struct
     p = tmp_path / "hostile"
     p.write_bytes(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 2**31, 2**31, 4))
-    with pytest.raises(data.DataError, match="shorter than its header"):
-        data.read_idx(str(p), 3)
+    with pytest.raises(data.DataError, match="not \\(28, 28\\)"):
+        idx.read_idx(str(p), 3)
+    p.write_bytes(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 2**32 - 1, 28, 28))
+    with pytest.raises(data.DataError, match="declares 4,294,967,295 items"):
+        idx.read_idx(str(p), 3)
 
 
 def test_decoder_that_loads_but_fails_to_run_and_unwritable_outputs(tmp_path, tiny_checkpoint):

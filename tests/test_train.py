@@ -47,11 +47,27 @@ def test_one_epoch_writes_every_output(tiny_data, tmp_path):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
-def test_default_out_dir_is_named_after_the_run(tiny_data, tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--epochs", "0", "--beta", "2",
-                           "--data-dir", tiny_data], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "runs" / "beta2_z10_seed0" / "train.log").is_file()
+def test_the_same_command_twice_never_replaces_the_first_run(tiny_data, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--epochs", "1", "--beta", "2", "--latent-dim", "3",
+           "--compile", "off", "--data-dir", tiny_data]
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "runs" / "beta2_z3_seed0"                    # the default folder is named after the run
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert again.stderr.startswith("error: ") and "--resume" in again.stderr and "--out-dir" in again.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before   # not one byte changed
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr                 # a finished run: nothing left to train
+    assert (run / "checkpoint.pt").read_bytes() == before["checkpoint.pt"]
+
+
+def test_resume_without_a_checkpoint_starts_the_run(tiny_data, tmp_path):
+    proc = run_train("--epochs", 1, "--latent-dim", 3, "--data-dir", tiny_data, "--out-dir", tmp_path / "new",
+                     "--compile", "off", "--resume")
+    assert "starting a new run" in proc.stdout
+    assert torch.load(tmp_path / "new" / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path):

@@ -1,138 +1,169 @@
-"""The compiled training step keeps the eager step's results and leaves plain, loadable checkpoints."""
-import shutil
+"""The training step: the compiled step keeps the eager step's results, follows replaced state and changed settings,
+falls back to eager when compiling fails, and the NHWC formulation is the module's forward and backward."""
+import copy
 
 import pytest
 import torch
+import torch.nn as nn
 
 import data
 import nhwc_forward
-import train_step
+import training
 import vae
 
-needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                                    reason="torch.compile on the CPU needs a C++ compiler")
-
-
-def run(config, compile, batches, seed=0):
-    torch.manual_seed(seed)
-    model = vae.BetaVAE(config)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    step = train_step.make_train_step(model, opt, config, compile=compile)
-    torch.manual_seed(seed + 1)
-    out = [step(x, t, i) for i, (x, t) in enumerate(batches)]
-    return torch.stack(out), model, opt
+needs_compiler = pytest.mark.skipif(not training.has_cxx(), reason="torch.compile on the CPU needs a C++ compiler")
 
 
 def batches(tiny_data, sizes):
     d = data.load(tiny_data, "train", "cpu")
     out, start = [], 0
     for n in sizes:
-        x, t = data.DeviceData.scale(d.images[start:start + n])
-        out.append((x, t))
+        out.append(data.DeviceData.scale(d.images[start:start + n]))
         start += n
     return out
 
 
+def fresh(config, seed=0):
+    torch.manual_seed(seed)
+    model = vae.BetaVAE(config)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def twin_of(model, opt, config):
+    """An eager copy of (model, optimizer) in their current state."""
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))   # torch keeps the very tensors otherwise
+    return twin, twin_opt, training.make_train_step(twin, twin_opt, config, compile=False)
+
+
+def check_step(step, model, opt, config, batch, i=0):
+    """One step of `step` against one eager step from the same state with the same noise: the same loss terms and,
+    up to float rounding, the same parameters, BatchNorm statistics and Adam state afterwards."""
+    twin, twin_opt, eager = twin_of(model, opt, config)
+    torch.manual_seed(i)
+    got = step(*batch, i)
+    torch.manual_seed(i)
+    want = eager(*batch, i)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (i, got, want)
+    for (k, v), w in zip(model.state_dict().items(), twin.state_dict().values()):
+        # Adam's early steps are sign-like where a gradient is ~0, so a rounding difference can move one weight by up
+        # to 2·lr; on average the two agree to float rounding
+        assert v.shape == w.shape and (v.double() - w.double()).abs().mean() < 2e-6, k
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(opt.state[p]["step"], twin_opt.state[q]["step"])
+        assert torch.allclose(opt.state[p]["exp_avg_sq"], twin_opt.state[q]["exp_avg_sq"], rtol=2e-2, atol=1e-8)
+    return got
+
+
 def test_eager_step_returns_the_loss_terms(tiny_data):
     config = vae.VAEConfig(latent_dim=3, beta=2.0)
-    stats, _, _ = run(config, False, batches(tiny_data, [16]))
-    recon, kl, total, per_dim = stats[0, 0], stats[0, 1], stats[0, 2], stats[0, 3:]
+    model, opt = fresh(config)
+    stats = training.make_train_step(model, opt, config)(*batches(tiny_data, [16])[0], 0)
+    recon, kl, total, per_dim = stats[0], stats[1], stats[2], stats[3:]
     assert per_dim.shape == (3,) and torch.allclose(per_dim.sum(), kl, rtol=1e-5)
     assert torch.allclose(recon + 2.0 * kl, total, rtol=1e-5)
 
 
 @needs_compiler
-@pytest.mark.parametrize("objective", ["beta", "capacity"])
-def test_compiled_step_matches_eager(tiny_data, objective):
-    # 6 full batches then a short one (the eager fallback inside the compiled step); capacity C changes every step.
-    config = vae.VAEConfig(latent_dim=4, objective=objective, gamma=10.0, capacity_max=5.0, capacity_steps=4)
-    bs = batches(tiny_data, [32] * 6 + [7])
-    eager, m_eager, o_eager = run(config, False, bs)
-    compiled, m_comp, o_comp = run(config, True, bs)
-    # recon and the objective agree to float rounding; KL terms are a few nats, where Adam's first, sign-like steps
-    # amplify rounding differences a little more
-    assert torch.allclose(compiled[:, [0, 2]], eager[:, [0, 2]], rtol=1e-4), (compiled[:, 2], eager[:, 2])
-    assert torch.allclose(compiled[:, [1]], eager[:, [1]], rtol=0.05, atol=0.02), (compiled[:, 1], eager[:, 1])
-    assert m_comp.state_dict().keys() == m_eager.state_dict().keys()
-    torch.manual_seed(0)
-    init = vae.BetaVAE(config).state_dict()
-    for k, v in m_eager.state_dict().items():
-        if v.is_floating_point():  # the two runs end far closer to each other than to where they started
-            apart = (m_comp.state_dict()[k] - v).abs().mean()
-            moved = (v - init[k]).abs().mean()
-            assert moved > 0 and apart < 0.1 * moved, (k, apart.item(), moved.item())
-        else:
-            assert torch.equal(m_comp.state_dict()[k], v), k
-    assert o_comp.state_dict()["state"].keys() == o_eager.state_dict()["state"].keys()
+def test_compiled_step_matches_eager_and_follows_changes(tiny_data):
+    config = vae.VAEConfig(latent_dim=4)
+    bs = batches(tiny_data, [32] * 7 + [7])
+    model, opt = fresh(config)
+    step = training.make_train_step(model, opt, config, compile=True)
+    assert step.plan is not None                                     # the NHWC formulation on a CPU
+    for i, b in enumerate(bs[:4] + bs[7:]):                           # 4 full batches, then a short one (eager)
+        check_step(step, model, opt, config, b, i)
+    assert all(opt.state[p]["step"].item() == 5 for p in model.parameters())
+    fresh_model = vae.BetaVAE(config)                                 # a plain model loads what it trained
+    fresh_model.load_state_dict(model.state_dict())
 
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))          # new state tensors, as --resume makes them
+    check_step(step, model, opt, config, bs[4])
+    assert all(opt.state[p]["step"].item() == 6 for p in model.parameters())
+
+    # β 4 -> 2 -> 4: a constant of the graph changes and changes back; each step must use the β of that moment
+    for beta, b in ((2.0, bs[5]), (4.0, bs[6])):
+        config.beta = beta
+        got = check_step(step, model, opt, config, b)
+        assert torch.allclose(got[2], got[0] + beta * got[1], rtol=1e-5)
 
 
 @needs_compiler
-def test_compiled_step_follows_replaced_tensors(tiny_data):
-    # After its first call the graph is called without dynamo's guards. Replaced optimizer state (as --resume does)
-    # must be updated in place; a weight stored with other strides, or a changed β, must be computed as such (through
-    # dynamo, which recompiles or reuses an older graph), never with what the latest graph was compiled for.
-    import copy
-    config = vae.VAEConfig(latent_dim=4)
-    bs = batches(tiny_data, [32] * 8)
+def test_module_formulation_matches_eager_with_the_capacity_objective(tiny_data):
+    # the formulation CUDA uses (the module's own layers through functional_call), run here on the CPU
+    config = vae.VAEConfig(latent_dim=4, objective="capacity", gamma=10.0, capacity_max=5.0, capacity_steps=4)
+    model, opt = fresh(config)
+    step = training.make_train_step(model, opt, config, compile=True, formulation="modules")
+    assert step.plan is None
+    for i, b in enumerate(batches(tiny_data, [32] * 4)):             # C changes every step
+        check_step(step, model, opt, config, b, i)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_data, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(fp, fm, fv, steps, *rest):
+            with torch.no_grad():
+                fp.add_(1.0)   # fails after changing state, as a crash inside a compiled call could
+                steps.add_(1)
+            raise RuntimeError("C++ compile error: no such header")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    config = vae.VAEConfig(latent_dim=3)
+    bs = batches(tiny_data, [16] * 3)
+    model, opt = fresh(config)
+    notes = []
+    step = training.make_train_step(model, opt, config, compile=True, log=notes.append)
+    twin, twin_opt, eager = twin_of(model, opt, config)
+    for i, b in enumerate(bs):
+        torch.manual_seed(i)
+        got = step(*b, i)
+        torch.manual_seed(i)
+        assert torch.equal(got, eager(*b, i))                       # exactly the eager step: state was restored
+    assert len(notes) == 1 and notes[0].startswith("warning: compiling the training step failed") and \
+        "eager step" in notes[0]
+    for v, w in zip(model.state_dict().values(), twin.state_dict().values()):
+        assert torch.equal(v, w)
+
+
+def test_nhwc_forward_and_gradients_are_the_modules():
     torch.manual_seed(0)
-    model = vae.BetaVAE(config)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    step = train_step.make_train_step(model, opt, config, compile=True)
-    for x, t in bs[:2]:
-        step(x, t, 0)
-    direct_calls = []
-    fn = step.direct["fn"]
-    step.direct["fn"] = lambda *a: direct_calls.append(1) or fn(*a)
-    step(*bs[2], 0)
-    assert direct_calls == [1]                                       # the guard-free path is the one taken
-    opt.load_state_dict(copy.deepcopy(opt.state_dict()))          # new state tensors
-    first = next(iter(model.parameters()))
-    old_m = opt.state[first]["exp_avg"].clone()
-    step(*bs[3], 0)
-    assert all(opt.state[p]["step"].item() == 4 for p in model.parameters())
-    assert not torch.equal(opt.state[first]["exp_avg"], old_m)
-    config.beta = 2.0                                                # a constant baked into the graph changes
-    stats = step(*bs[7], 0)
-    assert torch.allclose(stats[2], stats[0] + 2.0 * stats[1], rtol=1e-5)
-
-    def matches_eager(batch):
-        twin = copy.deepcopy(model)
-        twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
-        twin_opt.load_state_dict(opt.state_dict())
-        eager = train_step.make_train_step(twin, twin_opt, copy.copy(config), compile=False)
-        torch.manual_seed(5)
-        got = step(*batch, 0)
-        torch.manual_seed(5)
-        want = eager(*batch, 0)
-        return torch.allclose(got[:3], want[:3], rtol=1e-4)
-
-    w = model.decoder.fc[2].weight                                   # (288, 128): store it column-major
-    with torch.no_grad():
-        w.data = w.detach().t().contiguous().t()
-    assert matches_eager(bs[4])                                      # a new graph for this layout
-    with torch.no_grad():
-        w.data = w.detach().contiguous()                             # row-major again: dynamo reuses the first graph
-    assert matches_eager(bs[5]) and matches_eager(bs[6])
-
-
-def test_nhwc_forward_is_the_module_forward():
-    torch.manual_seed(0)
-    model = vae.BetaVAE(vae.VAEConfig(latent_dim=6))
-    assert nhwc_forward.layers_as_expected(model)
-    x, eps = torch.rand(16, 1, 28, 28) * 2 - 1, torch.randn(16, 6)
-    P = dict(model.named_parameters())
-    B = {k: v.clone() for k, v in model.named_buffers()}
-    logits, mu, logvar = nhwc_forward.forward(P, B, model, x, eps)
-    mu0, logvar0 = model.encoder(x)                       # train mode: batch statistics, running stats updated
-    ref = model.decoder.logits(mu0 + eps * torch.exp(0.5 * logvar0))
-    assert torch.allclose(mu, mu0, atol=1e-5) and torch.allclose(logvar, logvar0, atol=1e-5)
-    assert torch.allclose(logits, nhwc_forward.to_phases(ref), atol=1e-4)
-    for k, v in model.named_buffers():
-        assert torch.allclose(B[k], v, atol=1e-6), k
+    model = vae.BetaVAE(vae.VAEConfig(latent_dim=6)).double()
+    other = copy.deepcopy(model)
+    x = torch.rand(16, 1, 28, 28, dtype=torch.float64) * 2 - 1
+    target, eps = (x + 1) / 2, torch.randn(16, 6, dtype=torch.float64)
+    plan = nhwc_forward.Plan(model)
+    logits, mu, logvar = plan.forward(dict(model.named_parameters()), dict(model.named_buffers()), x, eps)
+    ref, mu0, logvar0 = other(x, eps=eps)                   # train mode: batch statistics, running stats updated
+    assert torch.allclose(mu, mu0, atol=1e-12) and torch.allclose(logvar, logvar0, atol=1e-12)
+    assert torch.allclose(logits, plan.target(ref), atol=1e-12)
+    for (k, v), w in zip(model.named_buffers(), other.buffers()):
+        assert torch.allclose(v, w, rtol=0, atol=1e-12), k
+    config = model.config
+    vae.vae_loss(logits, plan.target(target), mu, logvar, config).total.mean().backward()
+    vae.vae_loss(ref, target, mu0, logvar0, config).total.mean().backward()
+    for (k, p), q in zip(model.named_parameters(), other.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-10, rtol=1e-8), k
     img = torch.arange(2 * 784.0).view(2, 1, 28, 28)      # to_phases only reorders pixels, image by image
     assert torch.equal(nhwc_forward.to_phases(img).flatten(1).sort(1).values, img.flatten(1))
     assert nhwc_forward.to_phases(img)[0, 1, 0, 0] == img[0, 0, 0, 1]   # phase 2a+c holds pixel (2m+a, 2n+c)
+
+
+def test_an_architecture_the_rewrite_does_not_reproduce_is_named_and_trained_with_the_modules(tiny_data):
+    config = vae.VAEConfig(latent_dim=3)
+    model, opt = fresh(config)
+    model.encoder.features[1] = nn.GELU()
+    with pytest.raises(nhwc_forward.Unsupported, match="encoder.features.1 is a GELU"):
+        nhwc_forward.Plan(model)
+    model.encoder.features[1] = nn.ReLU()
+    model.decoder.deconv[3] = nn.ConvTranspose2d(16, 8, 5, stride=2, padding=2, output_padding=1)
+    with pytest.raises(nhwc_forward.Unsupported, match="decoder.deconv.3 is not a 3x3"):
+        nhwc_forward.Plan(model)
+    notes = []
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step = training.make_train_step(model, opt, config, compile=True, log=notes.append)
+    assert step.plan is None and len(notes) == 1 and "module's own layers" in notes[0] and "deconv.3" in notes[0]
 
 
 def test_pixel_linear_gradients():
@@ -140,3 +171,12 @@ def test_pixel_linear_gradients():
     w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(nhwc_forward._PixelLinear.apply, (a, w))
     assert torch.allclose(nhwc_forward._PixelLinear.apply(a, w), a @ w)
+
+
+def test_auto_compiles_only_on_a_cpu():
+    many = training.COMPILE_AUTO_MIN_IMAGES
+    assert training.want_compile("auto", torch.device("cpu"), many) == training.has_cxx()
+    assert not training.want_compile("auto", torch.device("cpu"), many - 1)
+    for device in ("cuda", "mps"):   # the compiled step has not run on a GPU: never by default there
+        assert not training.want_compile("auto", torch.device(device), 10 * many)
+    assert training.want_compile("on", torch.device("cuda"), 1)

@@ -1,0 +1,308 @@
+"""Training pieces shared by train.py, bench.py and sweep.py: run defaults, the step, the epoch, the test pass.
+
+make_train_step(model, optimizer, config, compile=False) -> step(x, target, step_idx) -> the batch's sums (recon,
+kl, total, kl per dim ...) as one detached tensor; nothing in it waits for the device.
+
+The compiled step (torch.compile, no private torch API) is one graph per step: forward, backward
+(torch.func.grad_and_value) and the Adam update. Why it is fast on a CPU (bench.py measures it):
+  * no autograd-engine, optimizer-loop or zero_grad overhead per step, and inductor fuses the many small ops;
+  * the forward pass is nhwc_forward.py's formulation of the model's layers as GEMMs and gathers, which inductor and
+    MKL run well at these sizes (on CUDA, or for a layer it does not reproduce, the module's own layers);
+  * the parameters and Adam's moments live in three flat tensors, and the model's parameters and the optimizer's
+    state are views of them (torch.nn.utils.vector_to_parameters). The graph takes ~15 tensors instead of ~115,
+    so dynamo's per-call guard checks stay cheap, and the Adam update is one fused elementwise kernel.
+state_dict() and optimizer.state_dict() are those of plain training (same keys, shapes and values up to float
+rounding), and eager steps (an epoch's short last batch) update the same tensors. State replaced from outside
+(optimizer.load_state_dict on --resume, new parameter tensors) is noticed and copied into fresh flat tensors.
+A failure while compiling or in the first compiled call restores the state and falls back to the eager step with
+one warning.
+"""
+import dataclasses
+import math
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import nhwc_forward
+import vae
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """How a run trains (the model's own settings are vae.VAEConfig): the one place for these defaults."""
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    epochs: int = 20
+
+
+RUN_DEFAULTS = RunConfig()
+# Compiling costs ~10 s (warm inductor cache) to ~45 s (cold) on a 2-core CPU and roughly halves the step there
+# (bench.py): it pays for itself within about a million images even with a cold cache, e.g. the default 20 epochs of
+# the full 60,000. CUDA and MPS: the compiled step has not run on a GPU yet, so `auto` never compiles there.
+COMPILE_AUTO_MIN_IMAGES = 1_000_000
+
+
+def has_cxx():
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def want_compile(mode, device, images_to_train):
+    """Whether to compile the training step: 'on', 'off', or 'auto' (on a CPU, for runs long enough to pay)."""
+    if mode == "auto":
+        return device.type == "cpu" and has_cxx() and images_to_train >= COMPILE_AUTO_MIN_IMAGES
+    return mode == "on"
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+def _adam_supported(model, optimizer):
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return False
+    g = optimizer.param_groups[0]
+    if g.get("amsgrad") or g.get("maximize") or g.get("differentiable") or g.get("capturable") \
+            or g.get("fused") or g.get("decoupled_weight_decay"):
+        return False
+    if isinstance(g["lr"], torch.Tensor) or isinstance(g["betas"][0], torch.Tensor):
+        return False
+    return [id(p) for p in g["params"]] == [id(p) for p in model.parameters()]
+
+
+class FlatState:
+    """The model's parameters and Adam's state as views of flat tensors p, m, v (and per-parameter steps)."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.params = list(model.parameters())
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shapes = [p.shape for p in self.params]
+        self.offsets = [0]
+        for p in self.params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+        self.adopt()
+
+    def views(self, flat):
+        return [flat[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], self.shapes)]
+
+    def adopt(self):
+        """Copy the current parameters and Adam state into new flat tensors and point both at views of them."""
+        params, state = self.params, self.optimizer.state
+        self.p = torch.cat([p.detach().reshape(-1) for p in params])
+        torch.nn.utils.vector_to_parameters(self.p, params)   # each parameter's data: a view of self.p
+        self.m, self.v = torch.zeros_like(self.p), torch.zeros_like(self.p)
+        self.steps = torch.zeros(len(params), dtype=torch.float32)   # Adam keeps its step counts on the CPU
+        for i, (p, m, v) in enumerate(zip(params, self.views(self.m), self.views(self.v))):
+            st = state[p]
+            if st:
+                m.copy_(st["exp_avg"])
+                v.copy_(st["exp_avg_sq"])
+                self.steps[i] = float(st["step"])
+            st.update(exp_avg=m, exp_avg_sq=v, step=self.steps[i])   # torch.optim.Adam's lazy init, as views
+        self.buffers = list(self.model.buffers())
+        self.state_ref = state
+        self.check = [(p, p.data_ptr(), state[p]["exp_avg"], state[p]["exp_avg_sq"], state[p]["step"])
+                      for p in params]
+
+    def intact(self):
+        """Whether everything is still a view of the flat tensors (load_state_dict replaces the optimizer's state)."""
+        state = self.optimizer.state
+        return state is self.state_ref and all(
+            p.data_ptr() == ptr and state[p]["exp_avg"] is m and state[p]["exp_avg_sq"] is v and state[p]["step"] is s
+            for p, ptr, m, v, s in self.check) and all(a is b for a, b in zip(self.model.buffers(), self.buffers))
+
+    def uniform_steps(self):
+        return bool((self.steps == self.steps[0]).all())
+
+
+def make_train_step(model, optimizer, config, compile=False, formulation="auto", log=None):
+    """Return step(x, target, step_idx) -> detached batch sums (LossTerms.batch_sums); the loss minimised is the
+    batch mean of the objective. x in [-1, 1] and target in [0, 1], (B, 1, 28, 28) on the model's device. The
+    reparameterization noise comes from the global RNG as model.forward draws it, so a seed gives the same run
+    compiled or not (up to float rounding). formulation: "auto" (NHWC on a CPU, module layers elsewhere), "nhwc" or
+    "modules" (tests force each). log(message) receives the one-line notes (fallbacks, formulation); default print.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+
+    def eager_step(x, target, step_idx, eps=None):
+        optimizer.zero_grad(set_to_none=True)
+        logits, mu, logvar = model(x, eps=eps)
+        terms = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx)
+        terms.total.mean().backward()
+        optimizer.step()
+        return terms.batch_sums().detach()
+
+    if not compile:
+        return eager_step
+    if not _adam_supported(model, optimizer):
+        log("note: the compiled step reproduces plain single-group Adam only; training with the eager step")
+        return eager_step
+    device = next(model.parameters()).device
+    plan = None
+    if formulation == "nhwc" or (formulation == "auto" and device.type == "cpu"):
+        try:
+            plan = nhwc_forward.Plan(model)
+        except nhwc_forward.Unsupported as e:
+            if formulation == "nhwc":
+                raise
+            log(f"note: the compiled step uses the module's own layers, slower on a CPU ({e})")
+    flat = FlatState(model, optimizer)
+    group = optimizer.param_groups[0]
+    names = flat.names
+    bnames = [n for n, _ in model.named_buffers()]
+
+    def loss_of(fp, buffers, x, target, eps, C):   # -> (loss, sums): grad_and_value's has_aux form
+        P = dict(zip(names, flat.views(fp)))
+        if plan is not None:
+            logits, mu, logvar = plan.forward(P, dict(zip(bnames, buffers)), x, eps)
+            target = plan.target(target)
+        else:
+            P.update(zip(bnames, buffers))
+            logits, mu, logvar = torch.func.functional_call(model, P, (x,), {"eps": eps})
+        terms = vae.vae_loss(logits, target, mu, logvar, config, capacity=C)
+        return terms.total.mean(), terms.batch_sums().detach()
+
+    grad_and_loss = torch.func.grad_and_value(loss_of, has_aux=True)
+
+    def graph(fp, fm, fv, steps, buffers, x, target, eps, C, lr):
+        g, (_, sums) = grad_and_loss(fp, buffers, x, target, eps, C)
+        beta1, beta2 = group["betas"]
+        with torch.no_grad():   # torch.optim.Adam (foreach, not capturable), in place on the flat tensors
+            if group["weight_decay"] != 0:
+                g = g + group["weight_decay"] * fp
+            steps.add_(1)
+            t = steps[0]
+            fm.lerp_(g, 1 - beta1)
+            fv.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (fv.sqrt() / (1 - beta2 ** t).sqrt()).add_(group["eps"])
+            fp.sub_(lr / (1 - beta1 ** t) * fm / denom)
+        return sums
+
+    compiled = torch.compile(graph, dynamic=False, fullgraph=True,
+                             options={"cpp_wrapper": True} if device.type == "cpu" else None)
+    state = {"batch": None, "ok": False, "off": False}
+
+    def step(x, target, step_idx):
+        if state["batch"] is None:
+            state["batch"] = x.shape[0]
+        if state["off"] or x.shape[0] != state["batch"] or not model.training:
+            return eager_step(x, target, step_idx)   # no recompiles for a short last batch
+        if not flat.intact():
+            flat.adopt()
+        if not flat.uniform_steps():   # Adam state of mixed ages cannot come from plain training: leave it to Adam
+            return eager_step(x, target, step_idx)
+        eps = torch.randn(x.shape[0], config.latent_dim, device=x.device, dtype=x.dtype)   # = randn_like(mu)
+        C = torch.tensor(vae.capacity_at(step_idx, config) if config.objective == "capacity" else 0.0)
+        lr = torch.tensor(float(group["lr"]), dtype=torch.float64)
+        for p in flat.params:
+            p.grad = None   # zero_grad(set_to_none=True): stale .grad must not survive
+        saved = None if state["ok"] else [t.clone() for t in (flat.p, flat.m, flat.v, flat.steps, *flat.buffers)]
+        try:
+            out = compiled(flat.p, flat.m, flat.v, flat.steps, flat.buffers, x, target, eps, C, lr)
+        except Exception as e:   # a compiler or toolchain failure must not end the run
+            if saved is None:
+                raise
+            for dst, src in zip((flat.p, flat.m, flat.v, flat.steps, *flat.buffers), saved):
+                dst.copy_(src)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            log(f"warning: compiling the training step failed ({type(e).__name__}: {reason}); "
+                "training goes on with the eager step (--compile off skips the attempt)")
+            state["off"] = True
+            return eager_step(x, target, step_idx, eps)   # the noise already drawn: the run stays the eager run
+        state["ok"] = True
+        return out
+
+    step.eager_step = eager_step
+    step.compiled = compiled
+    step.flat = flat
+    step.plan = plan
+    return step
+
+
+# ------------------------------------------------------------------------------- the course project's loop
+
+def make_seed_step(model, opt, config):
+    """The course project's step: BCE on sigmoid probabilities, loss summed over the batch (Adam is scale-invariant)."""
+    def step(x, target, step_idx):
+        mu, logvar = model.encode(x)
+        recon = model.decode(model.reparameterize(mu, logvar))
+        rec = F.binary_cross_entropy(recon, target, reduction="none").flatten(1).sum(1)
+        kl_per_dim = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+        kl = kl_per_dim.sum(1)
+        terms = vae.LossTerms(rec, kl, rec + config.beta * kl, kl_per_dim)
+        opt.zero_grad()
+        terms.total.sum().backward()
+        opt.step()
+        return terms.batch_sums().detach()
+    return step
+
+
+def seed_batches(data_dir, batch_size, device):
+    """Batches the course project's way: per-image PIL transforms in DataLoader worker processes."""
+    from torchvision import datasets, transforms
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    dataset = datasets.FashionMNIST(data_dir, train=True, download=False, transform=tf)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=2)
+    for x, y in loader:
+        x = x.to(device)
+        yield x, (x + 1) / 2, y
+
+
+# ------------------------------------------------------------------------------------- the epoch and the test
+
+class NonFinite(Exception):
+    """The loss or the weights became NaN or infinite; the message says where."""
+
+
+def epoch_loop(model, step, train, s, epoch, state, progress=True):
+    """Train one epoch. s: dict with seed, batch_size, epochs, latent_dim (and loop, data_dir for the seed loop).
+    Returns (mean sums per image, per-step objective per image as floats, images/s)."""
+    from tqdm import tqdm
+    g = torch.Generator(device=train.device).manual_seed(s["seed"] * 100_003 + epoch)
+    torch.manual_seed(s["seed"] * 100_003 + epoch)  # noise of the reparameterization: reproducible from the epoch
+    n_steps = math.ceil(len(train) / s["batch_size"])
+    hist = torch.zeros(n_steps, 3 + s["latent_dim"], device=train.device)
+    sizes = torch.zeros(n_steps, device=train.device)
+    bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False,
+               disable=None if progress else True, file=sys.stderr)
+    t0 = time.perf_counter()
+    if s.get("loop", "fast") == "seed":
+        batches = seed_batches(s["data_dir"], s["batch_size"], train.device)
+    else:
+        batches = train.batches(s["batch_size"], shuffle=True, generator=g)
+    for i, (x, target, _) in enumerate(batches):
+        hist[i] = step(x, target, state["step"])
+        sizes[i] = len(x)
+        state["step"] += 1
+        if i % 25 == 24 or i == n_steps - 1:  # the only host syncs: every 25 steps
+            check_finite(hist[:i + 1, 2], epoch, i - i % 25)
+            bar.set_postfix(loss=f"{hist[i, 2].item() / len(x):.2f}", refresh=False)
+            bar.update(i + 1 - bar.n)
+    if train.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    bar.close()
+    means = (hist.sum(0) / len(train)).tolist()
+    return means, (hist[:, 2] / sizes).tolist(), len(train) / seconds
+
+
+def check_finite(totals, epoch, first_unchecked):
+    bad = (~torch.isfinite(totals[first_unchecked:])).nonzero()
+    if len(bad):
+        raise NonFinite(f"the loss became {totals[first_unchecked + bad[0, 0]].item()} at epoch {epoch + 1}, "
+                        f"step {first_unchecked + bad[0, 0].item() + 1}")
+
+
+@torch.no_grad()
+def test_metrics(model, test, config, seed, step_idx):
+    """Single-sample ELBO terms on the test split (mean per image), with fixed noise so epochs compare fairly."""
+    model.eval()
+    g = torch.Generator(device=test.device).manual_seed(seed)
+    sums = torch.zeros(3 + config.latent_dim, device=test.device)
+    for x, target, _ in test.batches(1000):
+        logits, mu, logvar = model(x, generator=g)
+        sums += vae.vae_loss(logits, target, mu, logvar, config, step=step_idx).batch_sums()
+    model.train()
+    return (sums / len(test)).tolist()
