@@ -115,8 +115,8 @@ def clean_stale_temps(folder):
 
 def same_file(a, b):
     """Whether two paths name one file: through symlinks, `..`, hard links or case-insensitive file systems."""
-    a, b = os.fspath(a), os.fspath(b)
-    if os.path.realpath(a) == os.path.realpath(b):
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    if a == b:
         return True
     try:
         return os.path.samefile(a, b)

@@ -200,8 +200,11 @@ class StopFlag:
 
     def __init__(self):
         self.signum = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         if self.signum is not None:
@@ -239,6 +242,7 @@ def train(s, ckpt, args):
         device = vae.pick_device(args.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    data.ensure_files(s["data_dir"])   # both splits at once: one message names every missing file
     train_data = data.load(s["data_dir"], "train", device)  # before any file is written: bad data leaves nothing
     test_data = data.load(s["data_dir"], "test", device)
     missing = data.missing_uncompressed(s["data_dir"])
@@ -264,10 +268,17 @@ def train(s, ckpt, args):
         step = training.make_train_step(model, opt, config, compile=use_compile, log=log.info)
         if use_compile:
             log.info("compiling the training step on its first batch, 10-45 s (--compile off skips this)")
+    stop = StopFlag()
+    try:
+        return run_epochs(model, opt, step, train_data, test_data, s, args, history, start, stop, config)
+    finally:
+        stop.restore()
+
+
+def run_epochs(model, opt, step, train_data, test_data, s, args, history, start, stop, config):
     train_args = {k: s[k] for k in RUN_FLAGS + ("epochs", "data_dir", "loop")}
     state = {"step": start * math.ceil(len(train_data) / s["batch_size"])}
-    stop, step_losses = StopFlag(), []
-    ck = os.path.join(s["out_dir"], "checkpoint.pt")
+    step_losses, ck = [], os.path.join(s["out_dir"], "checkpoint.pt")
     for epoch in range(start, s["epochs"]):
         means, losses, img_s = training.epoch_loop(model, step, train_data, s, epoch, state)
         step_losses += losses

@@ -10,6 +10,7 @@ BatchNorm into the convolution after it; fast_decoder.py rewrites stride-2 trans
 (tests/test_train_step.py, tests/test_onnx.py, tests/test_metrics.py) check each against this module.
 """
 import dataclasses
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -192,7 +193,9 @@ def save_checkpoint(path, model, optimizer, epoch, seed, train_args, metrics, ex
     }
     if extra:
         ckpt.update(extra)
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    buf = io.BytesIO()   # serialised in memory first: a full disk then fails as an OSError, not inside torch's zip
+    torch.save(ckpt, buf)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def read_checkpoint(path, map_location="cpu"):
@@ -304,6 +307,10 @@ def model_from_checkpoint(ckpt, source="the checkpoint"):
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise CheckpointError(f"{source} does not match this model ({reason}); retrain with train.py") from None
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # train.py never saves such weights; whatever made this file, nothing useful can come of it
+        raise CheckpointError(f"{source} holds NaN or infinite weights ({bad[0]}); use an earlier checkpoint or "
+                              "retrain")
     return model
 
 

@@ -171,25 +171,6 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
     assert not target.exists()
 
 
-def test_fuzzed_checkpoints_end_in_a_clear_error(tmp_path, tiny_checkpoint):
-    rng = random.Random(1)
-    valid = open(tiny_checkpoint["path"], "rb").read()
-    p = tmp_path / "fuzz.pt"
-    cases = [os.urandom(rng.randint(0, 2048)) for _ in range(100)]
-    cases += [valid[:rng.randint(0, len(valid) - 1)] for _ in range(100)]
-    for _ in range(50):  # flipped bytes inside a valid file
-        b = bytearray(valid)
-        for _ in range(8):
-            b[rng.randrange(len(b))] = rng.getrandbits(8)
-        cases.append(bytes(b))
-    for case in cases:
-        p.write_bytes(case)
-        try:
-            vae.load_checkpoint(p)
-        except vae.CheckpointError:
-            pass  # a flipped byte inside tensor data still loads: that is fine, anything else must be this error
-
-
 def test_resume_with_contradicting_flags_is_refused(tiny_data, tmp_path):
     out = tmp_path / "run"
     common = ["--data-dir", tiny_data, "--out-dir", out, "--compile", "off", "--batch-size", 64]
