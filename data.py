@@ -3,58 +3,14 @@
 Files are read from <data-dir>/FashionMNIST/raw (torchvision's layout). When they are missing, torchvision downloads
 and verifies them (md5). Every file is read by a strict IDX reader, so a damaged file gives a message, not garbage.
 """
-import gzip
-import math
 import os
-import struct
 
 import numpy as np
 import torch
 
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-IDX_UBYTE = 0x08
-
-
-class DataError(Exception):
-    """The data is missing or damaged; the message says where to put which files."""
-
-
-def read_idx(path, expect_ndim):
-    """Read an uncompressed (or .gz) IDX file of unsigned bytes as a numpy uint8 array, checking every header field."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"cannot read {path} ({e.__class__.__name__}: {e}); delete it so it is downloaded again")
-    if len(raw) < 4:
-        raise DataError(f"{path} is {len(raw)} bytes, too short for an IDX header; delete it so it is downloaded again")
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != IDX_UBYTE or ndim != expect_ndim:
-        raise DataError(f"{path} has a bad magic number 0x{raw[:4].hex()} (expected 0x00000{IDX_UBYTE:x}0{expect_ndim}): "
-                        "it is not a Fashion-MNIST IDX file; delete it so it is downloaded again")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} ends inside its header; delete it so it is downloaded again")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:header])
-    expected = header + math.prod(dims)  # Python ints: numpy's int64 product wraps on hostile headers
-    if len(raw) != expected:
-        what = "shorter" if len(raw) < expected else "longer"
-        raise DataError(f"{path} is {len(raw)} bytes, {what} than its header says ({expected} for shape {dims}): "
-                        "the file is damaged; delete it so it is downloaded again")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def _find(raw_dir, name):
-    for candidate in (name, name + ".gz"):
-        p = os.path.join(raw_dir, candidate)
-        if os.path.isfile(p):
-            return p
-    return None
+# The IDX reading is torch-free so that explore.py can read the test split too; these names stay importable here.
+from idxfile import CLASSES, FILES, IDX_UBYTE, DataError, read_idx, read_pair, write_idx  # noqa: F401
+from idxfile import find_file as _find
 
 
 def _download(data_dir, split):
@@ -98,18 +54,7 @@ def load_split(data_dir, split, download=True):
         img_path, lbl_path = _find(raw_dir, img_name), _find(raw_dir, lbl_name)
         if img_path is None or lbl_path is None:
             raise DataError(f"download finished but {img_name}/{lbl_name} are not in {raw_dir}; put them there by hand")
-    images = read_idx(img_path, 3)
-    labels = read_idx(lbl_path, 1)
-    if images.shape[1:] != (28, 28):
-        raise DataError(f"{img_path} holds {images.shape[1]}x{images.shape[2]} images, not 28x28: "
-                        "it is not Fashion-MNIST")
-    if len(images) != len(labels):
-        raise DataError(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels: "
-                        "the two files do not belong together; replace both")
-    if len(images) == 0:
-        raise DataError(f"{img_path} holds no images; replace it")
-    if labels.max() >= len(CLASSES):
-        raise DataError(f"{lbl_path} has label {int(labels.max())}, but Fashion-MNIST has 10 classes; replace it")
+    images, labels = read_pair(img_path, lbl_path)
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -163,11 +108,3 @@ def load(data_dir, split, device, download=True):
     images, labels = load_split(data_dir, split, download=download)
     return DeviceData(images, labels, device)
 
-
-def write_idx(path, array):
-    """Write a uint8 array as an IDX file (used by the tests and bench to make small data sets)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    with open(path, "wb") as f:
-        f.write(struct.pack(">HBB", 0, IDX_UBYTE, array.ndim))
-        f.write(struct.pack(">" + "I" * array.ndim, *array.shape))
-        f.write(array.tobytes())
