@@ -153,8 +153,9 @@ def per_call(fn, repeats, min_seconds=0.2):
 
 
 def bench_decoder(ckpt_path, onnx_path, repeats):
-    import sample
-    sess, d, _ = sample.load_decoder(onnx_path)  # the session exactly as sample.py configures it
+    import onnx_check
+    checked = onnx_check.load(onnx_path, "decoder")
+    sess, d = onnx_check.session(checked), checked.latent  # the session exactly as sample.py configures it
     model, _ = vae.load_checkpoint(ckpt_path, "cpu")
     name, out = sess.get_inputs()[0].name, {}
     for bs in (1, 64, 1024):
