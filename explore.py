@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--encoder", default=None, help="encoder written by export_onnx.py --encoder: adds the drawing "
                    "pad and image drop (default: none)")
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
-                   help="folder holding FashionMNIST/raw: adds a scatter of test images (needs --encoder; default none)")
+                   help="folder holding FashionMNIST/raw: adds a scatter of test images (needs --encoder; "
+                   "default none)")
     p.add_argument("--points", type=int, default=2000, help="test images in the scatter, 1-10000 (default 2000)")
     p.add_argument("--out", default="site", help="folder to write the site into, replaced as a whole (default site)")
     p.add_argument("--serve", action="store_true", help="then serve it on 127.0.0.1 and print the URL (default off)")
@@ -77,7 +78,7 @@ def check_args(args):
 
 
 def is_site(folder):
-    """Whether `folder` is an explorer site (its model.json says so), or an empty folder; never replace anything else."""
+    """Whether `folder` is an explorer site (its model.json says so) or empty: nothing else is ever replaced."""
     if not os.path.isdir(folder) or os.path.islink(folder):
         return False
     if not os.listdir(folder):
@@ -98,8 +99,8 @@ def runtime():
         with open(os.path.join(dist, "package.json"), encoding="utf-8") as f:
             installed = json.load(f)["version"]
     except (OSError, ValueError, KeyError):
-        raise UsageError(f"onnxruntime-web is not installed in web/node_modules: run `{INSTALL}` (needs node and npm)") \
-            from None
+        raise UsageError(f"onnxruntime-web is not installed in web/node_modules: run `{INSTALL}` "
+                         "(needs node and npm)") from None
     files = [os.path.join(dist, "dist", name) for name in RUNTIME]
     if installed != pinned or not all(os.path.isfile(p) for p in files):
         raise UsageError(f"web/node_modules holds onnxruntime-web {installed}, not the pinned {pinned}, or lacks its "
@@ -123,7 +124,7 @@ def load_models(args):
 
 
 def scatter_points(args, enc, sess):
-    """(posterior means (N, d) float32, labels (N,) uint8, images (N, 28, 28) uint8) of the first --points test images."""
+    """(posterior means (N, d) float32, labels (N,) uint8, images (N, 28, 28) uint8) of the first test images."""
     raw = os.path.join(args.data_dir, "FashionMNIST", "raw")
     img_name, lbl_name = idxfile.FILES["test"]
     paths = [idxfile.find_file(raw, img_name), idxfile.find_file(raw, lbl_name)]
@@ -256,7 +257,8 @@ def screenshot(folder, path):
         server.shutdown()
         server.server_close()
     if errors:
-        raise UsageError(f"the page logged errors in Chromium ({errors[0][:200]}): see the browser console with --serve")
+        raise UsageError(f"the page logged errors in Chromium ({errors[0][:200]}): see the browser console with "
+                         "--serve")
     atomic_write(path, lambda f: f.write(png))
 
 

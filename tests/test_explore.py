@@ -309,7 +309,7 @@ def test_hovering_the_scatter_decodes_the_point_under_the_pointer(page, site, kl
     i = int(np.argmax(gaps.min(1)))  # the point farthest from any other: nothing else can be nearer the pointer
     size = np.array([canvas.size["width"], canvas.size["height"]])
     assert gaps[i].min() * size.min() > 3
-    ActionChains(page).move_to_element_with_offset(canvas, *((where[i] - 0.5) * size)).perform()
+    ActionChains(page, duration=20).move_to_element_with_offset(canvas, *((where[i] - 0.5) * size)).perform()
     browser.call(page, "await window.betaVAE.scatter.settled();")
     assert page.find_element("id", "hover-label").text.endswith(f"test image {i}")
     mu = np.frombuffer(open(os.path.join(site, "points.bin"), "rb").read()[:POINTS * 16], "<f4").reshape(-1, 4)
@@ -320,8 +320,8 @@ def test_hovering_the_scatter_decodes_the_point_under_the_pointer(page, site, kl
 def test_drawing_jumps_the_sliders_to_the_posterior_mean(page, kl_exported):
     from selenium.webdriver import ActionChains
     pad = page.find_element("id", "pad")
-    ActionChains(page).move_to_element_with_offset(pad, -50, -60).click_and_hold().move_by_offset(30, 90) \
-        .move_by_offset(50, -20).move_by_offset(10, -60).release().perform()
+    ActionChains(page, duration=20).move_to_element_with_offset(pad, -50, -60).click_and_hold() \
+        .move_by_offset(30, 90).move_by_offset(50, -20).move_by_offset(10, -60).release().perform()
     browser.call(page, "await window.betaVAE.padIdle(); await window.betaVAE.idle();")
     pixels = np.array(browser.call(page, "return Array.from(window.betaVAE.padPixels());"), np.float32)
     assert pixels.max() > 0.5 and pixels.mean() < 0.5  # a white stroke on black

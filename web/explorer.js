@@ -8,6 +8,18 @@ const COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948"
 const GRID = 8, FRAMES = 11, PAD = 2;
 
 const timings = { firstImageMs: null, updates: [] };
+
+function latest(job) {  // run job now, or once more after the running one: never a queue of stale work
+  let running = null, again = false;
+  return () => {
+    if (running) { again = true; return running; }
+    running = (async () => {
+      do { again = false; await job(); } while (again);
+      running = null;
+    })();
+    return running;
+  };
+}
 const api = { timings };
 window.betaVAE = api;
 api.ready = start().then(() => api, (err) => {
@@ -23,6 +35,11 @@ async function start() {
   const z = new Float32Array(d);
   const sliders = new Map();
   let lastImage = null, pending = null, busy = null, scatter = null;
+  for (const [id, cols, rows] of [["image", 1, 1], ["samples", GRID, GRID], ["strip", FRAMES, 1],
+    ["hover-original", 1, 1], ["hover-decoded", 1, 1], ["reconstruction", 1, 1]]) {
+    const pad = cols > 1 ? PAD : 0;  // canvases sized from the model's image shape
+    Object.assign($(id), { width: pad + cols * (W + pad), height: pad + rows * (H + pad) });
+  }
 
   // ------------------------------------------------------------------------------------------------ drawing
 
@@ -57,7 +74,7 @@ async function start() {
       lastImage = image;
       const now = performance.now();
       if (timings.firstImageMs === null) timings.firstImageMs = now;
-      else if (since !== undefined) timings.updates.push(now - since);
+      else if (since !== undefined && timings.updates.push(now - since) > 1000) timings.updates.shift();
       scatter?.draw();
     }
     busy = null;
@@ -118,12 +135,12 @@ async function start() {
   // ------------------------------------------------------------------------------------------------ samples
 
   const temperature = () => $("temperature").valueAsNumber;
-  let noise = randn(GRID * GRID * d), current = randn(d);
-  async function drawSamples() {
+  let noise = randn(GRID * GRID * d);
+  const drawSamples = latest(async () => {
     paint($("samples"), await model.decode(noise.map((v) => v * temperature())), GRID * GRID, GRID, PAD);
-  }
+  });
   $("resample").onclick = () => { noise = randn(GRID * GRID * d); drawSamples(); };
-  $("random").onclick = () => { current = randn(d); setLatent(current.map((v) => v * temperature())); };
+  $("random").onclick = () => setLatent(randn(d, temperature()));
   $("zero").onclick = () => setLatent(new Float32Array(d));
   $("temperature").oninput = () => {
     $("temperature-value").textContent = temperature().toFixed(2);
@@ -131,7 +148,8 @@ async function start() {
   };
   $("samples").onclick = (e) => {
     const [col, row] = cell(e, $("samples"), GRID);
-    if (row < GRID) setLatent(noise.slice((row * GRID + col) * d, (row * GRID + col + 1) * d).map((v) => v * temperature()));
+    const k = row * GRID + col;
+    if (row < GRID) setLatent(noise.slice(k * d, (k + 1) * d).map((v) => v * temperature()));
   };
 
   function cell(e, canvas, cols) {  // which tile of a grid canvas the pointer is on
@@ -143,12 +161,12 @@ async function start() {
   // ------------------------------------------------------------------------------------------ interpolation
 
   let a = randn(d), b = randn(d), frames = [];
-  async function drawStrip() {
+  const drawStrip = latest(async () => {
     frames = Array.from({ length: FRAMES }, (_, i) => slerp(a, b, i / (FRAMES - 1)));
     const flat = new Float32Array(FRAMES * d);
     frames.forEach((f, i) => flat.set(f, i * d));
     paint($("strip"), await model.decode(flat), FRAMES, FRAMES, PAD);
-  }
+  });
   $("set-a").onclick = () => { a = Float32Array.from(z); drawStrip(); };
   $("set-b").onclick = () => { b = Float32Array.from(z); drawStrip(); };
   $("random-b").onclick = () => { b = randn(d); drawStrip(); };
@@ -174,7 +192,7 @@ function setupPad(model, setLatent, H, W) {
   const canvas = $("pad"), ctx = canvas.getContext("2d");
   const small = Object.assign(document.createElement("canvas"), { width: W, height: H });
   const sctx = small.getContext("2d", { willReadFrequently: true });
-  let drawing = false, last = null, pending = false, busy = null;
+  let drawing = false, last = null;
   const clear = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, canvas.width, canvas.height); };
   clear();
 
@@ -193,20 +211,19 @@ function setupPad(model, setLatent, H, W) {
     recon.drawImage(main, 0, 0);
   }
 
-  function schedule() {  // latest wins, as for the sliders
-    pending = true;
-    if (busy) return;
-    busy = (async () => {
-      while (pending) { pending = false; await encodeNow(); }
-      busy = null;
-    })();
-  }
+  const encodeLatest = latest(encodeNow);  // while drawing, encode the latest strokes, not every one
+  let busy = Promise.resolve();
+  const schedule = () => { busy = encodeLatest(); };
 
   const at = (e) => {
     const r = canvas.getBoundingClientRect();
     return [((e.clientX - r.left) / r.width) * canvas.width, ((e.clientY - r.top) / r.height) * canvas.height];
   };
-  canvas.addEventListener("pointerdown", (e) => { drawing = true; last = at(e); canvas.setPointerCapture(e.pointerId); });
+  canvas.addEventListener("pointerdown", (e) => {
+    drawing = true;
+    last = at(e);
+    canvas.setPointerCapture(e.pointerId);
+  });
   canvas.addEventListener("pointerup", () => { drawing = false; schedule(); });
   canvas.addEventListener("pointermove", (e) => {
     if (!drawing) return;
@@ -235,7 +252,9 @@ function setupPad(model, setLatent, H, W) {
       const x = i % W, y = Math.floor(i / W);
       if (x < 2 || y < 2 || x >= W - 2 || y >= H - 2) { border += g; count++; }
     }
-    if (border / count > 127) for (let i = 0; i < W * H; i++) px[4 * i] = px[4 * i + 1] = px[4 * i + 2] = 255 - px[4 * i];
+    if (border / count > 127) {
+      for (let i = 0; i < W * H; i++) px[4 * i] = px[4 * i + 1] = px[4 * i + 2] = 255 - px[4 * i];
+    }
     sctx.putImageData(img, 0, 0);
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(small, 0, 0, canvas.width, canvas.height);
@@ -248,7 +267,7 @@ function setupPad(model, setLatent, H, W) {
     if (e.dataTransfer.files[0]) useFile(e.dataTransfer.files[0]);
   });
   $("encoder-card").hidden = false;
-  return { pixels, encodeNow, idle: () => busy || Promise.resolve() };
+  return { pixels, idle: () => busy };
 }
 
 async function setupScatter(model, meta, z, setLatent, paint) {
@@ -339,7 +358,10 @@ async function setupScatter(model, meta, z, setLatent, paint) {
     return showing;
   }
   canvas.addEventListener("pointermove", (e) => { const i = nearest(e); if (i >= 0 && i !== hover) show(i); });
-  canvas.addEventListener("click", (e) => { const i = nearest(e); if (i >= 0) setLatent(mu.subarray(i * d, (i + 1) * d)); });
+  canvas.addEventListener("click", (e) => {
+    const i = nearest(e);
+    if (i >= 0) setLatent(mu.subarray(i * d, (i + 1) * d));
+  });
   canvas.dataset.points = count;
   $("scatter-card").hidden = false;
   fit();
