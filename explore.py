@@ -265,27 +265,30 @@ def screenshot(folder, path):
 def main(argv=None):
     safe_streams()
     args = parse_args(argv)
+    server = None
     try:
         check_args(args)
+        if args.serve:  # take the port first: a taken port is known before anything is built
+            try:
+                server = make_server(args.out, args.port)
+            except OSError as e:
+                raise UsageError(f"cannot serve on 127.0.0.1:{args.port} ({e.strerror or e}): pass another --port, "
+                                 "or --port 0 for any free one") from None
         meta = build(args)
         if args.screenshot:
             screenshot(args.out, args.screenshot)
-    except UsageError as e:
-        fail(e)
-    except OSError as e:
-        fail(f"cannot write {e.filename or args.out} ({e.strerror or e}): choose another --out or --screenshot")
+    except (UsageError, OSError) as e:
+        if server is not None:
+            server.server_close()
+        fail(e if isinstance(e, UsageError) else
+             f"cannot write {e.filename or args.out} ({e.strerror or e}): choose another --out or --screenshot")
     used = sum(not d["unused"] for d in meta["dims"])
     print(f"wrote {args.out}/: {meta['latent_dim']} latent dims ({used} in use), "
           f"{'encoder, ' if meta['encoder'] else ''}{meta['points']['count'] if meta['points'] else 0} scatter "
           f"points, onnxruntime-web {meta['onnxruntime_web']}" + (f"; {args.screenshot}" if args.screenshot else ""))
-    if not args.serve:
+    if server is None:
         print(f"serve it:  python explore.py ... --serve   or   python -m http.server -d {args.out} -b 127.0.0.1")
         return
-    try:
-        server = make_server(args.out, args.port)
-    except OSError as e:
-        fail(f"cannot serve on 127.0.0.1:{args.port} ({e.strerror or e}): pass another --port, or --port 0 for "
-             "any free one")
     print(f"serving {args.out}/ at http://127.0.0.1:{server.server_address[1]}/  (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
@@ -293,7 +296,6 @@ def main(argv=None):
         print("stopped")
     finally:
         server.server_close()
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -136,6 +136,7 @@ def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, tmp
     ("hostile_decoder", "is not a decoder that export_onnx.py wrote"),
     ("no_runtime", "npm ci --prefix web"),
     ("bad_points", "--points 0 is out of range"),
+    ("port_taken", "Address already in use"),
 ])
 def test_refusals_are_one_line_and_touch_nothing(kl_exported, tiny_checkpoint, tmp_path, case, needle, monkeypatch):
     shutil.copy(kl_exported["decoder"], tmp_path / "decoder.onnx")
@@ -164,6 +165,12 @@ def test_refusals_are_one_line_and_touch_nothing(kl_exported, tiny_checkpoint, t
         onnx.save(model, tmp_path / "decoder.onnx")
     elif case == "no_runtime":
         monkeypatch.setattr(explore, "WEB", str(tmp_path / "web"))
+    elif case == "port_taken":  # known before anything is built
+        import socket
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args += ["--serve", "--port", str(taken.getsockname()[1])]
     else:
         args += ["--points", "0"]
     before = sorted(os.listdir(tmp_path))
