@@ -22,7 +22,7 @@ from conftest import KL, run_without_torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPLORE = os.path.join(ROOT, "explore.py")
 POINTS = 100
-NO_RUNTIME = f"onnxruntime-web is not installed: {explore.INSTALL}"
+NO_RUNTIME = f"onnxruntime-web in web/node_modules: {explore.INSTALL}"
 needs_runtime = pytest.mark.skipif(not os.path.isdir(os.path.join(explore.WEB, "node_modules", "onnxruntime-web")),
                                    reason=f"needs {NO_RUNTIME}")
 
@@ -112,6 +112,7 @@ def test_the_scatter_holds_the_encoders_posterior_means_of_the_test_images(site,
     assert np.array_equal(np.frombuffer(blob[POINTS * 17:], np.uint8).reshape(-1, 28, 28), images[:POINTS])
 
 
+@needs_runtime
 def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
