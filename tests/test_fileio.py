@@ -94,3 +94,22 @@ def test_stale_temps_of_dead_processes_go_and_live_ones_stay(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     assert fileio.clean_stale_temps(tmp_path) == [names[0]]
     assert listing(tmp_path) == sorted(names[1:])
+
+
+def test_replace_dir_swaps_a_whole_folder_or_leaves_the_old_one(tmp_path):
+    site = tmp_path / "site"
+
+    def build(text):
+        return lambda folder: open(os.path.join(folder, "index.html"), "w").write(text)
+
+    fileio.replace_dir(site, build("one"))
+    fileio.replace_dir(site, build("two"))
+    assert (site / "index.html").read_text() == "two" and listing(tmp_path) == ["site"]
+
+    def half_then_fail(folder):
+        build("half")(folder)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError):
+        fileio.replace_dir(site, half_then_fail)
+    assert (site / "index.html").read_text() == "two" and listing(tmp_path) == ["site"]
