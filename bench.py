@@ -9,7 +9,10 @@ $ python bench.py --data-dir ../shared/data --device cuda
 2. evaluation: evaluate.py on a 10,000-image test split (the data's test images repeated when it has fewer), after a
    warm-up run that caches the FID classifier; the wall time and each part's time;
 3. sampling: a cold `python sample.py --onnx ... --n 64` vs the same 64 images made with torch from the checkpoint;
-4. decoder throughput: onnxruntime vs torch eager at batch sizes 1, 64, 1024.
+4. decoder throughput: onnxruntime vs torch eager at batch sizes 1, 64, 1024;
+5. browser (when Chromium, chromedriver, selenium and web/node_modules are there): the explorer page that explore.py
+   builds, in headless Chromium: betaVAE.decode of one image (onnxruntime-web, wasm, one thread), a slider's input
+   event to new pixels on the canvas, and the first image after loading the page from the local server.
 Every timing is the median of several repeats after a warm-up; the spread is (min, max).
 """
 import contextlib
@@ -24,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -166,8 +170,9 @@ def per_call(fn, repeats, min_seconds=0.2):
 
 
 def bench_decoder(ckpt_path, onnx_path, repeats):
-    import sample
-    sess, d, _ = sample.load_decoder(onnx_path)  # the session exactly as sample.py configures it
+    import onnx_check
+    checked = onnx_check.load(onnx_path, "decoder")
+    sess, d = onnx_check.session(checked), checked.latent  # the session exactly as sample.py configures it
     model, _ = vae.load_checkpoint(ckpt_path, "cpu")
     name, out = sess.get_inputs()[0].name, {}
     for bs in (1, 64, 1024):
@@ -188,6 +193,56 @@ def bench_decoder(ckpt_path, onnx_path, repeats):
     return out
 
 
+def bench_browser(onnx_path, work, repeats, quick, say):
+    """The explorer page in headless Chromium (see explore.py and browser.py); times come from the page's own clock."""
+    import browser
+    import explore
+    reason = browser.missing()
+    if reason:
+        say(f"  browser section skipped: {reason}")
+        return {"skipped": reason}
+    site = os.path.join(work, "site")
+    with contextlib.redirect_stdout(io.StringIO()):
+        explore.main(["--onnx", onnx_path, "--out", site])
+    server = explore.make_server(site, 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    session = browser.start()
+    try:
+        session.set_script_timeout(120)
+        first = []
+        for _ in range(1 if quick else max(3, repeats)):  # a fresh navigation each: wasm compile, model, first image
+            session.get(f"http://127.0.0.1:{server.server_address[1]}/")
+            first.append(browser.call(session, "await window.betaVAE.ready; await window.betaVAE.idle();"
+                                               "return window.betaVAE.timings.firstImageMs;"))
+        # 200 single-image calls, in 20 blocks of 10: the page's clock moves in 0.1 ms steps (no cross-origin isolation)
+        blocks = browser.call(session, """
+            const b = window.betaVAE, z = new Float32Array(b.latentDim), blocks = [];
+            for (let i = 0; i < 50; i++) await b.decode(z);
+            for (let k = 0; k < 20; k++) {
+              const t = performance.now();
+              for (let i = 0; i < 10; i++) { z[i % z.length] = (i - 5) / 5; await b.decode(z); }
+              blocks.push((performance.now() - t) / 10);
+            }
+            return blocks;""")
+        slider = session.find_element("css selector", "input[data-dim]")
+        session.execute_script("arguments[0].focus();", slider)
+        from selenium.webdriver.common.keys import Keys
+        moves = 10 if quick else 60
+        for k in range(moves):  # one key press at a time, each a real input event
+            slider.send_keys(Keys.ARROW_RIGHT if k % 40 < 20 else Keys.ARROW_LEFT)
+            browser.call(session, "await window.betaVAE.idle();")
+        updates = browser.call(session, "return window.betaVAE.timings.updates;")[-moves:]
+        errors = browser.console_errors(session)
+    finally:
+        session.quit()
+        server.shutdown()
+        server.server_close()
+    return {"decode_ms": stats(blocks), "calls": 200, "slider_to_canvas_ms": stats(updates),
+            "first_image_ms": stats(first), "console_errors": errors,
+            "chromium": session.capabilities.get("browserVersion"),
+            "onnxruntime_web": json.load(open(os.path.join(site, "model.json")))["onnxruntime_web"]}
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description="Measure training, evaluation and sampling speed side by side.")
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default="./data",
@@ -200,8 +255,8 @@ def parse_args(argv=None):
                         "(default: on)")
     p.add_argument("--eval-images", "--eval_images", dest="eval_images", type=int, default=10_000,
                    help="size of the test split evaluated (default: 10000, the full Fashion-MNIST test split)")
-    p.add_argument("--only", default="train,evaluate,sample,decoder",
-                   help="comma-separated sections to run (default: all four)")
+    p.add_argument("--only", default="train,evaluate,sample,decoder,browser",
+                   help="comma-separated sections to run (default: all five; browser runs where Chromium is)")
     p.add_argument("--out", default="bench.json", help="JSON file to write (default: bench.json)")
     return p.parse_args(argv)
 
@@ -272,6 +327,14 @@ def table(result):
     for bs, v in result.get("decoder", {}).get("by_batch_size", {}).items():
         rows.append((f"decoder, batch {bs}", f"{v['onnxruntime_img_s']['median']:,.0f} img/s onnxruntime",
                      f"{v['torch_img_s']['median']:,.0f} img/s torch ({v['onnxruntime_speedup']:.1f}x)"))
+    br = result.get("browser")
+    if br and "skipped" not in br:
+        rows.append(("explorer: betaVAE.decode, 1 image", f"{br['decode_ms']['median']:.3f} ms",
+                     f"onnxruntime-web {br['onnxruntime_web']}, wasm, 1 thread, {br['calls']} calls"))
+        rows.append(("explorer: slider input -> canvas", f"{br['slider_to_canvas_ms']['median']:.1f} ms",
+                     f"max {br['slider_to_canvas_ms']['max']:.1f} ms over {br['slider_to_canvas_ms']['n']} moves"))
+        rows.append(("explorer: first image after load", f"{br['first_image_ms']['median']:.0f} ms",
+                     f"Chromium {br['chromium']}, headless, local server"))
     w = max(len(r[0]) for r in rows) if rows else 0
     return "\n".join(f"{a:<{w}}  {b:>24}  {c}" for a, b, c in rows)
 
@@ -286,8 +349,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     sections = set(args.only.split(","))
-    if not sections <= {"train", "evaluate", "sample", "decoder"} or args.eval_images < 1 or args.repeats < 1:
-        print("error: --only takes train,evaluate,sample,decoder; --eval-images and --repeats must be >= 1",
+    if not sections <= {"train", "evaluate", "sample", "decoder", "browser"} or args.eval_images < 1 \
+            or args.repeats < 1:
+        print("error: --only takes train,evaluate,sample,decoder,browser; --eval-images and --repeats must be >= 1",
               file=sys.stderr)
         return 2
     repeats = 1 if args.quick else max(1, args.repeats)
@@ -312,7 +376,7 @@ def main(argv=None):
         if "evaluate" in sections:
             say("evaluation ...")
             result["evaluate"] = bench_evaluate(ckpt_path, args.data_dir, work, device, repeats, args.eval_images, say)
-        if sections & {"sample", "decoder"}:
+        if sections & {"sample", "decoder", "browser"}:
             import export_onnx
             onnx_path = os.path.join(work, "decoder.onnx")
             with contextlib.redirect_stdout(io.StringIO()):
@@ -323,6 +387,9 @@ def main(argv=None):
             if "decoder" in sections:
                 say("decoder throughput ...")
                 result["decoder"] = {"by_batch_size": bench_decoder(ckpt_path, onnx_path, repeats)}
+            if "browser" in sections:
+                say("explorer page in headless Chromium ...")
+                result["browser"] = bench_browser(onnx_path, work, repeats, args.quick, say)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(table(result))

@@ -13,6 +13,7 @@ import copy
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import warnings
@@ -25,7 +26,7 @@ import torch.nn as nn
 
 import vae
 from cli import ArgumentParser, UsageError
-from fileio import atomic_write
+from fileio import atomic_write_all, clashes, clean_stale_temps
 
 FORMAT_VERSION = 1
 PARITY_BATCHES = (1, 7, 256)
@@ -111,20 +112,36 @@ def parity(model_bytes, module, make_input):
         want, got = (want if isinstance(want, tuple) else (want,)), sess.run(None, {name: x})
         if len(got) != len(want) or any(g.shape != tuple(w.shape) for g, w in zip(got, want)):
             return float("inf")
-        worst = max([worst] + [float(np.max(np.abs(g - w.numpy()))) for g, w in zip(got, want)])
+        # np.max, not max(): Python's max skips a NaN unless it comes first, and NaN must fail the check
+        worst = float(np.max([worst] + [np.max(np.abs(g - w.numpy())) for g, w in zip(got, want)]))
     return worst if np.isfinite(worst) else float("inf")
 
 
-def metadata(kind, ckpt, checkpoint_path, pixel_range):
+def kl_from_history(ckpt):
+    """(test-split KL per dimension of the last epoch, that epoch) from the checkpoint's history, or (None, reason).
+    vae.read_checkpoint has checked the history's types; here only its length and values matter."""
+    if not ckpt["metrics"]:
+        return None, "the checkpoint has no epoch history"
+    last, d = ckpt["metrics"][-1], ckpt["model_args"]["latent_dim"]
+    kl = last["test"]["kl_per_dim"]
+    if len(kl) != d or not all(math.isfinite(v) and v >= -1e-6 for v in kl):
+        return None, "its last epoch holds no valid test kl_per_dim"
+    return [round(max(0.0, float(v)), 6) for v in kl], last["epoch"]
+
+
+def metadata(kind, ckpt, checkpoint_path, pixel_range, kl):
     args = ckpt["model_args"]
     with open(checkpoint_path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    return {"format": f"beta-vae-{kind}", "format_version": str(FORMAT_VERSION),
+    meta = {"format": f"beta-vae-{kind}", "format_version": str(FORMAT_VERSION),
             "latent_dim": str(args["latent_dim"]), "image_shape": ",".join(map(str, vae.IMAGE_SHAPE)),
             "pixel_range": pixel_range, "beta": str(args["beta"]), "objective": str(args["objective"]),
             "epochs": str(ckpt["epoch"]), "seed": str(ckpt["seed"]), "model_args": json.dumps(args, sort_keys=True),
             "source_checkpoint": os.path.normpath(checkpoint_path), "checkpoint_sha256": digest,
             "torch_version": torch.__version__, "batchnorm": "folded"}
+    if kl[0] is not None:  # test-split KL of each dimension at the last epoch: sample.py and explore.py rank by it
+        meta |= {"kl_per_dim": json.dumps(kl[0]), "kl_epoch": str(kl[1])}
+    return meta
 
 
 def parse_args(argv=None):
@@ -140,19 +157,24 @@ def parse_args(argv=None):
     for path in outs:
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))) or os.path.isdir(path):
             raise UsageError(f"cannot write {path}: its folder does not exist or it is a folder; choose a file path")
-    if len({os.path.abspath(p) for p in outs + [args.checkpoint]}) != len(outs) + 1:
-        raise UsageError("--checkpoint, --out and --encoder must be different files")
+    clash = clashes({"--checkpoint": args.checkpoint}, {"--out": args.out, "--encoder": args.encoder})
+    if clash:
+        raise UsageError(f"{clash}: --checkpoint, --out and --encoder must be different files")
     return args
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
-        model, ckpt = vae.load_checkpoint(args.checkpoint, "cpu")  # export is CPU work, whatever trained the model
+        # export is CPU work, whatever trained the model; NaN or infinite weights are refused here
+        model, ckpt = vae.load_checkpoint(args.checkpoint, "cpu")
     except (UsageError, vae.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    d = ckpt["model_args"]["latent_dim"]
+    d, kl = ckpt["model_args"]["latent_dim"], kl_from_history(ckpt)
+    if kl[0] is None:
+        print(f"note: no per-dimension KL in the metadata ({kl[1]}): sample.py --traverse and explore.py show "
+              "dimensions in index order")
     jobs = [("decoder", args.out, model.decoder, torch.zeros(2, d), "z", ("images",), "0,1",
              lambda rng, b: rng.standard_normal((b, d)))]
     if args.encoder:
@@ -160,7 +182,7 @@ def main(argv=None):
                      ("mu", "logvar"), "-1,1", lambda rng, b: rng.uniform(-1, 1, (b, *vae.IMAGE_SHAPE))))
     ready = []
     for kind, path, module, example, input_name, output_names, pixel_range, make_input in jobs:
-        meta = metadata(kind, ckpt, args.checkpoint, pixel_range)
+        meta = metadata(kind, ckpt, args.checkpoint, pixel_range, kl)
         data = export(module, example, input_name, output_names, args.opset, meta)
         diff = parity(data, module, make_input)  # these exact bytes are what gets written
         print(f"{kind}: max |onnxruntime - torch| = {diff:.2e} at batch sizes "
@@ -170,12 +192,15 @@ def main(argv=None):
                   "report this with your torch and onnxruntime versions", file=sys.stderr)
             sys.exit(1)
         ready.append((kind, path, data))
-    for kind, path, data in ready:  # only once every model passed: never one file new and the other stale
-        try:
-            atomic_write(path, lambda f, data=data: f.write(data))
-        except OSError as err:
-            print(f"error: cannot write {path} ({err.strerror}): choose another --out/--encoder path", file=sys.stderr)
-            sys.exit(2)
+    for folder in {os.path.dirname(os.path.abspath(path)) for _, path, _ in ready}:
+        clean_stale_temps(folder)
+    try:  # both files or neither: a new decoder beside a stale encoder would not belong together
+        atomic_write_all([(path, lambda f, data=data: f.write(data)) for _, path, data in ready])
+    except OSError as err:
+        print(f"error: cannot write {' and '.join(p for _, p, _ in ready)} ({err.strerror or err}); "
+              "nothing was changed: choose another --out/--encoder path or free some space", file=sys.stderr)
+        sys.exit(2)
+    for kind, path, data in ready:
         print(f"wrote {path}: {kind}, {len(data) / 1024:.0f} KiB, opset {args.opset}, latent_dim {d}, "
               f"epoch {ckpt['epoch']}")
 

@@ -1,11 +1,13 @@
 """Writing files safely (torch-free): atomic replaces, outputs that never clobber inputs, leftovers of killed runs.
 
 Every file this project writes goes through a temporary file in the same folder, named `.<name>.<pid>.<random>.tmp`,
-and a rename, so a reader never sees half a file. A process killed mid-write (SIGKILL, power cut) leaves its temp
-file behind; `clean_stale_temps` removes those of dead processes the next time a script writes to that folder.
+and a rename, so a reader never sees half a file (a folder, such as explore.py's site, likewise). A process killed
+mid-write (SIGKILL, power cut) leaves its temp file behind; `clean_stale_temps` removes those of dead processes the
+next time a script writes to that folder.
 """
 import os
 import re
+import shutil
 import tempfile
 
 _TEMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
@@ -83,6 +85,34 @@ def atomic_write_all(items):
             _unlink(backup)
 
 
+def replace_dir(path, build_fn):
+    """build_fn(folder) fills a new temporary folder beside `path`, which then takes the place of `path`.
+
+    A reader sees the old folder or the new one, never half of one; if build_fn fails, `path` is as it was.
+    """
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    new = tempfile.mkdtemp(dir=parent, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
+    old = None
+    try:
+        build_fn(new)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(new, 0o777 & ~umask)  # mkdtemp makes 0700; a folder to be served gets the usual permissions
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
+            os.rename(path, os.path.join(old, name))
+        os.rename(new, path)
+    except BaseException:
+        if old is not None and not os.path.lexists(path):
+            os.rename(os.path.join(old, name), path)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -105,8 +135,12 @@ def clean_stale_temps(folder):
     for name in names:
         m = _TEMP.match(name)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            path = os.path.join(folder, name)
             try:
-                os.unlink(os.path.join(folder, name))
+                if os.path.isdir(path) and not os.path.islink(path):  # a folder replace_dir was building
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
                 removed.append(name)
             except OSError:
                 pass

@@ -2,74 +2,27 @@
 
 $ python sample.py --onnx decoder.onnx                                   # 64 samples of N(0, I) -> samples.png, 8 x 8
 $ python sample.py --onnx decoder.onnx --n 16 --seed 3 --temperature 0.8 --npy samples.npy
-$ python sample.py --onnx decoder.onnx --traverse --out traverse.png       # row i: z_i from -3 to 3 in --steps steps
+$ python sample.py --onnx decoder.onnx --traverse --out traverse.png       # a row per dim, largest KL first, -3 to 3
 $ python sample.py --onnx decoder.onnx --interpolate --out interpolate.png # --rows rows, each from one z to another
 
-Latent size and image shape come from the file's input signature and metadata, so --onnx is the only flag needed.
+Latent size, image shape and per-dimension KL come from the file, so --onnx is the only flag needed. The file is
+checked before it runs (onnx_check.py): only what export_onnx.py writes is accepted.
 z = numpy.random.default_rng(seed).standard_normal((n, latent_dim)) * temperature: the same seed, the same pixels.
+To carry the sampler elsewhere, copy these files and nothing else: sample.py cli.py fileio.py images.py
+onnx_check.py protowire.py (and `pip install -r requirements-sample.txt`).
 """
 import math
 import os
-import sys
 
 import numpy as np
-import onnxruntime as ort
 
-from cli import ArgumentParser, UsageError
-from fileio import atomic_write
-from images import save_png, tile
+import onnx_check
+from cli import ArgumentParser, UsageError, check_float, check_int, fail
+from fileio import atomic_write, clashes, clean_stale_temps
+from images import labelled_grid, save_image
 
-MAX_BYTES = 64 * 2**20  # the decoder is ~0.2 MiB; refuse to parse anything far outside that
-FORMAT_VERSION = 1      # newest decoder format this script reads (export_onnx.FORMAT_VERSION)
-CHUNK = 1024            # images per onnxruntime call: bounds memory for large --n
-
-
-def load_decoder(path):
-    """(session, latent_dim, image shape (C, H, W)) for a decoder file, or UsageError before anything runs."""
-    hint = "pass the decoder.onnx that export_onnx.py wrote"
-    if not os.path.isfile(path):
-        raise UsageError(f"no file at {path}: {hint}")
-    with open(path, "rb") as f:
-        data = f.read(MAX_BYTES + 1)  # bytes, not a path: onnxruntime then reads no external-data files either
-    if len(data) > MAX_BYTES:
-        raise UsageError(f"{path} is larger than {MAX_BYTES >> 20} MiB, far too big for a decoder: {hint}")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # onnxruntime's own warnings would break the one-line error contract
-    # Idle worker threads otherwise spin waiting for work: on a busy 2-core CPU that halved throughput at batch 1024.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises several types; all mean "this is not a model we can load"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
-        raise UsageError(f"{path} is not an ONNX model onnxruntime can load ({reason}): {hint}") from None
-    try:  # names and metadata are decoded as UTF-8 on access; a damaged file can hold anything
-        ins, outs = sess.get_inputs(), sess.get_outputs()
-        found = ", ".join(f"{a.name} {a.type} {a.shape}" for a in ins) + " -> " + \
-            ", ".join(f"{a.name} {a.type} {a.shape}" for a in outs)
-        meta = sess.get_modelmeta().custom_metadata_map
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} has names or metadata that are not text, so it is damaged: {hint}") from None
-    if not (len(ins) == 1 and len(outs) == 1 and len(ins[0].shape) == 2 and len(outs[0].shape) == 4
-            and ins[0].type == outs[0].type == "tensor(float)"):
-        raise UsageError(f"{path} is not a decoder (it maps {found}; a decoder maps one float [batch, latent_dim] "
-                         f"to one float [batch, 1, H, W]): {hint}")
-    try:
-        version = int(meta.get("format_version", FORMAT_VERSION))
-        latent = ins[0].shape[1] if isinstance(ins[0].shape[1], int) else int(meta["latent_dim"])
-        shape = tuple(outs[0].shape[1:]) if all(isinstance(s, int) for s in outs[0].shape[1:]) else \
-            tuple(int(s) for s in meta["image_shape"].split(","))
-    except (KeyError, ValueError):
-        raise UsageError(f"{path} has no fixed latent size or image shape in its signature or metadata: {hint}") \
-            from None
-    if version > FORMAT_VERSION:
-        raise UsageError(f"{path} has decoder format {version}; this sample.py reads up to {FORMAT_VERSION}: update it")
-    if "latent_dim" in meta and meta["latent_dim"] != str(latent):
-        raise UsageError(f"{path} says latent_dim {meta['latent_dim']} but its input takes {latent}: export it again")
-    if len(shape) != 3 or shape[0] != 1 or not 1 <= shape[1] * shape[2] <= 2**22:
-        raise UsageError(f"{path} makes images of shape {shape}; sample.py writes grayscale (1, H, W) only")
-    if not 1 <= latent <= 4096:  # a hostile file could ask for gigabytes of z before anything runs
-        raise UsageError(f"{path} takes a latent of size {latent}, outside 1-4096: not a decoder of this project")
-    return sess, latent, shape
+MAX_OUTPUT_BYTES = 2**30  # what the requested images and their grid may take in memory, estimated before decoding
+TRAVERSE = 3.0            # --traverse sweeps each dimension from -3 to 3 (prior standard deviations)
 
 
 def slerp(a, b, t):
@@ -85,88 +38,115 @@ def slerp(a, b, t):
     return wa * a[:, None] + wb * b[:, None]
 
 
-def latents(args, d):
-    """(z of shape (N, d), images per grid row)."""
+def layout(args, model):
+    """(rows of the grid, images per row, row labels, column labels, a line saying what the grid shows)."""
+    if args.traverse:
+        order, unused = onnx_check.kl_order(model.kl, model.latent)
+        dims = order[:args.dims or model.latent]
+        kl = model.kl or [None] * model.latent
+        labels = [f"z{d}" + (f"  KL {kl[d]:.2f}" if kl[d] is not None else "") + ("  unused" if d in unused else "")
+                  for d in dims]
+        ranked = "largest KL first" if model.kl else "in index order (no KL in this file: export it again)"
+        values = np.linspace(-TRAVERSE, TRAVERSE, args.steps)
+        return dims, args.steps, labels, [f"{v:+.1f}" for v in values] if args.steps <= 13 else None, \
+            f"traversal: each row moves one dim from -3 to +3, the others fixed at one draw; {ranked}"
+    if args.interpolate:
+        return range(args.rows), args.steps, [f"pair {i + 1}" for i in range(args.rows)], \
+            ["A"] + [""] * (args.steps - 2) + ["B"], "interpolation: each row goes from A to B along a great circle"
+    ncol = math.ceil(math.sqrt(args.n))
+    return range(math.ceil(args.n / ncol)), ncol, None, None, f"{args.n} samples of N(0, T^2 I)"
+
+
+def latents(args, d, rows):
+    """z of shape (N, d) in grid order."""
     rng = np.random.default_rng(args.seed)
-    if args.traverse:  # row i: every other dim held at one draw of N(0, T^2 I), dim i swept from -3 to 3
-        z = np.tile(rng.standard_normal(d) * args.temperature, (d, args.steps, 1))  # (d, steps, d)
-        z[np.arange(d), :, np.arange(d)] = np.linspace(-3.0, 3.0, args.steps)
-        return z.reshape(-1, d), args.steps
+    if args.traverse:  # row of dim i: every other dim held at one draw of N(0, T^2 I), dim i swept from -3 to 3
+        z = np.tile(rng.standard_normal(d) * args.temperature, (len(rows), args.steps, 1))  # (rows, steps, d)
+        z[np.arange(len(rows)), :, rows] = np.linspace(-TRAVERSE, TRAVERSE, args.steps)
+        return z.reshape(-1, d)
     if args.interpolate:
         a, b = rng.standard_normal((2, args.rows, d)) * args.temperature
-        return slerp(a, b, np.linspace(0.0, 1.0, args.steps)).reshape(-1, d), args.steps
-    return rng.standard_normal((args.n, d)) * args.temperature, math.ceil(math.sqrt(args.n))
+        return slerp(a, b, np.linspace(0.0, 1.0, args.steps)).reshape(-1, d)
+    return rng.standard_normal((args.n, d)) * args.temperature
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Sample images from decoder.onnx without torch.")
     p.add_argument("--onnx", default="decoder.onnx", help="decoder written by export_onnx.py (default decoder.onnx)")
     p.add_argument("--n", type=int, default=64, help="number of samples, 1-10000 (default 64; grid ceil(sqrt(n)) wide)")
-    p.add_argument("--seed", type=int, default=0, help="seed of numpy's default_rng for z (default 0)")
-    p.add_argument("--temperature", type=float, default=1.0, help="z = temperature * N(0, I) (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of numpy's default_rng for z, 0 to 2**64-1 (default 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="z = temperature * N(0, I), 0-100 (default 1.0)")
     p.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
     p.add_argument("--npy", default=None, help="also save the float32 images [N, 1, H, W] here (default: not saved)")
     p.add_argument("--scale", type=int, default=3, help="PNG pixels per image pixel, 1-8 (default 3)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--traverse", action="store_true",
-                      help="one row per latent dim, that dim from -3 to 3 (default off; ignores --n)")
+                      help="one row per latent dim, largest KL first, that dim from -3 to 3 (default off; ignores --n)")
     mode.add_argument("--interpolate", action="store_true",
                       help="--rows rows, each from one random z to another along a great circle (default off)")
     p.add_argument("--steps", type=int, default=11, help="images per row for --traverse/--interpolate (default 11)")
     p.add_argument("--rows", type=int, default=8, help="rows for --interpolate (default 8)")
+    p.add_argument("--dims", type=int, default=None, help="--traverse: only the K largest-KL dims (default: all)")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    for flag, value, low, high in (("--n", args.n, 1, 10000), ("--scale", args.scale, 1, 8),
-                                   ("--steps", args.steps, 2, 101), ("--rows", args.rows, 1, 100)):
-        if not low <= value <= high:
-            raise UsageError(f"{flag} {value} is out of range: use {low} to {high}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"--temperature {args.temperature} must be a number >= 0 (1.0 samples the prior)")
+    for flag, value, low, high in (("--n", args.n, 1, 10000), ("--scale", args.scale, 1, 8), ("--seed", args.seed, 0,
+                                   2**64 - 1), ("--steps", args.steps, 2, 101), ("--rows", args.rows, 1, 100)):
+        check_int(flag, value, low, high)
+    if args.dims is not None:
+        check_int("--dims", args.dims, 1, onnx_check.MAX_LATENT)
+        if not args.traverse:
+            raise UsageError("--dims chooses the rows of --traverse: add --traverse, or drop --dims")
+    check_float("--temperature", args.temperature, 0, 100, " (1.0 samples the prior, 0 decodes its mean)")
     for flag, path in (("--out", args.out), ("--npy", args.npy)):
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"{flag} {path}: its folder does not exist; create it or choose another path")
         if path is not None and os.path.isdir(path):
             raise UsageError(f"{flag} {path} is a folder: give a file name")
-    paths = [os.path.abspath(p) for p in (args.onnx, args.out, args.npy) if p is not None]
-    if len(set(paths)) != len(paths):
-        raise UsageError("--onnx, --out and --npy must name different files")
+    clash = clashes({"--onnx": args.onnx}, {"--out": args.out, "--npy": args.npy})
+    if clash:
+        raise UsageError(f"{clash}: --onnx, --out and --npy must name different files")
+
+
+def check_size(args, model, rows, ncol):
+    """Refuse a request whose images and grid would not fit in MAX_OUTPUT_BYTES, before anything is decoded."""
+    n, (_, h, w) = len(rows) * ncol, model.image_shape
+    need = n * (h * w * 4 + model.latent * 8) + 3 * n * (h + 2) * (w + 2) * args.scale ** 2  # images, z, PIL copies
+    if need > MAX_OUTPUT_BYTES:
+        what = f"{len(rows)} dims x {ncol} steps" if args.traverse else f"{len(rows)} rows x {ncol} images"
+        raise UsageError(f"{what} is {n:,} images of {h}x{w}, about {need / 2**30:.1f} GiB in memory (limit "
+                         f"{MAX_OUTPUT_BYTES / 2**30:.0f} GiB): ask for fewer (--dims K shows the K largest-KL dims), "
+                         "fewer --steps or a smaller --scale")
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        sess, d, shape = load_decoder(args.onnx)
-        z, ncol = latents(args, d)
-        name = sess.get_inputs()[0].name
-        try:
-            images = np.concatenate([sess.run(None, {name: z[i:i + CHUNK].astype(np.float32)})[0]
-                                     for i in range(0, len(z), CHUNK)])
-        except Exception as e:  # loads, but fails on a [batch, latent] input: not a working decoder
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
-            raise UsageError(f"{args.onnx} loads but fails to run on z ({reason}): pass the decoder.onnx that "
-                             "export_onnx.py wrote") from None
-        if images.shape != (len(z), *shape):
-            raise UsageError(f"{args.onnx} returned shape {images.shape}, not {(len(z), *shape)}: export it again")
-        if not np.all(np.isfinite(images)):
-            raise UsageError(f"{args.onnx} returned NaN or infinite pixels: export it again from a healthy checkpoint")
+        model = onnx_check.load(args.onnx, "decoder")
+        rows, ncol, row_labels, col_labels, what = layout(args, model)
+        check_size(args, model, rows, ncol)
+        sess = onnx_check.session(model)
+        z = latents(args, model.latent, rows).astype(np.float32)
+        images = onnx_check.run(model, sess, z)[0]
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    grid = tile(images, ncol)
+        fail(e)
+    strips = [images[i:i + ncol] for i in range(0, len(images), ncol)]
+    beta = model.meta.get("beta", "?")
+    title = f"{os.path.basename(args.onnx)}  beta {beta}  seed {args.seed}  temperature {args.temperature:g}\n{what}"
+    grid = labelled_grid(strips, row_labels, title, col_labels, scale=args.scale)
+    for folder in {os.path.dirname(os.path.abspath(p)) for p in (args.out, args.npy) if p}:
+        clean_stale_temps(folder)
     try:
-        save_png(grid, args.out, scale=args.scale)
+        save_image(grid, args.out)
         if args.npy:
             atomic_write(args.npy, lambda f: np.save(f, images))
     except OSError as e:
         where = args.out + (f" or {args.npy}" if args.npy else "")
-        print(f"error: cannot write {where} ({e.strerror}): choose another --out/--npy path", file=sys.stderr)
-        sys.exit(2)
-    rows = -(-len(images) // ncol)
-    print(f"wrote {args.out}: {len(images)} images, {rows} x {ncol} grid, "
-          f"{grid.shape[1] * args.scale} x {grid.shape[0] * args.scale} px" + (f"; {args.npy}" if args.npy else ""))
+        fail(f"cannot write {where} ({e.strerror}): choose another --out/--npy path")
+    print(f"wrote {args.out}: {len(images)} images, {len(strips)} x {ncol} grid, {grid.width} x {grid.height} px"
+          + (f"; {args.npy}" if args.npy else ""))
 
 
 if __name__ == "__main__":

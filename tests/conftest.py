@@ -3,6 +3,7 @@
 Tests never read the real data set; every image here is made by the test run itself.
 """
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -73,3 +74,48 @@ def tiny_checkpoint(tmp_path_factory):
     path = str(root / "checkpoint.pt")
     vae.save_checkpoint(path, model, opt, epoch=3, seed=0, train_args={"epochs": 3}, metrics=[])
     return {"path": path, "data_dir": data_dir}
+
+
+# Runs a script with a meta-path finder in front that refuses torch and every torch.* module, as an interpreter
+# without torch installed would. argv: [script, args...]. The script's own folder is the only project folder on the
+# path, so a copy of the script in a temporary folder sees only the files copied beside it.
+NO_TORCH = r"""
+import os, runpy, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked for this test")
+sys.meta_path.insert(0, NoTorch())
+sys.argv = sys.argv[1:]
+sys.path[:] = [os.path.dirname(os.path.abspath(sys.argv[0]))] + [p for p in sys.path if p not in ("", os.getcwd())]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_without_torch(script, *args, cwd, timeout=120):
+    return subprocess.run([sys.executable, "-c", NO_TORCH, script, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+
+
+KL = [0.01, 2.5, 0.7, 1.6]  # the per-dimension test KL that `kl_exported` puts in the checkpoint's history
+
+
+@pytest.fixture(scope="session")
+def kl_exported(tiny_checkpoint, tmp_path_factory):
+    """decoder.onnx and encoder.onnx of tiny_checkpoint, with a one-epoch history whose test KL per dim is KL."""
+    import contextlib
+    import io
+
+    import torch
+
+    import export_onnx
+    folder = tmp_path_factory.mktemp("exported")
+    ckpt = torch.load(tiny_checkpoint["path"], weights_only=True)
+    record = {"recon": 1.0, "kl": sum(KL), "total": 2.0, "kl_per_dim": KL}
+    ckpt["metrics"] = [{"epoch": 3, "step": 24, "train": record, "test": record, "img_per_s": 1000.0}]
+    torch.save(ckpt, folder / "checkpoint.pt")
+    paths = {k: str(folder / f"{k}.onnx") for k in ("decoder", "encoder")}
+    with contextlib.redirect_stdout(io.StringIO()):
+        export_onnx.main(["--checkpoint", str(folder / "checkpoint.pt"), "--out", paths["decoder"],
+                          "--encoder", paths["encoder"]])
+    return dict(paths, checkpoint=str(folder / "checkpoint.pt"), data_dir=tiny_checkpoint["data_dir"])

@@ -29,3 +29,10 @@ def test_quick_bench_writes_every_key(tiny_data, tmp_path):
     for v in r["decoder"]["by_batch_size"].values():
         assert v["onnxruntime_img_s"]["median"] > 0 and v["torch_img_s"]["median"] > 0
     assert "train, seed loop, batch 64" in proc.stdout and "sample.py cold start" in proc.stdout
+    b = r["browser"]
+    if "skipped" not in b:  # the explorer page in headless Chromium: where Chromium is installed
+        assert b["decode_ms"]["median"] > 0 and b["calls"] == 200 and b["console_errors"] == []
+        assert b["slider_to_canvas_ms"]["n"] == 10 and b["first_image_ms"]["median"] > 0
+        assert "explorer: betaVAE.decode, 1 image" in proc.stdout
+    else:
+        assert b["skipped"].startswith("needs ")

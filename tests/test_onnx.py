@@ -1,7 +1,9 @@
 """export_onnx.py: parity with torch, BatchNorm folding, the dynamic batch axis, metadata, and refusing bad input."""
 import contextlib
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -164,3 +166,103 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.stderr.startswith("error: no checkpoint at ") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "decoder.onnx").exists()
+
+
+# ---------------------------------------------------------------------------------- KL, NaN, links, the file pair
+
+def test_decoder_metadata_carries_the_last_epochs_test_kl(kl_exported):
+    from conftest import KL
+    meta = {p.key: p.value for p in onnx.load(kl_exported["decoder"]).metadata_props}
+    assert json.loads(meta["kl_per_dim"]) == KL and meta["kl_epoch"] == "3"
+
+
+def epoch_record(kl_per_dim):
+    record = {"recon": 1.0, "kl": 1.0, "total": 2.0, "kl_per_dim": kl_per_dim}
+    return [{"epoch": 3, "step": 24, "train": record, "test": record, "img_per_s": 1000.0}]
+
+
+@pytest.mark.parametrize("metrics", [[], epoch_record([1.0]), epoch_record([float("nan")] * 4)])
+def test_a_history_without_valid_kl_exports_without_it(tiny_checkpoint, tmp_path, metrics):
+    ckpt = torch.load(tiny_checkpoint["path"], weights_only=True)
+    ckpt["metrics"] = metrics
+    torch.save(ckpt, tmp_path / "c.pt")
+    code, out, err = run_main(["--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "d.onnx")])
+    assert code == 0, err
+    assert "note: no per-dimension KL in the metadata" in out
+    meta = {p.key for p in onnx.load(tmp_path / "d.onnx").metadata_props}
+    assert "kl_per_dim" not in meta and "latent_dim" in meta
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tiny_checkpoint, tmp_path):
+    ckpt = torch.load(tiny_checkpoint["path"], weights_only=True)
+    ckpt["model"]["decoder.deconv.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    code, out, err = run_main(["--checkpoint", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "d.onnx")])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and "NaN or infinite weights (decoder.deconv.0.weight)" in err
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def test_parity_treats_nan_as_a_failure(exported):
+    data = open(exported["decoder"], "rb").read()
+
+    class NaNPixel(torch.nn.Module):  # torch's answer with one NaN pixel: Python's max() would skip it
+        def forward(self, z):
+            out = exported["model"].decoder(z).clone()
+            out[0, 0, 0, 0] = float("nan")
+            return out
+
+    assert export_onnx.parity(data, NaNPixel(), lambda rng, b: rng.standard_normal((b, 4))) == float("inf")
+    assert export_onnx.parity(data, exported["model"].decoder, lambda rng, b: rng.standard_normal((b, 4))) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["symlinked_folder", "hard_link", "encoder_is_checkpoint"])
+def test_outputs_that_resolve_to_the_checkpoint_are_refused(tiny_checkpoint, tmp_path, case):
+    shutil.copy(tiny_checkpoint["path"], tmp_path / "checkpoint.pt")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    out, encoder = str(tmp_path / "decoder.onnx"), None
+    if case == "symlinked_folder":
+        os.symlink(tmp_path, tmp_path / "link")
+        out = str(tmp_path / "link" / "checkpoint.pt")
+    elif case == "hard_link":
+        os.link(tmp_path / "checkpoint.pt", tmp_path / "decoder.onnx")
+    else:
+        encoder = str(tmp_path / "link2" / ".." / "checkpoint.pt")
+        os.mkdir(tmp_path / "link2")
+    code, _, err = run_main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--out", out]
+                            + (["--encoder", encoder] if encoder else []))
+    assert code == 2 and "is the same file as --checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_failed_encoder_write_leaves_the_old_pair(tiny_checkpoint, tmp_path, monkeypatch):
+    import errno
+
+    import fileio
+    dec, enc = tmp_path / "decoder.onnx", tmp_path / "encoder.onnx"
+    dec.write_bytes(b"old decoder")
+    enc.write_bytes(b"old encoder")
+    real = fileio._write_temp
+
+    def disk_full_for_the_encoder(path, write_fn):
+        if str(path).endswith("encoder.onnx"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, write_fn)
+
+    monkeypatch.setattr(fileio, "_write_temp", disk_full_for_the_encoder)
+    code, out, err = run_main(["--checkpoint", tiny_checkpoint["path"], "--out", str(dec), "--encoder", str(enc)])
+    assert code == 2 and err.startswith("error: cannot write") and "No space left on device" in err
+    assert "nothing was changed" in err and len(err.strip().splitlines()) == 1
+    assert dec.read_bytes() == b"old decoder" and enc.read_bytes() == b"old encoder"
+    assert sorted(os.listdir(tmp_path)) == ["decoder.onnx", "encoder.onnx"]
+
+
+def test_export_removes_temp_files_that_a_killed_export_left(tiny_checkpoint, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc.kill()
+    proc.wait()
+    stale = tmp_path / f".decoder.onnx.{proc.pid}.x7y8z9.tmp"  # named as fileio names them, its process gone
+    stale.write_bytes(b"half a decoder")
+    code, _, err = run_main(["--checkpoint", tiny_checkpoint["path"], "--out", str(tmp_path / "decoder.onnx")])
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["decoder.onnx"]

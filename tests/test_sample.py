@@ -1,7 +1,7 @@
-"""sample.py: runs where torch cannot be imported, writes the right grid, is reproducible, refuses bad files."""
-import contextlib
-import io
+"""sample.py: runs where torch cannot be imported, writes labelled grids, is reproducible, refuses bad files and flags."""
+import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,42 +13,36 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-import export_onnx
+import onnx_check
+import sample
+from conftest import KL, NO_TORCH, run_without_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "sample.py")
 
-# Runs a script with a meta-path finder in front that refuses torch and every torch.* module, as an interpreter
-# without torch installed would. argv: [script, args...].
-NO_TORCH = r"""
-import os, runpy, sys
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked for this test")
-sys.meta_path.insert(0, NoTorch())
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
 
 def run_sample(*args, cwd):
-    return subprocess.run([sys.executable, "-c", NO_TORCH, SAMPLE, *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return run_without_torch(SAMPLE, *args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
-def decoder(tiny_checkpoint, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("sample") / "decoder.onnx")
-    with contextlib.redirect_stdout(io.StringIO()):
-        export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", path])
-    return path
+def decoder(kl_exported):
+    return kl_exported["decoder"]
 
 
 def pixels(path):
     with Image.open(path) as img:
         return img.mode, np.asarray(img)
+
+
+def decode(path, z):
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"z": z.astype(np.float32)})[0]
+
+
+def assert_one_error_line(proc, needle):
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and needle in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == "", proc.stderr
 
 
 def test_the_hook_really_blocks_torch(tmp_path):
@@ -65,22 +59,24 @@ def test_sample_without_torch_is_reproducible(decoder, tmp_path):
                           cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         mode, runs[name] = pixels(tmp_path / f"{name}.png")
-        assert mode == "L" and runs[name].shape == (726, 726)  # 8 x 8 tiles of 28 + 2 px padding, + 2, times 3
+        assert mode == "L"
     assert np.array_equal(runs["a"], runs["b"])
     assert not np.array_equal(runs["a"], runs["c"])
     # the documented recipe: z = default_rng(seed).standard_normal((n, latent_dim)) * temperature
     images = np.load(tmp_path / "a.npy")
-    z = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
-    want = ort.InferenceSession(decoder, providers=["CPUExecutionProvider"]).run(None, {"z": z})[0]
+    z = np.random.default_rng(0).standard_normal((64, 4))
     assert images.dtype == np.float32 and images.shape == (64, 1, 28, 28)
-    assert np.array_equal(images, want)
+    assert np.array_equal(images, decode(decoder, z))
 
 
-def test_defaults_need_only_onnx(decoder, tmp_path):
+def test_defaults_need_only_onnx_and_write_into_the_current_folder(decoder, tmp_path):
     proc = subprocess.run([sys.executable, SAMPLE, "--onnx", decoder], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert pixels(tmp_path / "samples.png")[1].shape == (726, 726)
+    assert pixels(tmp_path / "samples.png")[0] == "L"
+    defaults = ["samples.png", "samples.npy", "traverse.png", "interpolate.png"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *defaults], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == defaults  # the default outputs are in .gitignore
 
 
 def test_temperature_zero_decodes_the_prior_mean(decoder, tmp_path):
@@ -90,14 +86,144 @@ def test_temperature_zero_decodes_the_prior_mean(decoder, tmp_path):
     assert images.shape == (5, 1, 28, 28) and np.all(images == images[:1])
 
 
-@pytest.mark.parametrize("mode, rows", [("--traverse", 4), ("--interpolate", 3)])
-def test_traverse_and_interpolate_grids(decoder, tmp_path, mode, rows):
-    proc = run_sample("--onnx", decoder, mode, "--steps", 5, "--rows", 3, "--scale", 1, "--out", "g.png",
+def test_traverse_rows_follow_kl_and_are_labelled(decoder, tmp_path):
+    proc = run_sample("--onnx", decoder, "--traverse", "--steps", 5, "--npy", "g.npy", "--out", "g.png", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    order = sorted(range(4), key=lambda d: -KL[d])  # [1, 3, 2, 0]
+    z = np.tile(np.random.default_rng(0).standard_normal(4), (4, 5, 1))
+    for row, d in enumerate(order):
+        z[row, :, d] = np.linspace(-3, 3, 5)
+    assert np.array_equal(np.load(tmp_path / "g.npy"), decode(decoder, z.reshape(-1, 4)))
+    args = sample.parse_args(["--onnx", decoder, "--traverse", "--steps", "5"])
+    rows, ncol, labels, cols, what = sample.layout(args, onnx_check.load(decoder, "decoder"))
+    assert list(rows) == order and ncol == 5 and cols == ["-3.0", "-1.5", "+0.0", "+1.5", "+3.0"]
+    assert labels == ["z1  KL 2.50", "z3  KL 1.60", "z2  KL 0.70", "z0  KL 0.01  unused"]
+    assert "largest KL first" in what
+
+
+def test_traverse_dims_keeps_the_largest_kl_rows(decoder, tmp_path):
+    proc = run_sample("--onnx", decoder, "--traverse", "--dims", 2, "--steps", 3, "--npy", "g.npy", "--out", "g.png",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    images = np.load(tmp_path / "g.npy").reshape(2, 3, 28, 28)
+    z = np.tile(np.random.default_rng(0).standard_normal(4), (2, 3, 1))
+    z[0, :, 1], z[1, :, 3] = np.linspace(-3, 3, 3), np.linspace(-3, 3, 3)
+    assert np.array_equal(images, decode(decoder, z.reshape(-1, 4)).reshape(2, 3, 28, 28))
+
+
+def test_interpolation_rows_go_somewhere_and_grids_have_titles(decoder, tmp_path):
+    proc = run_sample("--onnx", decoder, "--interpolate", "--steps", 5, "--rows", 3, "--scale", 1, "--out", "g.png",
                       "--npy", "g.npy", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert pixels(tmp_path / "g.png")[1].shape == (rows * 30 + 2, 5 * 30 + 2)
-    images = np.load(tmp_path / "g.npy").reshape(rows, 5, 28, 28)
-    assert all(not np.array_equal(row[0], row[-1]) for row in images)  # every row goes somewhere
+    images = np.load(tmp_path / "g.npy").reshape(3, 5, 28, 28)
+    assert all(not np.array_equal(row[0], row[-1]) for row in images)
+    _, grid = pixels(tmp_path / "g.png")
+    bare = 3 * 30 + 2  # three rows of 28 px images and 2 px padding: the rest is the title and column labels
+    assert grid.shape[0] > bare + 20 and grid[:20].min() < 128  # dark text above the images
+    args = sample.parse_args(["--onnx", decoder, "--interpolate", "--steps", "4", "--rows", "2"])
+    _, _, labels, cols, _ = sample.layout(args, onnx_check.load(decoder, "decoder"))
+    assert labels == ["pair 1", "pair 2"] and cols == ["A", "", "", "B"]
+
+
+def test_traverse_of_a_decoder_without_kl_is_in_index_order(tiny_checkpoint, tmp_path):
+    import contextlib
+    import io
+
+    import export_onnx
+    path = str(tmp_path / "plain.onnx")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", path])  # its history is empty
+    assert "note: no per-dimension KL" in out.getvalue()
+    args = sample.parse_args(["--onnx", path, "--traverse"])
+    rows, _, labels, _, what = sample.layout(args, onnx_check.load(path, "decoder"))
+    assert list(rows) == [0, 1, 2, 3] and labels == ["z0", "z1", "z2", "z3"] and "index order" in what
+
+
+def test_a_request_too_large_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    import contextlib
+    import io
+
+    import torch
+
+    import export_onnx
+    import vae
+    torch.manual_seed(0)
+    ckpt, path = str(tmp_path / "wide.pt"), str(tmp_path / "wide.onnx")
+    vae.save_checkpoint(ckpt, vae.BetaVAE(vae.VAEConfig(latent_dim=4096)), None, 0, 0, {}, [])
+    with contextlib.redirect_stdout(io.StringIO()):
+        export_onnx.main(["--checkpoint", ckpt, "--out", path])
+    proc = run_sample("--onnx", path, "--traverse", "--steps", 101, "--out", "t.png", cwd=tmp_path)
+    assert_one_error_line(proc, "4096 dims x 101 steps is 413,696 images")
+    assert "--dims K" in proc.stderr and not (tmp_path / "t.png").exists()
+    # the same model, asked for what fits, works; the work goes to onnxruntime in chunks no larger than checked
+    calls = []
+    real_run = onnx_check.run
+    monkeypatch.setattr(onnx_check, "run", lambda m, s, x: calls.append((len(x), m.chunk)) or real_run(m, s, x))
+    sample.main(["--onnx", path, "--traverse", "--dims", "2", "--steps", "3", "--out", str(tmp_path / "t.png")])
+    assert calls == [(6, 1024)] and (tmp_path / "t.png").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seed", "-1"], "--seed -1 is out of range"),
+    (["--seed", str(2**64)], f"--seed {2**64} is out of range"),
+    (["--temperature", "1e300"], "--temperature 1e+300 is out of range"),
+    (["--temperature", "nan"], "--temperature nan is out of range"),
+    (["--dims", "2"], "--dims chooses the rows of --traverse"),
+    (["--n", "0"], "--n 0 is out of range"),
+])
+def test_extreme_flags_are_one_line_without_warnings(decoder, tmp_path, flags, needle):
+    proc = run_sample("--onnx", decoder, "--out", "x.png", *flags, cwd=tmp_path)
+    assert_one_error_line(proc, needle)
+    assert "Warning" not in proc.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_onnxruntime_prints_nothing_of_its_own_when_a_model_fails_to_run(tmp_path):
+    """A model that passed the checks but fails inside onnxruntime: only our line, no coloured onnxruntime log."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 2])
+    graph = helper.make_graph([helper.make_node("Reshape", ["z", "shape"], ["images"])], "g",
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])], [shape])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    (tmp_path / "bad.onnx").write_bytes(data)
+    script = ("import sys, numpy as np, onnx_check\n"  # checks bypassed on purpose: run what they would refuse
+              "m = onnx_check.Model('bad.onnx', 'decoder', open('bad.onnx', 'rb').read(), {}, 3, (1, 2, 2), 7, 0)\n"
+              "try:\n    onnx_check.run(m, onnx_check.session(m), np.zeros((2, 3), np.float32))\n"
+              "except onnx_check.UsageError as e:\n    print('error:', e, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.stderr.startswith("error: bad.onnx loads but fails to run (")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def carried_files():
+    """The files sample.py's docstring says to copy, which must be all it needs."""
+    doc = sample.__doc__.replace("\n", " ")
+    return re.search(r"copy these files and nothing else: ((?:\S+\.py )+)", doc).group(1).split()
+
+
+def test_the_sampler_runs_from_exactly_the_documented_files(decoder, tmp_path):
+    files = carried_files()
+    assert files[0] == "sample.py" and "onnx_check.py" in files
+    for name in files:
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    shutil.copy(decoder, tmp_path / "decoder.onnx")
+    proc = run_without_torch(str(tmp_path / "sample.py"), "--traverse", "--steps", 3, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "samples.png").exists()
+    # and each listed file is needed: without the last one it fails
+    os.remove(tmp_path / files[-1])
+    proc = run_without_torch(str(tmp_path / "sample.py"), cwd=tmp_path)
+    assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr
+
+
+def test_stale_temp_files_of_dead_processes_are_removed(decoder, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    stale, live = tmp_path / f".samples.png.{dead}.abc123.tmp", tmp_path / f".samples.png.{os.getpid()}.xyz.tmp"
+    stale.write_bytes(b"half a file")
+    live.write_bytes(b"being written")
+    assert run_sample("--onnx", decoder, "--n", 1, cwd=tmp_path).returncode == 0
+    assert not stale.exists() and live.exists()
 
 
 def tiny_model(path, in_shape, op, out_shape):
@@ -113,12 +239,13 @@ def tiny_model(path, in_shape, op, out_shape):
     ("encoder_like", "is not a decoder"),
     ("rank2_out", "is not a decoder"),
     ("huge", "far too big for a decoder"),
-    ("bad_n", "--n 0 is out of range"),
     ("bad_out", "its folder does not exist"),
-    ("clobber", "must name different files"),
+    ("clobber", "is the same file as --onnx"),
+    ("symlink", "is the same file as --onnx"),
+    ("hardlink", "is the same file as --onnx"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(decoder, tmp_path, case, message):
-    path, out, extra = str(tmp_path / "model.onnx"), "out.png", []
+    path, out = str(tmp_path / "model.onnx"), "out.png"
     if case == "missing":
         path = str(tmp_path / "nope.onnx")
     elif case == "not_onnx":
@@ -130,17 +257,21 @@ def test_bad_input_one_line_exit_2_nothing_written(decoder, tmp_path, case, mess
     elif case == "huge":
         with open(path, "wb") as f:
             f.truncate(65 * 2**20)  # sparse: costs no disk, and sample.py must refuse it by size alone
-    elif case == "clobber":  # --out naming the model itself must not overwrite it
+    elif case in ("clobber", "symlink", "hardlink"):  # an output that is the model itself must not overwrite it
         shutil.copy(decoder, path)
-        extra = ["--out", path]
+        if case == "clobber":
+            out = path
+        elif case == "symlink":  # a folder link that leads back to the model's folder
+            os.symlink(tmp_path, tmp_path / "link")
+            out = str(tmp_path / "link" / "model.onnx")
+        else:
+            os.link(path, tmp_path / "other.png")
+            out = str(tmp_path / "other.png")
     else:
-        path = decoder
-        extra = ["--n", "0"] if case == "bad_n" else []
-        out = "missing/out.png" if case == "bad_out" else out
-    proc = run_sample("--onnx", path, "--out", out, "--npy", "out.npy", *extra, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and message in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+        path, out = decoder, "missing/out.png"
+    before = open(path, "rb").read() if os.path.isfile(path) and case != "huge" else None
+    proc = run_sample("--onnx", path, "--out", out, "--npy", "out.npy", cwd=tmp_path)
+    assert_one_error_line(proc, message)
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "out.npy").exists()
-    if case == "clobber":
-        assert open(path, "rb").read() == open(decoder, "rb").read()
+    if before is not None:
+        assert open(path, "rb").read() == before

@@ -1,0 +1,295 @@
+"""Build a static site for exploring a trained β-VAE in the browser, decoded there by onnxruntime-web (torch-free).
+
+$ python explore.py --onnx decoder.onnx --encoder encoder.onnx --data-dir data --serve   # builds site/, serves it
+$ python explore.py --onnx decoder.onnx --out site      # then host site/ on any static web server
+
+The page: a slider per latent dimension, largest KL first (the dimensions a β-VAE switched off grouped apart), random
+draws at a temperature, a grid of samples, a great-circle interpolation strip; with --encoder a drawing pad and image
+drop that jump the sliders to the posterior mean; with --data-dir a scatter of test images' posterior means (computed
+here by the encoder ONNX in onnxruntime) that decodes what the pointer is on. `window.betaVAE` scripts it.
+The site holds everything it needs (page, models, metadata as JSON, the pinned runtime from web/node_modules), so it
+works with no network. Opened as a file:// URL the browser refuses to load its JavaScript module: serve it.
+"""
+import http.server
+import json
+import os
+import shutil
+import sys
+import threading
+import urllib.parse
+
+import numpy as np
+
+import browser
+import idx
+import onnx_check
+from cli import ArgumentParser, UsageError, check_int, fail, safe_streams
+from fileio import atomic_write, clashes, clean_stale_temps, replace_dir
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+WEB = os.path.join(ROOT, "web")
+PAGE = ("index.html", "explorer.js", "vae.js", "style.css")
+RUNTIME = ("ort.wasm.bundle.min.mjs", "ort-wasm-simd-threaded.wasm")  # the smallest onnxruntime-web that runs: wasm
+SITE_FORMAT = "beta-vae-explorer"
+INSTALL = "npm ci --prefix web"
+TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".mjs": "text/javascript",
+         ".css": "text/css", ".json": "application/json", ".wasm": "application/wasm", ".png": "image/png"}
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Build (and serve) a static latent-space explorer for decoder.onnx.")
+    p.add_argument("--onnx", default="decoder.onnx", help="decoder written by export_onnx.py (default decoder.onnx)")
+    p.add_argument("--encoder", default=None, help="encoder written by export_onnx.py --encoder: adds the drawing "
+                   "pad and image drop (default: none)")
+    p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
+                   help="folder holding FashionMNIST/raw: adds a scatter of test images (needs --encoder; "
+                   "default none)")
+    p.add_argument("--points", type=int, default=2000, help="test images in the scatter, 1-10000 (default 2000)")
+    p.add_argument("--out", default="site", help="folder to write the site into, replaced as a whole (default site)")
+    p.add_argument("--serve", action="store_true", help="then serve it on 127.0.0.1 and print the URL (default off)")
+    p.add_argument("--port", type=int, default=8000, help="port for --serve, 0 for any free one (default 8000)")
+    p.add_argument("--screenshot", default=None, help="also save a PNG of the page as headless Chromium shows it "
+                   "(needs chromium, chromium-driver and selenium; default: none)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    check_int("--points", args.points, 1, 10000)
+    check_int("--port", args.port, 0, 65535)
+    if args.data_dir is not None and args.encoder is None:
+        raise UsageError("--data-dir draws the test images where the encoder puts them: add --encoder encoder.onnx")
+    inputs = {"--onnx": args.onnx, "--encoder": args.encoder, "--data-dir": args.data_dir}
+    clash = clashes(inputs, {"--out": args.out, "--screenshot": args.screenshot})
+    out = os.path.realpath(args.out)
+    inside = [f for f, p in inputs.items() if p is not None and os.path.realpath(p).startswith(out + os.sep)]
+    if clash or inside:
+        raise UsageError(f"{clash or f'{inside[0]} {inputs[inside[0]]} is inside --out {args.out}'}: the site "
+                         "folder is replaced as a whole, so it must not hold the inputs; choose another --out")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise UsageError(f"--out {args.out}: its parent folder does not exist; create it or choose another path")
+    if args.screenshot and (os.path.realpath(args.screenshot).startswith(out + os.sep)
+                            or not os.path.isdir(os.path.dirname(os.path.abspath(args.screenshot)))):
+        raise UsageError(f"--screenshot {args.screenshot} must be in an existing folder outside --out {args.out}")
+    if args.screenshot and browser.missing():
+        raise UsageError(f"--screenshot {browser.missing()}")
+    if os.path.exists(out) and not is_site(out):
+        raise UsageError(f"--out {args.out} exists and is not a site explore.py wrote, so it is left alone: "
+                         "choose another --out, or remove it yourself")
+
+
+def is_site(folder):
+    """Whether `folder` is an explorer site (its model.json says so) or empty: nothing else is ever replaced."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return False
+    if not os.listdir(folder):
+        return True
+    try:
+        with open(os.path.join(folder, "model.json"), encoding="utf-8") as f:
+            return json.load(f).get("format") == SITE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def runtime():
+    """(version, paths of RUNTIME) of the onnxruntime-web that web/package.json pins, or UsageError saying how."""
+    dist = os.path.join(WEB, "node_modules", "onnxruntime-web")
+    try:
+        with open(os.path.join(WEB, "package.json"), encoding="utf-8") as f:
+            pinned = json.load(f)["dependencies"]["onnxruntime-web"]
+        with open(os.path.join(dist, "package.json"), encoding="utf-8") as f:
+            installed = json.load(f)["version"]
+    except (OSError, ValueError, KeyError):
+        raise UsageError(f"onnxruntime-web is not installed in web/node_modules: run `{INSTALL}` "
+                         "(needs node and npm)") from None
+    files = [os.path.join(dist, "dist", name) for name in RUNTIME]
+    if installed != pinned or not all(os.path.isfile(p) for p in files):
+        raise UsageError(f"web/node_modules holds onnxruntime-web {installed}, not the pinned {pinned}, or lacks its "
+                         f"wasm files: run `{INSTALL}`")
+    return installed, files
+
+
+def load_models(args):
+    """Checked decoder (and encoder), each run once here so a model that cannot run never reaches the page."""
+    dec = onnx_check.load(args.onnx, "decoder")
+    enc = onnx_check.load(args.encoder, "encoder") if args.encoder else None
+    if enc is not None and (enc.latent, enc.image_shape) != (dec.latent, dec.image_shape):
+        raise UsageError(f"{args.encoder} (latent {enc.latent}, images {enc.image_shape}) does not fit {args.onnx} "
+                         f"(latent {dec.latent}, images {dec.image_shape}): export both from one checkpoint")
+    if enc is not None and enc.meta.get("checkpoint_sha256") != dec.meta.get("checkpoint_sha256"):
+        raise UsageError(f"{args.encoder} and {args.onnx} come from different checkpoints: export both at once with "
+                         "export_onnx.py --out decoder.onnx --encoder encoder.onnx")
+    sessions = {"decoder": onnx_check.session(dec), "encoder": onnx_check.session(enc) if enc else None}
+    onnx_check.run(dec, sessions["decoder"], np.zeros((1, dec.latent), np.float32))
+    return dec, enc, sessions
+
+
+def scatter_points(args, enc, sess):
+    """(posterior means (N, d) float32, labels (N,) uint8, images (N, 28, 28) uint8) of the first test images."""
+    try:
+        images, labels = idx.read_split(args.data_dir, "test")
+    except idx.DataError as e:
+        raise UsageError(f"{e}, or pass the --data-dir that train.py used") from None
+    if enc.image_shape != (1, 28, 28):
+        raise UsageError(f"{args.encoder} takes images of shape {enc.image_shape}, not Fashion-MNIST's (1, 28, 28)")
+    images, labels = images[:args.points], labels[:args.points]
+    x = images[:, None].astype(np.float32) * np.float32(2 / 255) - np.float32(1)  # [-1, 1], as in training
+    return onnx_check.run(enc, sess, x)[0], labels, images
+
+
+def site_meta(dec, enc, points, version):
+    order, unused = onnx_check.kl_order(dec.kl, dec.latent)
+    kl = dec.kl or [None] * dec.latent
+    meta = {"format": SITE_FORMAT, "version": 1, "onnxruntime_web": version, "latent_dim": dec.latent,
+            "image_shape": list(dec.image_shape), "kl_known": dec.kl is not None, "unused_kl": onnx_check.UNUSED_KL,
+            "dims": [{"index": d, "kl": kl[d], "unused": d in unused} for d in order],
+            "decoder": "decoder.onnx", "encoder": "encoder.onnx" if enc else None, "points": None,
+            "model": {k: dec.meta[k] for k in ("beta", "objective", "epochs", "seed", "kl_epoch", "format_version",
+                                                "source_checkpoint", "checkpoint_sha256") if k in dec.meta}}
+    if points is not None:
+        used = [d for d in order if d not in unused] + [d for d in order if d in unused]
+        meta["points"] = {"file": "points.bin", "count": len(points[1]), "classes": list(idx.CLASSES),
+                          "axes": (used * 2)[:2], "layout": "mu float32 [count, latent_dim], labels uint8 [count], "
+                          "images uint8 [count, 28, 28], one after another"}
+    return meta
+
+
+def build(args):
+    """Check everything, then write the site folder in one piece. Returns (model.json content, points or None)."""
+    version, runtime_files = runtime()
+    dec, enc, sessions = load_models(args)
+    points = scatter_points(args, enc, sessions["encoder"]) if args.data_dir else None
+    meta = site_meta(dec, enc, points, version)
+
+    def write(folder):
+        for name in PAGE:
+            shutil.copyfile(os.path.join(WEB, name), os.path.join(folder, name))
+        os.mkdir(os.path.join(folder, "ort"))
+        for path in runtime_files:
+            shutil.copyfile(path, os.path.join(folder, "ort", os.path.basename(path)))
+        for model, name in ((dec, "decoder.onnx"), (enc, "encoder.onnx")):
+            if model is not None:  # the checked bytes, not the path again: what was checked is what is served
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(model.data)
+        if points is not None:
+            with open(os.path.join(folder, "points.bin"), "wb") as f:
+                f.write(points[0].astype("<f4").tobytes() + points[1].tobytes() + points[2].tobytes())
+        with open(os.path.join(folder, "model.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+
+    clean_stale_temps(os.path.dirname(os.path.abspath(args.out)))
+    replace_dir(args.out, write)
+    return meta
+
+
+def site_file(root, request_path):
+    """The file under `root` that a request path names, or None: no `..`, no hidden names, nothing outside root."""
+    try:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(request_path).path, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    parts = path.split("/")
+    if not path.startswith("/") or "\\" in path or "\0" in path or any(p.startswith(".") for p in parts[1:]):
+        return None
+    parts = [p for p in parts[1:] if p] or ["index.html"]
+    root = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(root, *parts))
+    return full if full.startswith(root + os.sep) and os.path.isfile(full) else None
+
+
+class SiteHandler(http.server.BaseHTTPRequestHandler):
+    """GET and HEAD of the site's files and nothing else; 404 for any path that leaves the folder."""
+
+    def do_GET(self):
+        self.respond(body=True)
+
+    def do_HEAD(self):
+        self.respond(body=False)
+
+    def respond(self, body):
+        port = self.server.server_address[1]
+        target = site_file(self.server.root, self.path)
+        if self.headers.get("Host") not in (f"127.0.0.1:{port}", f"localhost:{port}") or target is None:
+            self.send_error(404, "not found")  # a foreign Host is DNS rebinding: answer it as nothing here
+            return
+        with open(target, "rb") as f:
+            data = f.read()
+        self.send_response(200)
+        self.send_header("Content-Type", TYPES.get(os.path.splitext(target)[1], "application/octet-stream"))
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, *args):  # a quiet server: the URL line is all the terminal needs
+        pass
+
+
+def make_server(folder, port):
+    """A server for `folder` on 127.0.0.1 only (not yet serving); port 0 picks a free one."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), SiteHandler)
+    server.root = os.path.abspath(folder)
+    server.daemon_threads = True
+    return server
+
+
+def screenshot(folder, path):
+    """Serve `folder` on a free port, open it in headless Chromium, save what it shows once the first image is drawn."""
+    server = make_server(folder, 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    session = browser.start()
+    try:
+        session.set_script_timeout(60)
+        session.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        browser.call(session, "await window.betaVAE.ready; await window.betaVAE.idle();")
+        errors = browser.console_errors(session)
+        png = session.get_screenshot_as_png()
+    except browser.PageError as e:
+        raise UsageError(f"the page failed in Chromium ({e}): see the browser console with --serve") from None
+    finally:
+        session.quit()
+        server.shutdown()
+        server.server_close()
+    if errors:
+        raise UsageError(f"the page logged errors in Chromium ({errors[0][:200]}): see the browser console with "
+                         "--serve")
+    atomic_write(path, lambda f: f.write(png))
+
+
+def main(argv=None):
+    safe_streams()
+    args = parse_args(argv)
+    server = None
+    try:
+        check_args(args)
+        if args.serve:  # take the port first: a taken port is known before anything is built
+            try:
+                server = make_server(args.out, args.port)
+            except OSError as e:
+                raise UsageError(f"cannot serve on 127.0.0.1:{args.port} ({e.strerror or e}): pass another --port, "
+                                 "or --port 0 for any free one") from None
+        meta = build(args)
+        if args.screenshot:
+            screenshot(args.out, args.screenshot)
+    except (UsageError, OSError) as e:
+        if server is not None:
+            server.server_close()
+        fail(e if isinstance(e, UsageError) else
+             f"cannot write {e.filename or args.out} ({e.strerror or e}): choose another --out or --screenshot")
+    used = sum(not d["unused"] for d in meta["dims"])
+    print(f"wrote {args.out}/: {meta['latent_dim']} latent dims ({used} in use), "
+          f"{'encoder, ' if meta['encoder'] else ''}{meta['points']['count'] if meta['points'] else 0} scatter "
+          f"points, onnxruntime-web {meta['onnxruntime_web']}" + (f"; {args.screenshot}" if args.screenshot else ""))
+    if server is None:
+        print(f"serve it:  python explore.py ... --serve   or   python -m http.server -d {args.out} -b 127.0.0.1")
+        return
+    print(f"serving {args.out}/ at http://127.0.0.1:{server.server_address[1]}/  (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.server_close()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""explore.py: the site it builds (torch-free), the server (127.0.0.1, nothing outside the folder), refusals, and the
+page itself in a real headless Chromium: decode and encode equal onnxruntime in Python, sliders, scatter, drawing."""
+import http.client
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+import browser
+import explore
+import idx
+from conftest import KL, run_without_torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPLORE = os.path.join(ROOT, "explore.py")
+POINTS = 100
+NO_RUNTIME = f"onnxruntime-web in web/node_modules: {explore.INSTALL}"
+needs_runtime = pytest.mark.skipif(not os.path.isdir(os.path.join(explore.WEB, "node_modules", "onnxruntime-web")),
+                                   reason=f"needs {NO_RUNTIME}")
+
+
+def ort_run(path, feeds):
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def decode(kl_exported, z):
+    return ort_run(kl_exported["decoder"], {"z": np.asarray(z, np.float32).reshape(-1, 4)})[0]
+
+
+def encode(kl_exported, pixels):
+    x = np.asarray(pixels, np.float32).reshape(-1, 1, 28, 28) * np.float32(2) - np.float32(1)
+    return ort_run(kl_exported["encoder"], {"images": x})
+
+
+def one_error_line(proc, needle):
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and needle in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def site(kl_exported, tmp_path_factory):
+    """One site for the module, built by explore.py in a process where torch cannot be imported."""
+    if not os.path.isdir(os.path.join(explore.WEB, "node_modules", "onnxruntime-web")):
+        pytest.skip(f"needs {NO_RUNTIME}")
+    folder = tmp_path_factory.mktemp("explore")
+    proc = run_without_torch(EXPLORE, "--onnx", kl_exported["decoder"], "--encoder", kl_exported["encoder"],
+                             "--data-dir", kl_exported["data_dir"], "--points", POINTS, "--out", folder / "site",
+                             cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and f"{POINTS} scatter points" in proc.stdout
+    return str(folder / "site")
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    srv = explore.make_server(site, 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def get(server, path, host=None):
+    port = server.server_address[1]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.putrequest("GET", path, skip_host=True)
+    conn.putheader("Host", host or f"127.0.0.1:{port}")
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, response.getheader("Content-Type"), body
+
+
+# ------------------------------------------------------------------------------------------------------ the site
+
+def test_the_site_holds_page_models_runtime_and_metadata(site, kl_exported):
+    names = sorted(os.listdir(site))
+    assert names == sorted(["index.html", "explorer.js", "vae.js", "style.css", "model.json", "decoder.onnx",
+                            "encoder.onnx", "points.bin", "ort"])
+    assert sorted(os.listdir(os.path.join(site, "ort"))) == sorted(explore.RUNTIME)
+    for name in ("decoder", "encoder"):
+        assert open(os.path.join(site, f"{name}.onnx"), "rb").read() == open(kl_exported[name], "rb").read()
+    meta = json.load(open(os.path.join(site, "model.json")))
+    assert meta["format"] == "beta-vae-explorer" and meta["latent_dim"] == 4 and meta["image_shape"] == [1, 28, 28]
+    assert [x["index"] for x in meta["dims"]] == [1, 3, 2, 0]  # largest KL first
+    assert [x["kl"] for x in meta["dims"]] == sorted(KL, reverse=True)
+    assert [x["unused"] for x in meta["dims"]] == [False, False, False, True]  # KL 0.01 < 0.05 nats
+    assert meta["onnxruntime_web"] == json.load(open(os.path.join(ROOT, "web", "package.json")))[
+        "dependencies"]["onnxruntime-web"]
+    assert meta["points"]["count"] == POINTS and meta["points"]["axes"] == [1, 3]
+
+
+def test_the_scatter_holds_the_encoders_posterior_means_of_the_test_images(site, kl_exported):
+    images, labels = idx.read_split(kl_exported["data_dir"], "test")
+    blob = open(os.path.join(site, "points.bin"), "rb").read()
+    assert len(blob) == POINTS * (4 * 4 + 1 + 784)
+    mu = np.frombuffer(blob[:POINTS * 16], "<f4").reshape(POINTS, 4)
+    assert np.max(np.abs(mu - encode(kl_exported, images[:POINTS] / 255.0)[0])) <= 1e-5
+    assert np.array_equal(np.frombuffer(blob[POINTS * 16:POINTS * 17], np.uint8), labels[:POINTS])
+    assert np.array_equal(np.frombuffer(blob[POINTS * 17:], np.uint8).reshape(-1, 28, 28), images[:POINTS])
+
+
+@needs_runtime
+def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    stale = tmp_path / f".site.{proc.pid}.abc_12.tmp"  # a build killed half-way, its process gone
+    stale.mkdir()
+    (stale / "index.html").write_text("half")
+    out = str(tmp_path / "site")
+    for _ in range(2):
+        assert explore.main(["--onnx", kl_exported["decoder"], "--out", out]) is None
+    assert sorted(os.listdir(tmp_path)) == ["site"]
+    meta = json.load(open(os.path.join(out, "model.json")))
+    assert meta["encoder"] is None and meta["points"] is None and not os.path.exists(os.path.join(out, "points.bin"))
+
+
+@needs_runtime
+@pytest.mark.parametrize("case, needle", [
+    ("out_holds_input", "is inside --out"),
+    ("out_is_input", "is the same file as --onnx"),
+    ("foreign_folder", "exists and is not a site explore.py wrote"),
+    ("data_without_encoder", "add --encoder"),
+    ("other_checkpoint", "come from different checkpoints"),
+    ("hostile_decoder", "is not a decoder that export_onnx.py wrote"),
+    ("no_runtime", "npm ci --prefix web"),
+    ("bad_points", "--points 0 is out of range"),
+    ("port_taken", "Address already in use"),
+])
+def test_refusals_are_one_line_and_touch_nothing(kl_exported, tiny_checkpoint, tmp_path, case, needle, monkeypatch):
+    shutil.copy(kl_exported["decoder"], tmp_path / "decoder.onnx")
+    args, out = ["--onnx", str(tmp_path / "decoder.onnx")], tmp_path / "site"
+    if case == "out_holds_input":
+        out = tmp_path
+    elif case == "out_is_input":
+        os.symlink(tmp_path / "decoder.onnx", tmp_path / "site")
+    elif case == "foreign_folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "data_without_encoder":
+        args += ["--data-dir", kl_exported["data_dir"]]
+    elif case == "other_checkpoint":
+        import contextlib
+
+        import export_onnx
+        with contextlib.redirect_stdout(io.StringIO()):
+            export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", str(tmp_path / "d2.onnx"),
+                              "--encoder", str(tmp_path / "other.onnx")])
+        args += ["--encoder", str(tmp_path / "other.onnx")]
+    elif case == "hostile_decoder":
+        import onnx
+        model = onnx.load(tmp_path / "decoder.onnx")
+        model.graph.node[-1].op_type = "Erf"  # onnxruntime would run it; the checks refuse it
+        onnx.save(model, tmp_path / "decoder.onnx")
+    elif case == "no_runtime":
+        monkeypatch.setattr(explore, "WEB", str(tmp_path / "web"))
+    elif case == "port_taken":  # known before anything is built
+        import socket
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args += ["--serve", "--port", str(taken.getsockname()[1])]
+    else:
+        args += ["--points", "0"]
+    before = sorted(os.listdir(tmp_path))
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as e, monkeypatch.context() as m:
+        m.setattr(sys, "stderr", err)
+        explore.main(args + ["--out", str(out)])
+    assert e.value.code == 2
+    one_error_line(subprocess.CompletedProcess([], 2, "", err.getvalue()), needle)
+    assert sorted(os.listdir(tmp_path)) == before
+    if case == "foreign_folder":
+        assert os.listdir(out) == ["notes.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------- the server
+
+@pytest.mark.parametrize("path", ["/../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt", "/ort/../../secret.txt",
+                                  "//secret.txt", "/etc/passwd", "/.hidden", "http://127.0.0.1/../secret.txt",
+                                  "/%00", "/ort"])
+def test_nothing_outside_the_folder_is_served(server, path):
+    secret = os.path.join(os.path.dirname(server.root), "secret.txt")
+    with open(secret, "w") as f:
+        f.write("not for the page")
+    with open(os.path.join(server.root, ".hidden"), "w") as f:
+        f.write("hidden")
+    status, _, body = get(server, path)
+    assert status == 404 and b"not for the page" not in body and b"hidden" not in body
+
+
+def test_the_server_serves_the_site_on_loopback_only(server):
+    assert server.server_address[0] == "127.0.0.1"
+    status, kind, body = get(server, "/")
+    assert status == 200 and kind.startswith("text/html") and b"betaVAE" not in body and b"explorer.js" in body
+    assert get(server, "/ort/ort.wasm.bundle.min.mjs")[1] == "text/javascript"  # a module needs a JS type
+    assert get(server, "/ort/ort-wasm-simd-threaded.wasm")[1] == "application/wasm"
+    assert get(server, "/", host="evil.example:80")[0] == 404  # DNS rebinding gets nothing
+
+
+def test_serve_prints_the_url_and_stops_cleanly(kl_exported, tmp_path):
+    if not os.path.isdir(os.path.join(explore.WEB, "node_modules", "onnxruntime-web")):
+        pytest.skip(f"needs {NO_RUNTIME}")
+    proc = subprocess.Popen([sys.executable, EXPLORE, "--onnx", kl_exported["decoder"], "--out", tmp_path / "s",
+                             "--serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+        host, port = url.split("//")[1].rstrip("/").split(":")
+        assert host == "127.0.0.1"
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/model.json")
+        assert json.loads(conn.getresponse().read())["latent_dim"] == 4
+    finally:
+        proc.send_signal(2)  # Ctrl-C
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "stopped" in out and err == ""
+
+
+# -------------------------------------------------------------------------------------------------- the browser
+
+@pytest.fixture(scope="module")
+def page(server):
+    reason = browser.missing()
+    if reason:
+        pytest.skip(reason)
+    session = browser.start()
+    session.set_script_timeout(30)
+    try:
+        session.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        browser.call(session, "await window.betaVAE.ready;")
+        yield session
+    finally:
+        session.quit()
+
+
+def canvas_pixels(page, element_id):
+    return np.array(browser.call(page, f"const c = document.getElementById('{element_id}');"
+                                 "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
+                                 ".filter((_, i) => i % 4 === 0);"), np.uint8)
+
+
+def test_the_page_loads_without_console_errors(page):
+    assert browser.console_errors(page) == []
+    info = browser.call(page, "const b = window.betaVAE; return [b.latentDim, b.points, b.dims.map(x => x.index)];")
+    assert info == [4, POINTS, [1, 3, 2, 0]]
+    assert page.find_element("id", "scatter").get_attribute("data-points") == str(POINTS)
+
+
+def test_decode_equals_onnxruntime_in_python(page, kl_exported):
+    z = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32) * np.float32(1.5)
+    z[0] = 0
+    got = np.array(browser.call(page, "return Array.from(await window.betaVAE.decode(args[0]));", z.ravel().tolist()))
+    assert got.shape == (5 * 784,)
+    assert np.max(np.abs(got - decode(kl_exported, z).ravel())) <= 1e-5
+
+
+def test_encode_equals_onnxruntime_in_python(page, kl_exported):
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 784)).astype(np.float32) / np.float32(255)
+    got = browser.call(page, "const r = await window.betaVAE.encode(args[0]);"
+                             "return [Array.from(r.mu), Array.from(r.logvar)];", pixels.ravel().tolist())
+    mu, logvar = encode(kl_exported, pixels)
+    assert np.max(np.abs(np.array(got[0]) - mu.ravel())) <= 1e-5
+    assert np.max(np.abs(np.array(got[1]) - logvar.ravel())) <= 1e-5
+
+
+def test_bad_calls_are_rejected_with_a_reason(page):
+    with pytest.raises(browser.PageError, match="RangeError: z must be a flat array of n \\* 4 numbers"):
+        browser.call(page, "return await window.betaVAE.decode([1, 2, 3]);")
+    with pytest.raises(browser.PageError, match="finite numbers"):
+        browser.call(page, "return await window.betaVAE.decode([0, NaN, 0, 0]);")
+
+
+def test_moving_a_slider_redraws_the_image_of_the_changed_z(page, kl_exported):
+    from selenium.webdriver.common.keys import Keys
+    start = np.array([0.25, -1.0, 0.5, 2.0], np.float32)
+    browser.call(page, "await window.betaVAE.setLatent(args[0]);", start.tolist())
+    slider = page.find_element("css selector", "input[data-dim='1']")  # the largest-KL dimension, shown first
+    page.execute_script("arguments[0].focus();", slider)
+    slider.send_keys(Keys.ARROW_RIGHT * 3)  # real key presses: input events, as a person's
+    browser.call(page, "await window.betaVAE.idle();")
+    value = float(slider.get_attribute("value"))
+    assert value == pytest.approx(-0.97)
+    want_z = start.copy()
+    want_z[1] = value
+    got_z = np.array(browser.call(page, "return Array.from(window.betaVAE.getLatent());"), np.float32)
+    assert np.array_equal(got_z, want_z)
+    want = decode(kl_exported, want_z).ravel()
+    shown = np.array(browser.call(page, "return Array.from(window.betaVAE.lastImage);"))
+    assert np.max(np.abs(shown - want)) <= 1e-5
+    on_canvas = canvas_pixels(page, "image").astype(int)
+    assert np.max(np.abs(on_canvas - np.round(want * 255))) <= 1
+    assert not np.array_equal(on_canvas, np.round(decode(kl_exported, start).ravel() * 255))
+
+
+def test_hovering_the_scatter_decodes_the_point_under_the_pointer(page, site, kl_exported):
+    from selenium.webdriver import ActionChains
+    canvas = page.find_element("id", "scatter")
+    where = np.array(browser.call(page, f"return Array.from({{length: {POINTS}}}, (_, i) => "
+                                        "window.betaVAE.scatter.position(i));"))  # fractions of the canvas
+    gaps = np.linalg.norm(where[:, None] - where[None], axis=2) + np.eye(POINTS)
+    i = int(np.argmax(gaps.min(1)))  # the point farthest from any other: nothing else can be nearer the pointer
+    size = np.array([canvas.size["width"], canvas.size["height"]])
+    assert gaps[i].min() * size.min() > 3
+    ActionChains(page, duration=20).move_to_element_with_offset(canvas, *((where[i] - 0.5) * size)).perform()
+    browser.call(page, "await window.betaVAE.scatter.settled();")
+    assert page.find_element("id", "hover-label").text.endswith(f"test image {i}")
+    mu = np.frombuffer(open(os.path.join(site, "points.bin"), "rb").read()[:POINTS * 16], "<f4").reshape(-1, 4)
+    assert np.max(np.abs(canvas_pixels(page, "hover-decoded").astype(int) -
+                         np.round(decode(kl_exported, mu[i]).ravel() * 255))) <= 1
+
+
+def test_drawing_jumps_the_sliders_to_the_posterior_mean(page, kl_exported):
+    from selenium.webdriver import ActionChains
+    pad = page.find_element("id", "pad")
+    ActionChains(page, duration=20).move_to_element_with_offset(pad, -50, -60).click_and_hold() \
+        .move_by_offset(30, 90).move_by_offset(50, -20).move_by_offset(10, -60).release().perform()
+    browser.call(page, "await window.betaVAE.padIdle(); await window.betaVAE.idle();")
+    pixels = np.array(browser.call(page, "return Array.from(window.betaVAE.padPixels());"), np.float32)
+    assert pixels.max() > 0.5 and pixels.mean() < 0.5  # a white stroke on black
+    mu = encode(kl_exported, pixels)[0].ravel()
+    z = np.array(browser.call(page, "return Array.from(window.betaVAE.getLatent());"))
+    assert np.max(np.abs(z - mu)) <= 1e-5
+    for d in range(4):
+        slider = page.find_element("css selector", f"input[data-dim='{d}']")
+        assert float(slider.get_attribute("value")) == pytest.approx(np.clip(mu[d], -3, 3), abs=0.006)
+
+
+def test_a_screenshot_is_not_blank_and_no_errors_were_logged(page, tmp_path):
+    shot = np.asarray(Image.open(io.BytesIO(page.get_screenshot_as_png())).convert("L"), np.float32)
+    assert shot.shape[0] > 500 and shot.shape[1] > 1000
+    assert shot.std() > 20  # page, images and scatter, not one flat colour
+    samples = canvas_pixels(page, "samples")
+    assert samples.std() > 10  # decoded samples, not an empty grid
+    assert browser.console_errors(page) == []
+
+
+def test_screenshot_saves_what_headless_chromium_shows(kl_exported, tmp_path):
+    reason = browser.missing()
+    if reason:
+        pytest.skip(reason)
+    png = tmp_path / "explorer.png"
+    explore.main(["--onnx", kl_exported["decoder"], "--out", str(tmp_path / "site"), "--screenshot", str(png)])
+    shot = np.asarray(Image.open(png).convert("L"), np.float32)
+    assert shot.shape[1] == 1400 and shot.shape[0] > 1000 and shot.std() > 20

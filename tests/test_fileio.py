@@ -1,0 +1,115 @@
+"""fileio.py: several files written as one, same-file checks through links, leftovers of killed processes."""
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fileio
+
+
+def write(data):
+    return lambda f: f.write(data)
+
+
+def full_disk(f):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def listing(folder):
+    return sorted(os.listdir(folder))
+
+
+@pytest.fixture
+def pair(tmp_path):
+    a, b = tmp_path / "decoder.onnx", tmp_path / "encoder.onnx"
+    a.write_bytes(b"old decoder")
+    b.write_bytes(b"old encoder")
+    return a, b
+
+
+def test_both_files_are_replaced_together(pair):
+    a, b = pair
+    fileio.atomic_write_all([(a, write(b"new decoder")), (b, write(b"new encoder"))])
+    assert a.read_bytes() == b"new decoder" and b.read_bytes() == b"new encoder"
+    assert listing(a.parent) == ["decoder.onnx", "encoder.onnx"]  # no temp file, no backup left
+
+
+def test_a_full_disk_on_the_second_file_leaves_both_as_before(pair):
+    a, b = pair
+    with pytest.raises(OSError) as e:
+        fileio.atomic_write_all([(a, write(b"new decoder")), (b, full_disk)])
+    assert e.value.errno == errno.ENOSPC
+    assert a.read_bytes() == b"old decoder" and b.read_bytes() == b"old encoder"
+    assert listing(a.parent) == ["decoder.onnx", "encoder.onnx"]
+
+
+def test_a_failing_second_rename_puts_the_first_file_back(pair, monkeypatch):
+    a, b = pair
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "I/O error")
+        real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(OSError):
+        fileio.atomic_write_all([(a, write(b"new decoder")), (b, write(b"new encoder"))])
+    monkeypatch.undo()
+    assert a.read_bytes() == b"old decoder" and b.read_bytes() == b"old encoder"
+    assert listing(a.parent) == ["decoder.onnx", "encoder.onnx"]
+
+
+def test_a_failure_when_neither_file_existed_leaves_neither(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    with pytest.raises(OSError):
+        fileio.atomic_write_all([(a, write(b"new")), (b, full_disk)])
+    assert listing(tmp_path) == []
+
+
+def test_same_file_sees_through_symlinks_and_hard_links(tmp_path):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "model.onnx"
+    target.write_bytes(b"x")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    os.link(target, tmp_path / "hard.onnx")
+    assert fileio.same_file(target, tmp_path / "link" / "model.onnx")
+    assert fileio.same_file(target, tmp_path / "hard.onnx")
+    assert fileio.same_file(tmp_path / "link" / "new.png", tmp_path / "real" / "new.png")  # neither exists yet
+    assert not fileio.same_file(target, tmp_path / "real" / "other.onnx")
+    assert fileio.clashes({"--onnx": str(target)}, {"--out": str(tmp_path / "hard.onnx"), "--npy": None}) == \
+        f"--out {tmp_path / 'hard.onnx'} is the same file as --onnx {target}"
+    assert fileio.clashes({"--onnx": str(target)}, {"--out": "a.png", "--npy": "a.png"}).startswith("--npy a.png")
+
+
+def test_stale_temps_of_dead_processes_go_and_live_ones_stay(tmp_path):
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    names = [f".decoder.onnx.{dead}.k2j3.tmp", f".decoder.onnx.{os.getpid()}.a1b2.tmp", "decoder.onnx",
+             f"decoder.onnx.{dead}.k2j3.tmp"]  # the last is not hidden: not of this project's naming
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert fileio.clean_stale_temps(tmp_path) == [names[0]]
+    assert listing(tmp_path) == sorted(names[1:])
+
+
+def test_replace_dir_swaps_a_whole_folder_or_leaves_the_old_one(tmp_path):
+    site = tmp_path / "site"
+
+    def build(text):
+        return lambda folder: open(os.path.join(folder, "index.html"), "w").write(text)
+
+    fileio.replace_dir(site, build("one"))
+    fileio.replace_dir(site, build("two"))
+    assert (site / "index.html").read_text() == "two" and listing(tmp_path) == ["site"]
+
+    def half_then_fail(folder):
+        build("half")(folder)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError):
+        fileio.replace_dir(site, half_then_fail)
+    assert (site / "index.html").read_text() == "two" and listing(tmp_path) == ["site"]
