@@ -10,7 +10,9 @@ import re
 import shutil
 import tempfile
 
-_TEMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+# `.<name>.<pid>.<8 of mkstemp's characters>.tmp`: exactly what _temp_for makes, so a user's own `.notes.2024.old.tmp`
+# is never taken for one
+_TEMP = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
 
 
 def _temp_for(path):

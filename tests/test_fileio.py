@@ -88,8 +88,8 @@ def test_same_file_sees_through_symlinks_and_hard_links(tmp_path):
 def test_stale_temps_of_dead_processes_go_and_live_ones_stay(tmp_path):
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)
-    names = [f".decoder.onnx.{dead}.k2j3.tmp", f".decoder.onnx.{os.getpid()}.a1b2.tmp", "decoder.onnx",
-             f"decoder.onnx.{dead}.k2j3.tmp"]  # the last is not hidden: not of this project's naming
+    names = [f".decoder.onnx.{dead}.k2j3x_9q.tmp", f".decoder.onnx.{os.getpid()}.a1b2c3d4.tmp", "decoder.onnx",
+             f"decoder.onnx.{dead}.k2j3x_9q.tmp", f".decoder.onnx.{dead}.old.tmp"]  # not hidden; not 8 characters
     for name in names:
         (tmp_path / name).write_bytes(b"x")
     assert fileio.clean_stale_temps(tmp_path) == [names[0]]

@@ -205,14 +205,15 @@ def test_temp_files_of_killed_processes_are_removed_and_live_ones_kept(trained_r
     out.mkdir()
     for name in ("checkpoint.pt", "metrics.jsonl"):
         (out / name).write_bytes((run / name).read_bytes())
-    dead = out / f".checkpoint.pt.{gone.pid}.k1ll3d_x.tmp"
+    dead = out / f".checkpoint.pt.{gone.pid}.k1ll3d_x.tmp"   # 8 characters, as mkstemp makes
     live = out / f".metrics.jsonl.{os.getpid()}.alive123.tmp"
     foreign = out / ".notes.tmp"
-    for p in (dead, live, foreign):
+    lookalike = out / f".notes.{gone.pid}.old.tmp"                  # a user's file, though its pid is dead
+    for p in (dead, live, foreign, lookalike):
         p.write_bytes(b"half")
     assert train.main(["--resume", "--epochs", "2", "--compile", "off", "--data-dir", data_dir,
                        "--out-dir", str(out)]) == 0
-    assert not dead.exists() and live.exists() and foreign.exists()
+    assert not dead.exists() and live.exists() and foreign.exists() and lookalike.exists()
     assert fileio.clean_stale_temps(out) == []
 
 
