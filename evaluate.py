@@ -67,7 +67,7 @@ def prepare_out_dir(out_dir, inputs):
             pass
     except OSError as e:
         raise UsageError(f"cannot write to the output folder {out_dir} ({e.strerror}); pass a writable --out-dir")
-    clean_stale_temps(out_dir)  # half-written files of an evaluation that was killed
+    clean_stale_temps(out_dir, ("report.json",) + FIGURES)  # half-written files of an evaluation that was killed
 
 
 # ------------------------------------------------------------------------------------------------ figures

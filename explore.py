@@ -24,7 +24,7 @@ import browser
 import idx
 import onnx_check
 from cli import ArgumentParser, UsageError, check_int, fail, safe_streams
-from fileio import atomic_write, clashes, clean_stale_temps, replace_dir
+from fileio import atomic_write, clashes, clean_stale_temps_for, replace_dir
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 WEB = os.path.join(ROOT, "web")
@@ -176,7 +176,7 @@ def build(args):
         with open(os.path.join(folder, "model.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
 
-    clean_stale_temps(os.path.dirname(os.path.abspath(args.out)))
+    clean_stale_temps_for([args.out])
     replace_dir(args.out, write)
     return meta
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 import vae
 from cli import ArgumentParser, UsageError
-from fileio import atomic_write_all, clashes, clean_stale_temps
+from fileio import atomic_write_all, clashes, clean_stale_temps_for
 
 FORMAT_VERSION = 1
 PARITY_BATCHES = (1, 7, 256)
@@ -192,8 +192,7 @@ def main(argv=None):
                   "report this with your torch and onnxruntime versions", file=sys.stderr)
             sys.exit(1)
         ready.append((kind, path, data))
-    for folder in {os.path.dirname(os.path.abspath(path)) for _, path, _ in ready}:
-        clean_stale_temps(folder)
+    clean_stale_temps_for([path for _, path, _ in ready])
     try:  # both files or neither: a new decoder beside a stale encoder would not belong together
         atomic_write_all([(path, lambda f, data=data: f.write(data)) for _, path, data in ready])
     except OSError as err:

@@ -1,23 +1,33 @@
 """Writing files safely (torch-free): atomic replaces, outputs that never clobber inputs, leftovers of killed runs.
 
-Every file this project writes goes through a temporary file in the same folder, named `.<name>.<pid>.<random>.tmp`,
-and a rename, so a reader never sees half a file (a folder, such as explore.py's site, likewise). A process killed
-mid-write (SIGKILL, power cut) leaves its temp file behind; `clean_stale_temps` removes those of dead processes the
-next time a script writes to that folder.
+Every file this project writes goes through a temporary file in the same folder, named
+`.<name>.<pid>-<host>.<8 random characters>.tmp`, and a rename, so a reader never sees half a file (a folder, such
+as explore.py's site, likewise). A process killed mid-write (SIGKILL, power cut) leaves its temp file behind;
+`clean_stale_temps(folder, names)` removes those of the outputs `names` that a process of this machine left and that
+no longer runs, the next time a script writes them.
 """
+import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 
-# `.<name>.<pid>.<8 of mkstemp's characters>.tmp`: exactly what _temp_for makes, so a user's own `.notes.2024.old.tmp`
-# is never taken for one
-_TEMP = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<host>[0-9a-f]{6})\.[a-z0-9_]{8}\.tmp$")
+
+
+def _host():
+    """6 hex digits naming this machine: a folder shared over a network holds other machines' live temp files."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:6]
+
+
+def _prefix(path):
+    return f".{os.path.basename(path)}.{os.getpid()}-{_host()}."
 
 
 def _temp_for(path):
     folder = os.path.dirname(os.path.abspath(path))
-    return tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+    return tempfile.mkstemp(dir=folder, prefix=_prefix(path), suffix=".tmp")
 
 
 def _write_temp(path, write_fn):
@@ -58,6 +68,9 @@ def atomic_write_all(items):
 
     items: [(path, write_fn)]. Everything is written to temporary files first (a full disk fails here, before any
     path changes); old files are kept as hard links until every rename has happened, and put back if one fails.
+    This holds for every error Python sees. A SIGKILL in the microseconds between two renames leaves a new file
+    beside an old one (its old copy, a temp file, is then removed by the next clean_stale_temps); a file system
+    without hard links (FAT, some network shares) makes it fail before anything changes.
     """
     temps, backups, done = [], {}, []
     try:
@@ -94,7 +107,7 @@ def replace_dir(path, build_fn):
     """
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
-    new = tempfile.mkdtemp(dir=parent, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
+    new = tempfile.mkdtemp(dir=parent, prefix=_prefix(path), suffix=".tmp")
     old = None
     try:
         build_fn(new)
@@ -102,7 +115,7 @@ def replace_dir(path, build_fn):
         os.umask(umask)
         os.chmod(new, 0o777 & ~umask)  # mkdtemp makes 0700; a folder to be served gets the usual permissions
         if os.path.lexists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
+            old = tempfile.mkdtemp(dir=parent, prefix=_prefix(path), suffix=".tmp")
             os.rename(path, os.path.join(old, name))
         os.rename(new, path)
     except BaseException:
@@ -127,26 +140,40 @@ def _alive(pid):
     return True
 
 
-def clean_stale_temps(folder):
-    """Remove this project's temporary files left in `folder` by processes that no longer run. Returns their names."""
-    removed = []
+def clean_stale_temps(folder, names):
+    """Remove the temporary files (or replace_dir's folders) of the outputs `names` in `folder` that a process of
+    this machine and user left and that no longer runs. Anything else, a user's look-alike included, stays."""
+    removed, names, host = [], set(names), _host()
     try:
-        names = os.listdir(folder)
+        entries = os.listdir(folder)
     except OSError:
         return removed
-    for name in names:
-        m = _TEMP.match(name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            path = os.path.join(folder, name)
-            try:
-                if os.path.isdir(path) and not os.path.islink(path):  # a folder replace_dir was building
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-                removed.append(name)
-            except OSError:
-                pass
+    for entry in entries:
+        m = _TEMP.match(entry)
+        if not m or m["name"] not in names or m["host"] != host or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+            continue
+        path = os.path.join(folder, entry)
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):  # a folder replace_dir was building
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed.append(entry)
+        except OSError:
+            pass
     return removed
+
+
+def clean_stale_temps_for(paths):
+    """clean_stale_temps for each output path (None skipped), folder by folder."""
+    folders = {}
+    for p in paths:
+        if p is not None:
+            p = os.path.abspath(p)
+            folders.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
+    return [e for folder, names in folders.items() for e in clean_stale_temps(folder, names)]
 
 
 def same_file(a, b):

@@ -17,7 +17,6 @@ from tqdm import tqdm
 import data
 import vae
 from fast_decoder import fast_copy
-from fileio import atomic_write
 
 PROJECT = "beta-vae-fashion-mnist"
 # Importance samples per image for −log p(x). On the subset, k = 64 already closes 85-95% of the gap between the
@@ -223,7 +222,7 @@ def load_classifier(data_dir, device, train=None, test=None, epochs=CLASSIFIER_E
              "test_acc": acc, "epochs": epochs, "max_train": -1 if max_train is None else int(max_train), "seed": seed}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, lambda f: torch.save(saved, f))
+        vae.save_torch(path, saved)
     except OSError as e:  # no cache is slower next time, never wrong
         warnings.warn(f"could not cache the FID classifier at {path} ({e.strerror}); it will be trained again")
     return net, {"test_acc": acc, "path": path, "from_cache": False}

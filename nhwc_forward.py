@@ -1,4 +1,4 @@
-"""The model's forward pass rewritten for the compiled CPU training step (train_step.py), layer for layer.
+"""The model's forward pass rewritten for the compiled CPU training step (training.py), layer for layer.
 
 Plan(model) walks the model's layers and turns each into an NHWC op; Plan.forward(P, Bf, x, eps) then computes what
 model(x, eps=eps) computes, from the parameter and buffer dicts P and Bf (views of the module's own tensors, so
@@ -248,9 +248,12 @@ class Plan:
             parts = (enc.features, enc.fc_mu, enc.fc_logvar, dec.fc, dec.unflat, dec.deconv)
         except AttributeError as e:
             raise Unsupported(f"the model is not vae.BetaVAE's layout ({e})") from None
-        if not all(isinstance(s, nn.Sequential) for s in (enc.features, dec.fc, dec.deconv)) or \
+        if not all(isinstance(s, nn.Sequential) and len(s) for s in (enc.features, dec.fc, dec.deconv)) or \
                 not all(isinstance(m, nn.Linear) and m.bias is not None for m in parts[1:3]):
             raise Unsupported("the model is not vae.BetaVAE's layout")
+        if not isinstance(enc.features[0], nn.Conv2d) or not isinstance(dec.deconv[len(dec.deconv) - 1],
+                                                                         nn.ConvTranspose2d):
+            raise Unsupported("the encoder must start with a Conv2d and the decoder end with a ConvTranspose2d")
         self.encoder = _layer_ops(enc.features, "encoder.features", first=True, last=False)
         self.decoder_fc = _layer_ops(dec.fc, "decoder.fc", first=False, last=False)
         self.decoder = _layer_ops(dec.deconv, "decoder.deconv", first=False, last=True)

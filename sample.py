@@ -18,7 +18,7 @@ import numpy as np
 
 import onnx_check
 from cli import ArgumentParser, UsageError, check_float, check_int, fail
-from fileio import atomic_write, clashes, clean_stale_temps
+from fileio import atomic_write, clashes, clean_stale_temps_for
 from images import labelled_grid, save_image
 
 MAX_OUTPUT_BYTES = 2**30  # what the requested images and their grid may take in memory, estimated before decoding
@@ -136,8 +136,7 @@ def main(argv=None):
     beta = model.meta.get("beta", "?")
     title = f"{os.path.basename(args.onnx)}  beta {beta}  seed {args.seed}  temperature {args.temperature:g}\n{what}"
     grid = labelled_grid(strips, row_labels, title, col_labels, scale=args.scale)
-    for folder in {os.path.dirname(os.path.abspath(p)) for p in (args.out, args.npy) if p}:
-        clean_stale_temps(folder)
+    clean_stale_temps_for([args.out, args.npy])
     try:
         save_image(grid, args.out)
         if args.npy:

@@ -29,6 +29,7 @@ from images import labelled_grid, save_image
 MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig))
 RUN_FLAGS = ("batch_size", "lr", "seed")  # must match the checkpoint when resuming, or the run is not one run
 MODEL_DEFAULTS, RUN_DEFAULTS = vae.VAEConfig(), training.RUN_DEFAULTS
+OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "loss.png", "samples.png", "reconstructions.png")
 log = logging.getLogger("train")
 
 
@@ -143,6 +144,7 @@ def write_figures(model, test, s, history, step_losses, first_epoch, steps_per_e
         ax.plot(first_epoch + (torch.arange(len(t)) * k + k / 2) / steps_per_epoch, t, lw=1, alpha=0.7,
                 label="train objective (per step)")
     epochs = [m["epoch"] for m in history]
+    ax.plot([e - 0.5 for e in epochs], [m["train"]["total"] for m in history], "^:", label="train objective (per epoch)")
     ax.plot(epochs, [m["test"]["total"] for m in history], "o-", label="test objective")
     ax.plot(epochs, [m["test"]["recon"] for m in history], "s--", label="test reconstruction")
     ax.set(xlabel="epoch", ylabel="nats per image", title=f"Loss — {tag}")
@@ -191,7 +193,7 @@ def open_out_dir(out_dir):
         pass  # no advisory locks on this platform
     except OSError:
         raise UsageError(f"another train.py is writing to {out_dir}: wait for it, or pass another --out-dir") from None
-    clean_stale_temps(out_dir)  # half-written files of a run that was killed
+    clean_stale_temps(out_dir, OUTPUTS)  # half-written files of a run that was killed
     return lock
 
 
@@ -199,7 +201,7 @@ class StopFlag:
     """First SIGINT/SIGTERM: finish the epoch, save, stop. Second: stop at once (the last checkpoint stays)."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.pid = None, os.getpid()
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self):
@@ -207,11 +209,14 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def handle(self, signum, frame):
+        if os.getpid() != self.pid:   # a DataLoader worker (--loop seed) inherits this handler: the trainer decides
+            return
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this epoch and saving; send again to stop now",
-              file=sys.stderr, flush=True)
+        # os.write, not print: the handler may run while tqdm is inside a print to stderr (a reentrant call)
+        os.write(2, f"\n{signal.Signals(signum).name}: finishing this epoch and saving; send again to stop "
+                    "now\n".encode())
 
 
 def build(s, ckpt, device):
@@ -253,13 +258,18 @@ def train(s, ckpt, args):
     model, opt, history, start = build(s, ckpt, device)
     config = model.config
     lock = open_out_dir(s["out_dir"])  # noqa: F841 (held until exit)
+    if ckpt is None and os.path.exists(os.path.join(s["out_dir"], "checkpoint.pt")):
+        raise UsageError(f"{s['out_dir']} now holds a run (checkpoint.pt) that another train.py finished while "
+                         "this one started: pass --resume to continue it, or --out-dir NEW; nothing was changed")
     setup_logging(s["out_dir"])
     log.info(f"device {device} | train {len(train_data)} test {len(test_data)} images | {vae.param_count(model):,} "
              f"parameters | {config} | out {s['out_dir']}")
     if start:
         log.info(f"resuming after epoch {start} of {s['epochs']}")
+        write_metrics(s["out_dir"], history)   # the checkpoint's history is the truth
     elif args.resume:
-        log.info(f"no checkpoint in {s['out_dir']} yet: starting a new run there")
+        log.info(f"note: --resume found no checkpoint in {s['out_dir']}, so this is a NEW run (if you meant to "
+                 "continue one, check --out-dir)")
     if args.loop == "seed":
         step = training.make_seed_step(model, opt, config)
     else:
@@ -273,6 +283,16 @@ def train(s, ckpt, args):
         return run_epochs(model, opt, step, train_data, test_data, s, args, history, start, stop, config)
     finally:
         stop.restore()
+
+
+def write_metrics(out_dir, history):
+    lines = "".join(json.dumps(m) + "\n" for m in history)
+    try:
+        atomic_write(os.path.join(out_dir, "metrics.jsonl"), lambda f: f.write(lines.encode()))
+    except OSError as e:
+        raise UsageError(f"checkpoint.pt holds epoch {len(history)}, but metrics.jsonl in {out_dir} cannot be "
+                         f"written ({e.strerror or e}): fix that and run the same command with --resume, which "
+                         "writes it again") from None
 
 
 def run_epochs(model, opt, step, train_data, test_data, s, args, history, start, stop, config):
@@ -289,15 +309,15 @@ def run_epochs(model, opt, step, train_data, test_data, s, args, history, start,
                         "test": training_summary(test), "img_per_s": img_s})
         try:
             vae.save_checkpoint(ck, model, opt, epoch + 1, s["seed"], train_args, history)
-            lines = "".join(json.dumps(m) + "\n" for m in history)
-            atomic_write(os.path.join(s["out_dir"], "metrics.jsonl"), lambda f: f.write(lines.encode()))
         except OSError as e:
             kept = f"checkpoint.pt still holds epoch {epoch}" if epoch else "no checkpoint was written"
-            raise UsageError(f"cannot save epoch {epoch + 1} in {s['out_dir']} ({e.strerror or e}); {kept}: free "
-                             "space and run the same command with --resume") from None
+            raise UsageError(f"cannot save epoch {epoch + 1} in {s['out_dir']} ({e.strerror or e}); {kept}: fix "
+                             "that (free space?) and run the same command with --resume") from None
+        write_metrics(s["out_dir"], history)
+        note = " (incl. compiling)" if epoch == start and hasattr(step, "compiled") else ""
         log.info(f"epoch {epoch + 1:3d}/{s['epochs']} | train recon {means[0]:7.2f} kl {means[1]:6.2f} "
                  f"total {means[2]:7.2f} | test recon {test[0]:7.2f} kl {test[1]:6.2f} total {test[2]:7.2f} "
-                 f"| {img_s:,.0f} img/s")
+                 f"| {img_s:,.0f} img/s{note}")
         hint = slow_epoch_hint(history[start:])
         if hint:
             log.info(hint)

@@ -102,14 +102,14 @@ class FlatState:
                 self.steps[i] = float(st["step"])
             st.update(exp_avg=m, exp_avg_sq=v, step=self.steps[i])   # torch.optim.Adam's lazy init, as views
         self.buffers = list(self.model.buffers())
-        self.state_ref = state
+        self.state_ref, self.group = state, self.optimizer.param_groups[0]
         self.check = [(p, p.data_ptr(), state[p]["exp_avg"], state[p]["exp_avg_sq"], state[p]["step"])
                       for p in params]
 
     def intact(self):
         """Whether everything is still a view of the flat tensors (load_state_dict replaces the optimizer's state)."""
         state = self.optimizer.state
-        return state is self.state_ref and all(
+        return state is self.state_ref and self.optimizer.param_groups[0] is self.group and all(
             p.data_ptr() == ptr and state[p]["exp_avg"] is m and state[p]["exp_avg_sq"] is v and state[p]["step"] is s
             for p, ptr, m, v, s in self.check) and all(a is b for a, b in zip(self.model.buffers(), self.buffers))
 
@@ -149,7 +149,6 @@ def make_train_step(model, optimizer, config, compile=False, formulation="auto",
                 raise
             log(f"note: the compiled step uses the module's own layers, slower on a CPU ({e})")
     flat = FlatState(model, optimizer)
-    group = optimizer.param_groups[0]
     names = flat.names
     bnames = [n for n, _ in model.named_buffers()]
 
@@ -166,17 +165,17 @@ def make_train_step(model, optimizer, config, compile=False, formulation="auto",
 
     grad_and_loss = torch.func.grad_and_value(loss_of, has_aux=True)
 
-    def graph(fp, fm, fv, steps, buffers, x, target, eps, C, lr):
+    def graph(fp, fm, fv, steps, buffers, x, target, eps, C, lr, hp):
         g, (_, sums) = grad_and_loss(fp, buffers, x, target, eps, C)
-        beta1, beta2 = group["betas"]
+        beta1, beta2, adam_eps, weight_decay = hp   # Python floats: dynamo guards on each, a change recompiles
         with torch.no_grad():   # torch.optim.Adam (foreach, not capturable), in place on the flat tensors
-            if group["weight_decay"] != 0:
-                g = g + group["weight_decay"] * fp
+            if weight_decay != 0:
+                g = g + weight_decay * fp
             steps.add_(1)
             t = steps[0]
             fm.lerp_(g, 1 - beta1)
             fv.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (fv.sqrt() / (1 - beta2 ** t).sqrt()).add_(group["eps"])
+            denom = (fv.sqrt() / (1 - beta2 ** t).sqrt()).add_(adam_eps)
             fp.sub_(lr / (1 - beta1 ** t) * fm / denom)
         return sums
 
@@ -189,18 +188,22 @@ def make_train_step(model, optimizer, config, compile=False, formulation="auto",
             state["batch"] = x.shape[0]
         if state["off"] or x.shape[0] != state["batch"] or not model.training:
             return eager_step(x, target, step_idx)   # no recompiles for a short last batch
-        if not flat.intact():
+        if not flat.intact():   # replaced from outside (load_state_dict, new parameter tensors): copy it in again
+            if not _adam_supported(model, optimizer):
+                return eager_step(x, target, step_idx)
             flat.adopt()
         if not flat.uniform_steps():   # Adam state of mixed ages cannot come from plain training: leave it to Adam
             return eager_step(x, target, step_idx)
         eps = torch.randn(x.shape[0], config.latent_dim, device=x.device, dtype=x.dtype)   # = randn_like(mu)
         C = torch.tensor(vae.capacity_at(step_idx, config) if config.objective == "capacity" else 0.0)
+        group = optimizer.param_groups[0]   # read every step: a scheduler or load_state_dict may change it
         lr = torch.tensor(float(group["lr"]), dtype=torch.float64)
+        hp = (*map(float, group["betas"]), float(group["eps"]), float(group["weight_decay"]))
         for p in flat.params:
             p.grad = None   # zero_grad(set_to_none=True): stale .grad must not survive
         saved = None if state["ok"] else [t.clone() for t in (flat.p, flat.m, flat.v, flat.steps, *flat.buffers)]
         try:
-            out = compiled(flat.p, flat.m, flat.v, flat.steps, flat.buffers, x, target, eps, C, lr)
+            out = compiled(flat.p, flat.m, flat.v, flat.steps, flat.buffers, x, target, eps, C, lr, hp)
         except Exception as e:   # a compiler or toolchain failure must not end the run
             if saved is None:
                 raise

@@ -193,9 +193,7 @@ def save_checkpoint(path, model, optimizer, epoch, seed, train_args, metrics, ex
     }
     if extra:
         ckpt.update(extra)
-    buf = io.BytesIO()   # serialised in memory first: a full disk then fails as an OSError, not inside torch's zip
-    torch.save(ckpt, buf)
-    atomic_write(path, lambda f: f.write(buf.getbuffer()))
+    save_torch(path, ckpt)
 
 
 def read_checkpoint(path, map_location="cpu"):
@@ -260,6 +258,16 @@ def _field_problem(ckpt):
         return f"epoch is {ckpt['epoch']!r}, not a count of epochs"
     if not _is_int(ckpt["seed"]):
         return f"seed is {ckpt['seed']!r}, not an integer"
+    try:
+        VAEConfig(**ckpt["model_args"])
+    except (TypeError, ValueError) as e:
+        return f"model_args do not describe a model ({(str(e).splitlines() or [''])[0][:120]})"
+    args = ckpt["train_args"]
+    for key, ok in (("batch_size", lambda v: _is_int(v) and v >= 1), ("seed", _is_int),
+                    ("epochs", lambda v: _is_int(v) and v >= 0), ("lr", lambda v: _is_number(v) and v > 0),
+                    ("loop", lambda v: v in ("fast", "seed")), ("data_dir", lambda v: isinstance(v, str))):
+        if key in args and not ok(args[key]):
+            return f"train_args[{key!r}] is {args[key]!r}"
     if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in ckpt["model"].items()):
         return "model holds entries that are not named tensors"
     for i, m in enumerate(ckpt["metrics"]):
@@ -273,14 +281,24 @@ def _field_problem(ckpt):
 
 
 def load_optimizer_state(optimizer, ckpt, source):
-    """optimizer.load_state_dict(ckpt["optimizer"]), refusing state that does not fit the parameters: torch only
-    finds out at the first step, deep inside Adam."""
+    """optimizer.load_state_dict(ckpt["optimizer"]), refusing state that does not fit the parameters (torch only
+    finds out at the first step, deep inside Adam). Only the hyperparameters lr, betas, eps and weight_decay come
+    from the file; how the update runs (amsgrad, fused, capturable, ...) stays as the optimizer was built."""
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        saved = ckpt["optimizer"]
+        groups = saved["param_groups"]
+        if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+            raise ValueError(f"it has {len(groups) if isinstance(groups, list) else 'no'} parameter groups")
+        merged = []
+        for mine, theirs in zip(optimizer.param_groups, groups):
+            lr, betas, eps, wd = (theirs[k] for k in ("lr", "betas", "eps", "weight_decay"))
+            if not (_is_number(lr) and lr > 0 and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
+                    and _is_number(eps) and eps >= 0 and _is_number(wd) and wd >= 0):
+                raise ValueError("its hyperparameters are not numbers in range")
+            group = {k: v for k, v in mine.items() if k != "params"}
+            merged.append(dict(group, lr=lr, betas=tuple(betas), eps=eps, weight_decay=wd, params=theirs["params"]))
+        optimizer.load_state_dict({"state": saved["state"], "param_groups": merged})
         for group in optimizer.param_groups:
-            if not (_is_number(group["lr"]) and len(group["betas"]) == 2 and all(map(_is_number, group["betas"]))
-                    and _is_number(group["eps"]) and _is_number(group["weight_decay"])):
-                raise ValueError("its hyperparameters are not numbers")
             for p in group["params"]:
                 st = optimizer.state.get(p, {})
                 if not st:
@@ -297,6 +315,14 @@ def load_optimizer_state(optimizer, ckpt, source):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise CheckpointError(f"the optimizer state in {source} does not fit this model ({reason}); start a new "
                               "--out-dir") from None
+
+
+def save_torch(path, obj):
+    """torch.save into memory, then an atomic write: a full disk is then an OSError, not an error inside torch's
+    zip writer, and the old file stays whole."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def model_from_checkpoint(ckpt, source="the checkpoint"):

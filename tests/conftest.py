@@ -119,3 +119,25 @@ def kl_exported(tiny_checkpoint, tmp_path_factory):
         export_onnx.main(["--checkpoint", str(folder / "checkpoint.pt"), "--out", paths["decoder"],
                           "--encoder", paths["encoder"]])
     return dict(paths, checkpoint=str(folder / "checkpoint.pt"), data_dir=tiny_checkpoint["data_dir"])
+
+
+# Download tests must not depend on the network: a mirror on a closed local port fails at once, everywhere.
+OFFLINE = r"""
+import runpy, sys
+from torchvision.datasets import FashionMNIST
+FashionMNIST.mirrors = ["http://127.0.0.1:9/"]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_offline(script, *args, timeout=300):
+    return subprocess.run([sys.executable, "-c", OFFLINE, script, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """In-process: every Fashion-MNIST mirror is a closed local port."""
+    from torchvision.datasets import FashionMNIST
+    monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])

@@ -16,6 +16,7 @@ from PIL import Image
 
 import browser
 import explore
+import fileio
 import idx
 from conftest import KL, run_without_torch
 
@@ -115,7 +116,7 @@ def test_the_scatter_holds_the_encoders_posterior_means_of_the_test_images(site,
 def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    stale = tmp_path / f".site.{proc.pid}.abc_12.tmp"  # a build killed half-way, its process gone
+    stale = tmp_path / f".site.{proc.pid}-{fileio._host()}.abc_1234.tmp"  # a build killed half-way, its process gone
     stale.mkdir()
     (stale / "index.html").write_text("half")
     out = str(tmp_path / "site")

@@ -88,12 +88,23 @@ def test_same_file_sees_through_symlinks_and_hard_links(tmp_path):
 def test_stale_temps_of_dead_processes_go_and_live_ones_stay(tmp_path):
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)
-    names = [f".decoder.onnx.{dead}.k2j3x_9q.tmp", f".decoder.onnx.{os.getpid()}.a1b2c3d4.tmp", "decoder.onnx",
-             f"decoder.onnx.{dead}.k2j3x_9q.tmp", f".decoder.onnx.{dead}.old.tmp"]  # not hidden; not 8 characters
-    for name in names:
-        (tmp_path / name).write_bytes(b"x")
-    assert fileio.clean_stale_temps(tmp_path) == [names[0]]
-    assert listing(tmp_path) == sorted(names[1:])
+    live = subprocess.Popen(["sleep", "60"])
+    host = fileio._host()
+    try:
+        names = [f".decoder.onnx.{dead}-{host}.k2j3x_9q.tmp",      # ours, its process gone: removed
+                 f".decoder.onnx.{live.pid}-{host}.a1b2c3d4.tmp",  # ours, its process alive
+                 f".decoder.onnx.{dead}-0f0f0f.k2j3x_9q.tmp",      # another machine's (a shared folder)
+                 f".notes.txt.{dead}-{host}.k2j3x_9q.tmp",         # not an output of this call
+                 f".decoder.onnx.{dead}-{host}.old.tmp",           # a user's look-alike
+                 "decoder.onnx", f"decoder.onnx.{dead}-{host}.k2j3x_9q.tmp"]
+        for name in names:
+            (tmp_path / name).write_bytes(b"x")
+        assert fileio.clean_stale_temps(tmp_path, ["decoder.onnx"]) == [names[0]]
+        assert listing(tmp_path) == sorted(names[1:])
+        assert fileio.clean_stale_temps_for([tmp_path / "notes.txt", None]) == [names[3]]
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_replace_dir_swaps_a_whole_folder_or_leaves_the_old_one(tmp_path):

@@ -88,7 +88,7 @@ def test_a_corrupt_deflate_stream_is_one_error(tmp_path):
         idx.read_idx(str(p), 3)
 
 
-def test_only_train_files_present_names_every_missing_file_at_once(tmp_path, capsys):
+def test_only_train_files_present_names_every_missing_file_at_once(tmp_path, capsys, offline):
     data_dir = write_dataset(tmp_path / "data")
     for name in data.FILES["test"]:
         os.remove(os.path.join(data.raw_dir(data_dir), name))
@@ -201,20 +201,24 @@ def test_temp_files_of_killed_processes_are_removed_and_live_ones_kept(trained_r
     run, data_dir = trained_run
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
+    alive = subprocess.Popen(["sleep", "60"])
     out = tmp_path / "run"
     out.mkdir()
     for name in ("checkpoint.pt", "metrics.jsonl"):
         (out / name).write_bytes((run / name).read_bytes())
-    dead = out / f".checkpoint.pt.{gone.pid}.k1ll3d_x.tmp"   # 8 characters, as mkstemp makes
-    live = out / f".metrics.jsonl.{os.getpid()}.alive123.tmp"
-    foreign = out / ".notes.tmp"
-    lookalike = out / f".notes.{gone.pid}.old.tmp"                  # a user's file, though its pid is dead
-    for p in (dead, live, foreign, lookalike):
-        p.write_bytes(b"half")
-    assert train.main(["--resume", "--epochs", "2", "--compile", "off", "--data-dir", data_dir,
-                       "--out-dir", str(out)]) == 0
-    assert not dead.exists() and live.exists() and foreign.exists() and lookalike.exists()
-    assert fileio.clean_stale_temps(out) == []
+    host = fileio._host()
+    dead = out / f".checkpoint.pt.{gone.pid}-{host}.k1ll3d_x.tmp"      # as a SIGKILL during a save leaves it
+    live = out / f".metrics.jsonl.{alive.pid}-{host}.alive123.tmp"     # another process is writing it now
+    keep = [out / ".notes.tmp", out / f".notes.{gone.pid}.old.tmp", out / f".photos.{gone.pid}-{host}.summer12.tmp"]
+    try:
+        for p in [dead, live] + keep:
+            p.write_bytes(b"half")
+        assert train.main(["--resume", "--epochs", "2", "--compile", "off", "--data-dir", data_dir,
+                           "--out-dir", str(out)]) == 0
+        assert not dead.exists() and live.exists() and all(p.exists() for p in keep)
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_all_or_nothing_writes_leave_every_file_as_it_was_when_one_fails(tmp_path):

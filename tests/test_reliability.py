@@ -14,7 +14,7 @@ import torch
 import data
 import idx
 import vae
-from conftest import make_images, write_dataset
+from conftest import make_images, run_offline, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,8 +65,7 @@ def test_labels_and_images_of_different_counts(tiny_data):
 
 
 def test_missing_data_without_network_in_train_py(tmp_path):
-    # The test machine has no route to the Fashion-MNIST mirrors, so torchvision's download fails for real.
-    proc = run_script("train.py", "--data-dir", tmp_path / "nothing", "--out-dir", tmp_path / "run", "--epochs", 1)
+    proc = run_offline("train.py", "--data-dir", tmp_path / "nothing", "--out-dir", tmp_path / "run", "--epochs", 1)
     assert_clean_error(proc, "could not be downloaded", "train-images-idx3-ubyte")
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "nothing").exists()   # no empty FashionMNIST/raw folders left behind either

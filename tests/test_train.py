@@ -66,7 +66,7 @@ def test_the_same_command_twice_never_replaces_the_first_run(tiny_data, tmp_path
 def test_resume_without_a_checkpoint_starts_the_run(tiny_data, tmp_path):
     proc = run_train("--epochs", 1, "--latent-dim", 3, "--data-dir", tiny_data, "--out-dir", tmp_path / "new",
                      "--compile", "off", "--resume")
-    assert "starting a new run" in proc.stdout
+    assert "this is a NEW run" in proc.stdout
     assert torch.load(tmp_path / "new" / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 

@@ -53,6 +53,8 @@ def check_step(step, model, opt, config, batch, i=0):
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(opt.state[p]["step"], twin_opt.state[q]["step"])
         assert torch.allclose(opt.state[p]["exp_avg_sq"], twin_opt.state[q]["exp_avg_sq"], rtol=2e-2, atol=1e-8)
+        m, n = opt.state[p]["exp_avg"], twin_opt.state[q]["exp_avg"]
+        assert (m - n).abs().mean() <= 1e-3 * n.abs().mean() + 1e-7   # a gradient is a sum with cancellation
     return got
 
 
@@ -78,9 +80,13 @@ def test_compiled_step_matches_eager_and_follows_changes(tiny_data):
     fresh_model = vae.BetaVAE(config)                                 # a plain model loads what it trained
     fresh_model.load_state_dict(model.state_dict())
 
-    opt.load_state_dict(copy.deepcopy(opt.state_dict()))          # new state tensors, as --resume makes them
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["lr"] = 1e-2
+    opt.load_state_dict(saved)                                       # new state tensors and a new lr, as --resume
     check_step(step, model, opt, config, bs[4])
     assert all(opt.state[p]["step"].item() == 6 for p in model.parameters())
+    opt.param_groups[0]["lr"] = 5e-3                                 # as a learning-rate schedule would
+    check_step(step, model, opt, config, bs[3])
 
     # β 4 -> 2 -> 4: a constant of the graph changes and changes back; each step must use the β of that moment
     for beta, b in ((2.0, bs[5]), (4.0, bs[6])):
@@ -102,10 +108,11 @@ def test_module_formulation_matches_eager_with_the_capacity_objective(tiny_data)
 
 def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_data, monkeypatch):
     def broken_compile(fn, **kwargs):
-        def run(fp, fm, fv, steps, *rest):
+        def run(fp, fm, fv, steps, buffers, *rest):
             with torch.no_grad():
                 fp.add_(1.0)   # fails after changing state, as a crash inside a compiled call could
                 steps.add_(1)
+                buffers[0].add_(1.0)
             raise RuntimeError("C++ compile error: no such header")
         return run
 
@@ -157,6 +164,10 @@ def test_an_architecture_the_rewrite_does_not_reproduce_is_named_and_trained_wit
     with pytest.raises(nhwc_forward.Unsupported, match="encoder.features.1 is a GELU"):
         nhwc_forward.Plan(model)
     model.encoder.features[1] = nn.ReLU()
+    model.decoder.deconv.append(nn.ReLU())
+    with pytest.raises(nhwc_forward.Unsupported, match="end with a ConvTranspose2d"):
+        nhwc_forward.Plan(model)
+    del model.decoder.deconv[len(model.decoder.deconv) - 1]
     model.decoder.deconv[3] = nn.ConvTranspose2d(16, 8, 5, stride=2, padding=2, output_padding=1)
     with pytest.raises(nhwc_forward.Unsupported, match="decoder.deconv.3 is not a 3x3"):
         nhwc_forward.Plan(model)
