@@ -266,3 +266,14 @@ def test_export_removes_temp_files_that_a_killed_export_left(tiny_checkpoint, tm
     code, _, err = run_main(["--checkpoint", tiny_checkpoint["path"], "--out", str(tmp_path / "decoder.onnx")])
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == ["decoder.onnx"]
+
+
+def test_an_output_path_that_is_not_utf8_is_printed_escaped(tiny_checkpoint, tmp_path, monkeypatch):
+    """The files are written, so the last line must not become a UnicodeEncodeError that hides it."""
+    out = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"\xff.onnx"))
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as a UTF-8 terminal or pipe is
+    monkeypatch.setattr(sys, "stdout", stdout)
+    export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", out])
+    stdout.flush()
+    assert os.path.exists(out)
+    assert f"wrote {tmp_path}{os.sep}\\udcff.onnx: decoder" in stdout.buffer.getvalue().decode()
