@@ -300,11 +300,30 @@ def test_encode_equals_onnxruntime_in_python(page, kl_exported):
     assert np.max(np.abs(np.array(got[1]) - logvar.ravel())) <= 1e-5
 
 
-def test_bad_calls_are_rejected_with_a_reason(page):
-    with pytest.raises(browser.PageError, match="RangeError: z must be a flat array of n \\* 4 numbers"):
-        browser.call(page, "return await window.betaVAE.decode([1, 2, 3]);")
-    with pytest.raises(browser.PageError, match="finite numbers"):
-        browser.call(page, "return await window.betaVAE.decode([0, NaN, 0, 0]);")
+@pytest.mark.parametrize("call, reason", [
+    ("decode([1, 2, 3])", "RangeError: z must be a flat array of n \\* 4 numbers"),
+    ("decode([0, NaN, 0, 0])", "RangeError: z must hold finite numbers only"),
+    ("decode([0, 1e39, 0, 0])", "RangeError: z must hold finite numbers only"),  # beyond float32
+    ("decode('1234')", "TypeError: z must be an Array or a typed array"),
+    ("decode({length: 4, 0: 1, 1: 1, 2: 1, 3: 1})", "TypeError: z must be an Array or a typed array"),
+    ("decode(['1', '2', '3', '4'])", "TypeError: z must hold numbers only"),
+    ("decode([1, , 3, 4])", "RangeError: z must hold finite numbers only"),  # a hole
+    ("decode(new BigInt64Array(4))", "TypeError: z must be an Array or a typed array"),
+    ("decode([3e38, 3e38, -3e38, 3e38])", "RangeError: the decoder returned values that are not finite numbers"),
+    ("encode(new Array(784).fill(1e30))", "RangeError: pixels must hold finite numbers only, from 0 to 1"),
+    ("encode(new Array(784).fill(-0.5))", "RangeError: pixels must hold finite numbers only, from 0 to 1"),
+    ("encode('x'.repeat(784))", "TypeError: pixels must be an Array or a typed array"),
+])
+def test_bad_calls_are_rejected_with_a_reason(page, call, reason):
+    with pytest.raises(browser.PageError, match=reason):
+        browser.call(page, f"return await window.betaVAE.{call};")
+
+
+def test_typed_arrays_and_arrays_of_numbers_are_both_taken(page, kl_exported):
+    z = [0.5, -1.0, 0.25, 2.0]
+    got = browser.call(page, "const b = window.betaVAE; return [Array.from(await b.decode(args[0])), "
+                             "Array.from(await b.decode(new Float64Array(args[0])))];", z)
+    assert got[0] == got[1] and np.max(np.abs(np.array(got[0]) - decode(kl_exported, z).ravel())) <= 1e-5
 
 
 def test_moving_a_slider_redraws_the_image_of_the_changed_z(page, kl_exported):
