@@ -1,5 +1,4 @@
 """sample.py: runs where torch cannot be imported, writes labelled grids, is reproducible, refuses bad files and flags."""
-import argparse
 import io
 import os
 import re
