@@ -38,6 +38,8 @@ ATTRIBUTES = {"Gemm": {"alpha": A_FLOAT, "beta": A_FLOAT, "transA": A_INT, "tran
               "Add": {}, "Constant": {"value": A_TENSOR}, "Reshape": {"allowzero": A_INT}, "Flatten": {"axis": A_INT},
               "Conv": _CONV, "ConvTranspose": {**_CONV, "output_padding": A_INTS}}
 NUMBER = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?")  # as Python and JSON write floats
+KEYS = {"format", "format_version", "latent_dim", "image_shape", "pixel_range", "beta", "objective", "epochs", "seed",
+        "model_args", "source_checkpoint", "checkpoint_sha256", "torch_version", "batchnorm", "kl_per_dim", "kl_epoch"}
 FORMS = {"beta": NUMBER, "checkpoint_sha256": re.compile("[0-9a-f]{64}"),  # metadata values of a known form
          **dict.fromkeys(("format_version", "epochs", "seed", "kl_epoch"), re.compile("[0-9]{1,20}"))}
 
@@ -186,6 +188,8 @@ def _metadata(meta, kind):
     if meta.get("format") != f"beta-vae-{kind}":
         raise Malformed(f"its metadata says format '{shown(meta.get('format'), 40)}'")
     for key, value in meta.items():
+        if key not in KEYS:  # onnxruntime reads some keys itself ("ort_config": session options, with an env var)
+            raise Malformed(f"metadata key '{shown(key, 40)}', which the exporter never writes")
         too_long = len(value) > (MAX_KL_TEXT if key == "kl_per_dim" else MAX_VALUE)
         if too_long or (key in FORMS and not FORMS[key].fullmatch(value)):
             raise Malformed(f"metadata {shown(key, 40)} '{shown(value, 40)}'" + (

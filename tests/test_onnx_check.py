@@ -382,6 +382,7 @@ def test_big_files_padded_with_fields_are_refused_in_milliseconds():
     ("kl_per_dim", "[1" + "0" * 400 + ", 1, 1, 1]", "kl_per_dim is not a list of 4 numbers >= 0"),
     ("kl_per_dim", "[" * 90_000, "kl_per_dim is not a list of 4 numbers >= 0"),  # json: RecursionError
     ("kl_per_dim", "[1, 2, 3, 4" + ", 5" * 33_000 + "]", "metadata kl_per_dim '[1, 2, 3, 4, 5, 5"),
+    ("ort_config", '{"session_options": {"enable_profiling": true}}', "metadata key 'ort_config', which the exporter"),
 ], ids=lambda value: repr(value)[:24])
 def test_metadata_of_any_length_or_form_is_refused_in_one_line(exports, key_, value, needle):
     message = refused(mutated(exports["decoder", 17], lambda m: set_meta(m, key_, value)), needle)
