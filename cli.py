@@ -39,6 +39,12 @@ def safe_streams():
             pass
 
 
+def shown(text, limit=200):
+    """`text` from a file (or a path) made safe to print or draw: control characters escaped, one short line."""
+    text = str(text)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit]) + ("…" if len(text) > limit else "")
+
+
 def fail(message, status=2):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(status)

@@ -23,13 +23,14 @@ import numpy as np
 import browser
 import idx
 import onnx_check
-from cli import ArgumentParser, UsageError, check_int, fail, safe_streams
+from cli import ArgumentParser, UsageError, check_int, fail, safe_streams, shown
 from fileio import atomic_write, clashes, clean_stale_temps_for, replace_dir
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 WEB = os.path.join(ROOT, "web")
 PAGE = ("index.html", "explorer.js", "vae.js", "style.css")
 RUNTIME = ("ort.wasm.bundle.min.mjs", "ort-wasm-simd-threaded.wasm")  # the smallest onnxruntime-web that runs: wasm
+SITE_FILES = (*PAGE, "model.json", "decoder.onnx", "encoder.onnx", "points.bin")  # and ort/ holding RUNTIME
 SITE_FORMAT = "beta-vae-explorer"
 INSTALL = "npm ci --prefix web"
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".mjs": "text/javascript",
@@ -68,26 +69,43 @@ def check_args(args):
     if not os.path.isdir(os.path.dirname(out)):
         raise UsageError(f"--out {args.out}: its parent folder does not exist; create it or choose another path")
     if args.screenshot and (os.path.realpath(args.screenshot).startswith(out + os.sep)
-                            or not os.path.isdir(os.path.dirname(os.path.abspath(args.screenshot)))):
-        raise UsageError(f"--screenshot {args.screenshot} must be in an existing folder outside --out {args.out}")
+                            or not os.path.isdir(os.path.dirname(os.path.abspath(args.screenshot)))
+                            or not args.screenshot.lower().endswith(".png")):
+        raise UsageError(f"--screenshot {args.screenshot} must be a .png in an existing folder outside --out "
+                         f"{args.out}")
     if args.screenshot and browser.missing():
         raise UsageError(f"--screenshot {browser.missing()}")
-    if os.path.exists(out) and not is_site(out):
+    extra = foreign_names(out) if os.path.lexists(out) else []
+    if extra is None:
         raise UsageError(f"--out {args.out} exists and is not a site explore.py wrote, so it is left alone: "
                          "choose another --out, or remove it yourself")
+    if extra:  # a hosted copy may hold .git, CNAME, notes: replacing the folder would delete them
+        raise UsageError(f"--out {args.out} holds files explore.py did not write ({', '.join(map(shown, extra[:3]))}"
+                         f"{f' and {len(extra) - 3} more' if len(extra) > 3 else ''}) that replacing the site would "
+                         "delete: move them out, or build into a new --out and copy the site over yours")
 
 
-def is_site(folder):
-    """Whether `folder` is an explorer site (its model.json says so) or empty: nothing else is ever replaced."""
+def foreign_names(folder):
+    """What `folder` holds that explore.py never writes there, or None if it is not a site (its model.json says so)
+    nor empty. A folder is replaced as a whole only when this is empty: nothing else is ever deleted."""
     if not os.path.isdir(folder) or os.path.islink(folder):
-        return False
-    if not os.listdir(folder):
-        return True
+        return None
+    names, extra = sorted(os.listdir(folder)), []
     try:
-        with open(os.path.join(folder, "model.json"), encoding="utf-8") as f:
-            return json.load(f).get("format") == SITE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+        if names:
+            with open(os.path.join(folder, "model.json"), encoding="utf-8") as f:
+                if json.load(f).get("format") != SITE_FORMAT:
+                    return None
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    for name in names:
+        path = os.path.join(folder, name)
+        if name == "ort" and os.path.isdir(path) and not os.path.islink(path):
+            extra += [f"ort/{n}" for n in sorted(os.listdir(path))
+                      if n not in RUNTIME or os.path.isdir(os.path.join(path, n))]
+        elif name not in SITE_FILES or os.path.isdir(path):
+            extra.append(name)
+    return extra
 
 
 def runtime():
@@ -144,7 +162,7 @@ def site_meta(dec, enc, points, version):
             "dims": [{"index": d, "kl": kl[d], "unused": d in unused} for d in order],
             "decoder": "decoder.onnx", "encoder": "encoder.onnx" if enc else None, "points": None,
             "model": {k: dec.meta[k] for k in ("beta", "objective", "epochs", "seed", "kl_epoch", "format_version",
-                                                "source_checkpoint", "checkpoint_sha256") if k in dec.meta}}
+                                                "checkpoint_sha256") if k in dec.meta}}  # no local paths
     if points is not None:
         used = [d for d in order if d not in unused] + [d for d in order if d in unused]
         meta["points"] = {"file": "points.bin", "count": len(points[1]), "classes": list(idx.CLASSES),

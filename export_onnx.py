@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 import vae
-from cli import ArgumentParser, UsageError
+from cli import ArgumentParser, UsageError, safe_streams
 from fileio import atomic_write_all, clashes, clean_stale_temps_for
 
 FORMAT_VERSION = 1
@@ -164,6 +164,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    safe_streams()  # a path whose bytes are not UTF-8 is printed escaped, not a UnicodeEncodeError after writing
     try:
         args = parse_args(argv)
         # export is CPU work, whatever trained the model; NaN or infinite weights are refused here

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 import onnx_check
-from cli import ArgumentParser, UsageError, check_float, check_int, fail
+from cli import ArgumentParser, UsageError, check_float, check_int, fail, safe_streams, shown
 from fileio import atomic_write, clashes, clean_stale_temps_for
 from images import labelled_grid, save_image
 
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=64, help="number of samples, 1-10000 (default 64; grid ceil(sqrt(n)) wide)")
     p.add_argument("--seed", type=int, default=0, help="seed of numpy's default_rng for z, 0 to 2**64-1 (default 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="z = temperature * N(0, I), 0-100 (default 1.0)")
-    p.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write, named *.png (default samples.png)")
     p.add_argument("--npy", default=None, help="also save the float32 images [N, 1, H, W] here (default: not saved)")
     p.add_argument("--scale", type=int, default=3, help="PNG pixels per image pixel, 1-8 (default 3)")
     mode = p.add_mutually_exclusive_group()
@@ -107,6 +107,8 @@ def check_args(args):
     clash = clashes({"--onnx": args.onnx}, {"--out": args.out, "--npy": args.npy})
     if clash:
         raise UsageError(f"{clash}: --onnx, --out and --npy must name different files")
+    if not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out {args.out}: the grid is written as PNG; give a name ending in .png")
 
 
 def check_size(args, model, rows, ncol):
@@ -121,6 +123,7 @@ def check_size(args, model, rows, ncol):
 
 
 def main(argv=None):
+    safe_streams()  # a path whose bytes are not UTF-8 is printed escaped, not a UnicodeEncodeError after writing
     args = parse_args(argv)
     try:
         check_args(args)
@@ -133,8 +136,9 @@ def main(argv=None):
     except UsageError as e:
         fail(e)
     strips = [images[i:i + ncol] for i in range(0, len(images), ncol)]
-    beta = model.meta.get("beta", "?")
-    title = f"{os.path.basename(args.onnx)}  beta {beta}  seed {args.seed}  temperature {args.temperature:g}\n{what}"
+    beta = "?" if model.beta is None else f"{model.beta:g}"  # a number: the checks refused anything else
+    title = f"{shown(os.path.basename(args.onnx), 60)}  beta {beta}  seed {args.seed}  temperature " \
+            f"{args.temperature:g}\n{what}"
     grid = labelled_grid(strips, row_labels, title, col_labels, scale=args.scale)
     clean_stale_temps_for([args.out, args.npy])
     try:

@@ -1,5 +1,6 @@
 """explore.py: the site it builds (torch-free), the server (127.0.0.1, nothing outside the folder), refusals, and the
 page itself in a real headless Chromium: decode and encode equal onnxruntime in Python, sliders, scatter, drawing."""
+import contextlib
 import http.client
 import io
 import json
@@ -100,6 +101,9 @@ def test_the_site_holds_page_models_runtime_and_metadata(site, kl_exported):
     assert meta["onnxruntime_web"] == json.load(open(os.path.join(ROOT, "web", "package.json")))[
         "dependencies"]["onnxruntime-web"]
     assert meta["points"]["count"] == POINTS and meta["points"]["axes"] == [1, 3]
+    # what a hosted site publishes: the checkpoint's hash, never a path on the machine that built it
+    assert "source_checkpoint" not in meta["model"] and len(meta["model"]["checkpoint_sha256"]) == 64
+    assert kl_exported["checkpoint"] not in open(os.path.join(site, "model.json")).read()
 
 
 def test_the_scatter_holds_the_encoders_posterior_means_of_the_test_images(site, kl_exported):
@@ -120,11 +124,15 @@ def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, tmp
     stale.mkdir()
     (stale / "index.html").write_text("half")
     out = str(tmp_path / "site")
-    for _ in range(2):
+    with contextlib.redirect_stdout(io.StringIO()):
+        explore.main(["--onnx", kl_exported["decoder"], "--encoder", kl_exported["encoder"], "--data-dir",
+                      kl_exported["data_dir"], "--points", "10", "--out", out])
+        assert {"encoder.onnx", "points.bin"} <= set(os.listdir(out))
         assert explore.main(["--onnx", kl_exported["decoder"], "--out", out]) is None
     assert sorted(os.listdir(tmp_path)) == ["site"]
+    assert sorted(os.listdir(out)) == sorted([*explore.PAGE, "ort", "model.json", "decoder.onnx"])
     meta = json.load(open(os.path.join(out, "model.json")))
-    assert meta["encoder"] is None and meta["points"] is None and not os.path.exists(os.path.join(out, "points.bin"))
+    assert meta["encoder"] is None and meta["points"] is None
 
 
 @needs_runtime
@@ -132,6 +140,8 @@ def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, tmp
     ("out_holds_input", "is inside --out"),
     ("out_is_input", "is the same file as --onnx"),
     ("foreign_folder", "exists and is not a site explore.py wrote"),
+    ("user_files_in_site", "holds files explore.py did not write (.git, CNAME, NOTES.md and 1 more) that replacing"),
+    ("screenshot_not_png", "shot.jpg must be a .png in an existing folder"),
     ("data_without_encoder", "add --encoder"),
     ("other_checkpoint", "come from different checkpoints"),
     ("hostile_decoder", "is not a decoder that export_onnx.py wrote"),
@@ -149,6 +159,15 @@ def test_refusals_are_one_line_and_touch_nothing(kl_exported, tiny_checkpoint, t
     elif case == "foreign_folder":
         out.mkdir()
         (out / "notes.txt").write_text("mine")
+    elif case == "user_files_in_site":  # a hosted copy: a site explore.py wrote, plus the user's own files
+        out.mkdir()
+        (out / "model.json").write_text(json.dumps({"format": explore.SITE_FORMAT}))
+        (out / "decoder.onnx").write_bytes(b"old")
+        for name in (".git/HEAD", "CNAME", "NOTES.md", "ort/mine.txt"):
+            (out / name).parent.mkdir(exist_ok=True)
+            (out / name).write_text("mine")
+    elif case == "screenshot_not_png":
+        args += ["--screenshot", str(tmp_path / "shot.jpg")]
     elif case == "data_without_encoder":
         args += ["--data-dir", kl_exported["data_dir"]]
     elif case == "other_checkpoint":
@@ -184,6 +203,9 @@ def test_refusals_are_one_line_and_touch_nothing(kl_exported, tiny_checkpoint, t
     assert sorted(os.listdir(tmp_path)) == before
     if case == "foreign_folder":
         assert os.listdir(out) == ["notes.txt"]
+    if case == "user_files_in_site":
+        assert sorted(os.listdir(out)) == [".git", "CNAME", "NOTES.md", "decoder.onnx", "model.json", "ort"]
+        assert (out / ".git" / "HEAD").read_text() == "mine" and (out / "decoder.onnx").read_bytes() == b"old"
 
 
 # ---------------------------------------------------------------------------------------------------- the server
@@ -279,11 +301,30 @@ def test_encode_equals_onnxruntime_in_python(page, kl_exported):
     assert np.max(np.abs(np.array(got[1]) - logvar.ravel())) <= 1e-5
 
 
-def test_bad_calls_are_rejected_with_a_reason(page):
-    with pytest.raises(browser.PageError, match="RangeError: z must be a flat array of n \\* 4 numbers"):
-        browser.call(page, "return await window.betaVAE.decode([1, 2, 3]);")
-    with pytest.raises(browser.PageError, match="finite numbers"):
-        browser.call(page, "return await window.betaVAE.decode([0, NaN, 0, 0]);")
+@pytest.mark.parametrize("call, reason", [
+    ("decode([1, 2, 3])", "RangeError: z must be a flat array of n \\* 4 numbers"),
+    ("decode([0, NaN, 0, 0])", "RangeError: z must hold finite numbers only"),
+    ("decode([0, 1e39, 0, 0])", "RangeError: z must hold finite numbers only"),  # beyond float32
+    ("decode('1234')", "TypeError: z must be an Array or a typed array"),
+    ("decode({length: 4, 0: 1, 1: 1, 2: 1, 3: 1})", "TypeError: z must be an Array or a typed array"),
+    ("decode(['1', '2', '3', '4'])", "TypeError: z must hold numbers only"),
+    ("decode([1, , 3, 4])", "RangeError: z must hold finite numbers only"),  # a hole
+    ("decode(new BigInt64Array(4))", "TypeError: z must be an Array or a typed array"),
+    ("decode([3e38, 3e38, -3e38, 3e38])", "RangeError: the decoder returned values that are not finite numbers"),
+    ("encode(new Array(784).fill(1e30))", "RangeError: pixels must hold finite numbers only, from 0 to 1"),
+    ("encode(new Array(784).fill(-0.5))", "RangeError: pixels must hold finite numbers only, from 0 to 1"),
+    ("encode('x'.repeat(784))", "TypeError: pixels must be an Array or a typed array"),
+])
+def test_bad_calls_are_rejected_with_a_reason(page, call, reason):
+    with pytest.raises(browser.PageError, match=reason):
+        browser.call(page, f"return await window.betaVAE.{call};")
+
+
+def test_typed_arrays_and_arrays_of_numbers_are_both_taken(page, kl_exported):
+    z = [0.5, -1.0, 0.25, 2.0]
+    got = browser.call(page, "const b = window.betaVAE; return [Array.from(await b.decode(args[0])), "
+                             "Array.from(await b.decode(new Float64Array(args[0])))];", z)
+    assert got[0] == got[1] and np.max(np.abs(np.array(got[0]) - decode(kl_exported, z).ravel())) <= 1e-5
 
 
 def test_moving_a_slider_redraws_the_image_of_the_changed_z(page, kl_exported):

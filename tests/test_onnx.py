@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import export_onnx
+import fileio
 import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,8 +262,19 @@ def test_export_removes_temp_files_that_a_killed_export_left(tiny_checkpoint, tm
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     proc.kill()
     proc.wait()
-    stale = tmp_path / f".decoder.onnx.{proc.pid}.x7y8z9.tmp"  # named as fileio names them, its process gone
+    stale = tmp_path / f".decoder.onnx.{proc.pid}-{fileio._host()}.x7y8z9ab.tmp"  # as fileio names them, process gone
     stale.write_bytes(b"half a decoder")
     code, _, err = run_main(["--checkpoint", tiny_checkpoint["path"], "--out", str(tmp_path / "decoder.onnx")])
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == ["decoder.onnx"]
+
+
+def test_an_output_path_that_is_not_utf8_is_printed_escaped(tiny_checkpoint, tmp_path, monkeypatch):
+    """The files are written, so the last line must not become a UnicodeEncodeError that hides it."""
+    out = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"\xff.onnx"))
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as a UTF-8 terminal or pipe is
+    monkeypatch.setattr(sys, "stdout", stdout)
+    export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", out])
+    stdout.flush()
+    assert os.path.exists(out)
+    assert f"wrote {tmp_path}{os.sep}\\udcff.onnx: decoder" in stdout.buffer.getvalue().decode()

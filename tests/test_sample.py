@@ -1,5 +1,5 @@
 """sample.py: runs where torch cannot be imported, writes labelled grids, is reproducible, refuses bad files and flags."""
-import argparse
+import io
 import os
 import re
 import shutil
@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+import fileio
 import onnx_check
 import sample
 from conftest import KL, NO_TORCH, run_without_torch
@@ -127,7 +128,6 @@ def test_interpolation_rows_go_somewhere_and_grids_have_titles(decoder, tmp_path
 
 def test_traverse_of_a_decoder_without_kl_is_in_index_order(tiny_checkpoint, tmp_path):
     import contextlib
-    import io
 
     import export_onnx
     path = str(tmp_path / "plain.onnx")
@@ -141,7 +141,6 @@ def test_traverse_of_a_decoder_without_kl_is_in_index_order(tiny_checkpoint, tmp
 
 def test_a_request_too_large_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
     import contextlib
-    import io
 
     import torch
 
@@ -151,7 +150,10 @@ def test_a_request_too_large_for_memory_is_refused_before_decoding(tmp_path, mon
     ckpt, path = str(tmp_path / "wide.pt"), str(tmp_path / "wide.onnx")
     vae.save_checkpoint(ckpt, vae.BetaVAE(vae.VAEConfig(latent_dim=4096)), None, 0, 0, {}, [])
     with contextlib.redirect_stdout(io.StringIO()):
-        export_onnx.main(["--checkpoint", ckpt, "--out", path])
+        export_onnx.main(["--checkpoint", ckpt, "--out", path, "--encoder", str(tmp_path / "wide_encoder.onnx")])
+    # the largest files the exporter writes (latent 4096; the encoder is the larger) pass, well within MAX_BYTES
+    assert onnx_check.load(str(tmp_path / "wide_encoder.onnx"), "encoder").latent == 4096
+    assert os.path.getsize(tmp_path / "wide_encoder.onnx") < onnx_check.MAX_BYTES / 1.8
     proc = run_sample("--onnx", path, "--traverse", "--steps", 101, "--out", "t.png", cwd=tmp_path)
     assert_one_error_line(proc, "4096 dims x 101 steps is 413,696 images")
     assert "--dims K" in proc.stderr and not (tmp_path / "t.png").exists()
@@ -219,44 +221,51 @@ def test_the_sampler_runs_from_exactly_the_documented_files(decoder, tmp_path):
 def test_stale_temp_files_of_dead_processes_are_removed(decoder, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()  # a pid that has exited
-    stale, live = tmp_path / f".samples.png.{dead}.abc123.tmp", tmp_path / f".samples.png.{os.getpid()}.xyz.tmp"
-    stale.write_bytes(b"half a file")
-    live.write_bytes(b"being written")
-    assert run_sample("--onnx", decoder, "--n", 1, cwd=tmp_path).returncode == 0
-    assert not stale.exists() and live.exists()
-
-
-def tiny_model(path, in_shape, op, out_shape):
-    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    host, alive = fileio._host(), subprocess.Popen(["sleep", "60"])
+    stale = tmp_path / f".samples.png.{dead}-{host}.abc123de.tmp"
+    live = tmp_path / f".samples.png.{alive.pid}-{host}.xyz_1234.tmp"   # another sample.py writing it now
+    try:
+        stale.write_bytes(b"half a file")
+        live.write_bytes(b"being written")
+        assert run_sample("--onnx", decoder, "--n", 1, cwd=tmp_path).returncode == 0
+        assert not stale.exists() and live.exists()
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "no file at"),
     ("not_onnx", "is not an ONNX model"),
-    ("encoder_like", "is not a decoder"),
-    ("rank2_out", "is not a decoder"),
-    ("huge", "far too big for a decoder"),
+    ("encoder_like", "it maps images -> mu, logvar; a decoder maps float z -> images"),
+    ("rank2_out", "images has shape ['batch', 784], not [batch, ...]"),
+    ("huge", "is larger than 8 MiB, far too big for a decoder"),
+    ("not_png", "--out out.jpg: the grid is written as PNG; give a name ending in .png"),
     ("bad_out", "its folder does not exist"),
     ("clobber", "is the same file as --onnx"),
     ("symlink", "is the same file as --onnx"),
     ("hardlink", "is the same file as --onnx"),
 ])
-def test_bad_input_one_line_exit_2_nothing_written(decoder, tmp_path, case, message):
+def test_bad_input_one_line_exit_2_nothing_written(kl_exported, decoder, tmp_path, case, message):
     path, out = str(tmp_path / "model.onnx"), "out.png"
     if case == "missing":
         path = str(tmp_path / "nope.onnx")
     elif case == "not_onnx":
         (tmp_path / "model.onnx").write_bytes(b"this is not a protobuf \x00\xff" * 10)
-    elif case == "encoder_like":
-        tiny_model(path, ["batch", 1, 28, 28], "Flatten", ["batch", 784])
-    elif case == "rank2_out":
-        tiny_model(path, ["batch", 4], "Identity", ["batch", 4])
+    elif case == "encoder_like":  # the exporter's encoder, labelled a decoder: refused for what it maps
+        model = onnx.load(kl_exported["encoder"])
+        next(p for p in model.metadata_props if p.key == "format").value = "beta-vae-decoder"
+        onnx.save(model, path)
+    elif case == "rank2_out":  # the exporter's decoder declaring flat images
+        model = onnx.load(decoder)
+        del model.graph.output[0].type.tensor_type.shape.dim[1:]
+        model.graph.output[0].type.tensor_type.shape.dim.add(dim_value=784)
+        onnx.save(model, path)
     elif case == "huge":
         with open(path, "wb") as f:
-            f.truncate(65 * 2**20)  # sparse: costs no disk, and sample.py must refuse it by size alone
+            f.truncate(onnx_check.MAX_BYTES + 1)  # sparse: costs no disk, and sample.py must refuse it by size alone
+    elif case == "not_png":  # PNG bytes under a .jpg name would mislead whoever opens it
+        path, out = decoder, "out.jpg"
     elif case in ("clobber", "symlink", "hardlink"):  # an output that is the model itself must not overwrite it
         shutil.copy(decoder, path)
         if case == "clobber":
@@ -273,5 +282,23 @@ def test_bad_input_one_line_exit_2_nothing_written(decoder, tmp_path, case, mess
     proc = run_sample("--onnx", path, "--out", out, "--npy", "out.npy", cwd=tmp_path)
     assert_one_error_line(proc, message)
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "out.npy").exists()
+    assert not (tmp_path / "out.jpg").exists()
     if before is not None:
         assert open(path, "rb").read() == before
+
+
+def test_odd_file_names_neither_break_the_title_nor_the_last_line(decoder, tmp_path, monkeypatch):
+    """A decoder named with a newline is drawn on one title line; an --out whose bytes are not UTF-8 is printed
+    escaped once written, not a UnicodeEncodeError that hides the success."""
+    odd = tmp_path / "two\nlines.onnx"
+    shutil.copy(decoder, odd)
+    out = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"\xff.png"))
+    titles, real = [], sample.labelled_grid
+    monkeypatch.setattr(sample, "labelled_grid", lambda *a, **k: titles.append(a[2]) or real(*a, **k))
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as a UTF-8 terminal or pipe is
+    monkeypatch.setattr(sys, "stdout", stdout)
+    sample.main(["--onnx", str(odd), "--n", "4", "--out", out])
+    stdout.flush()
+    assert os.path.exists(out)
+    assert titles[0].count("\n") == 1 and titles[0].startswith("two\\nlines.onnx  beta 1  seed 0")
+    assert stdout.buffer.getvalue().decode().startswith(f"wrote {tmp_path}{os.sep}\\udcff.png: 4 images")

@@ -16,15 +16,31 @@ function exclusive(job) {  // a session runs one call at a time; calls wait thei
   return result;
 }
 
-function floats(values, width, what) {
-  if (!values || typeof values.length !== "number" || values.length === 0 || values.length % width !== 0) {
+// A flat Array or typed array of n * width finite numbers within [low, high], as float32; anything else (a string, an
+// array-like object, strings or holes inside, a BigInt array) is refused with the reason.
+function floats(values, width, what, low = -Infinity, high = Infinity) {
+  const typed = ArrayBuffer.isView(values) && !(values instanceof DataView) &&
+    !(values instanceof BigInt64Array) && !(values instanceof BigUint64Array);
+  if (!typed && !Array.isArray(values)) {
+    throw new TypeError(`${what} must be an Array or a typed array (such as Float32Array) of numbers`);
+  }
+  if (values.length === 0 || values.length % width !== 0) {
     throw new RangeError(`${what} must be a flat array of n * ${width} numbers`);
   }
   const n = values.length / width;
   if (n > MAX_BATCH) throw new RangeError(`${what}: at most ${MAX_BATCH} at a time (got ${n})`);
+  if (!typed && !values.every((v) => typeof v === "number")) throw new TypeError(`${what} must hold numbers only`);
   const out = Float32Array.from(values);
-  if (!out.every(Number.isFinite)) throw new RangeError(`${what} must hold finite numbers only`);
+  if (!out.every((v) => Number.isFinite(v) && v >= low && v <= high)) {
+    throw new RangeError(`${what} must hold finite numbers only` + (low > -Infinity ? `, from ${low} to ${high}` : ""));
+  }
   return [out, n];
+}
+
+function finite(data, what) {  // far-out latents can overflow inside the model: NaN pixels are refused, not drawn
+  const out = new Float32Array(data);
+  if (!out.every(Number.isFinite)) throw new RangeError(`the ${what} returned values that are not finite numbers`);
+  return out;
 }
 
 export async function loadModel(base = ".") {
@@ -42,17 +58,17 @@ export async function loadModel(base = ".") {
     const [data, n] = floats(z, d, "z");
     return exclusive(async () => {
       const { images } = await decoder.run({ z: new ort.Tensor("float32", data, [n, d]) });
-      return new Float32Array(images.data);
+      return finite(images.data, "decoder");
     });
   }
 
   // pixels: n * H * W numbers in [0, 1] (0 black) -> {mu, logvar}, each n * d; the encoder takes [-1, 1]
   async function encode(pixels) {
-    const [data, n] = floats(pixels, pixelsPerImage, "pixels");
+    const [data, n] = floats(pixels, pixelsPerImage, "pixels", 0, 1);
     for (let i = 0; i < data.length; i++) data[i] = data[i] * 2 - 1;
     return exclusive(async () => {
       const out = await encoder.run({ images: new ort.Tensor("float32", data, [n, ...meta.image_shape]) });
-      return { mu: new Float32Array(out.mu.data), logvar: new Float32Array(out.logvar.data) };
+      return { mu: finite(out.mu.data, "encoder"), logvar: finite(out.logvar.data, "encoder") };
     });
   }
 
