@@ -1,8 +1,8 @@
 """Measure speed side by side in one run, print a table and write bench.json.
 
-$ python bench.py --data-dir ../shared/data
-$ python bench.py --data-dir ../shared/data --quick          # a smoke run, under a minute
-$ python bench.py --data-dir ../shared/data --device cuda
+$ python bench.py --data-dir data
+$ python bench.py --data-dir data --quick          # a smoke run, under a minute
+$ python bench.py --data-dir data --device cuda
 
 1. training: images/s of one epoch of train.py's loop vs the course project's loop (train.py --loop seed), batch 64,
    interleaved epoch by epoch, and train.py's loop at batch sizes 128, 256, 512;
@@ -13,11 +13,10 @@ $ python bench.py --data-dir ../shared/data --device cuda
 5. browser (when Chromium, chromedriver, selenium and web/node_modules are there): the explorer page that explore.py
    builds, in headless Chromium: betaVAE.decode of one image (onnxruntime-web, wasm, one thread), a slider's input
    event to new pixels on the canvas, and the first image after loading the page from the local server.
-Every timing is the median of several repeats after a warm-up; the spread is (min, max).
+Every timing is the median of several repeats after a warm-up; the spread is (min, max). Scripts run as the user
+runs them, in their own processes; bench.py imports only modules.
 """
-import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -27,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -37,7 +35,7 @@ import data
 import idx
 import training
 import vae
-from cli import ArgumentParser
+from cli import ArgumentParser, UsageError, check_int
 from fileio import atomic_write
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -149,24 +147,14 @@ def bench_sample(ckpt_path, onnx_path, work, repeats):
             "speedup": statistics.median(torch_t) / statistics.median(onnx_t)}
 
 
-def per_call(fn, repeats, min_seconds=0.2):
-    """Median seconds per call: blocks of calls long enough to time, after a warm-up."""
+def per_call(fn, min_seconds=0.1):
+    """Seconds per call, over as many calls as fill min_seconds, after one warm-up call."""
     fn()
-    n = 1
-    while True:
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        if time.perf_counter() - t >= min_seconds / 4 or n >= 4096:
-            break
-        n *= 2
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        runs.append((time.perf_counter() - t) / n)
-    return runs
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < min_seconds:
+        fn()
+        n += 1
+    return (time.perf_counter() - t) / n
 
 
 def bench_decoder(ckpt_path, onnx_path, repeats):
@@ -185,8 +173,8 @@ def bench_decoder(ckpt_path, onnx_path, repeats):
 
         ort_runs, torch_runs = [], []
         for _ in range(repeats):  # interleaved blocks
-            ort_runs += per_call(lambda: sess.run(None, {name: z}), 1)
-            torch_runs += per_call(run_torch, 1)
+            ort_runs.append(per_call(lambda: sess.run(None, {name: z})))
+            torch_runs.append(per_call(run_torch))
         out[str(bs)] = {"onnxruntime_img_s": stats([bs / t for t in ort_runs]),
                         "torch_img_s": stats([bs / t for t in torch_runs]),
                         "onnxruntime_speedup": statistics.median(torch_runs) / statistics.median(ort_runs)}
@@ -196,22 +184,26 @@ def bench_decoder(ckpt_path, onnx_path, repeats):
 def bench_browser(onnx_path, work, repeats, quick, say):
     """The explorer page in headless Chromium (see explore.py and browser.py); times come from the page's own clock."""
     import browser
-    import explore
     reason = browser.missing()
     if reason:
         say(f"  browser section skipped: {reason}")
         return {"skipped": reason}
     site = os.path.join(work, "site")
-    with contextlib.redirect_stdout(io.StringIO()):
-        explore.main(["--onnx", onnx_path, "--out", site])
-    server = explore.make_server(site, 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    session = browser.start()
+    server = subprocess.Popen([sys.executable, "explore.py", "--onnx", onnx_path, "--out", site, "--serve", "--port",
+                               "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    session = None
     try:
+        for line in server.stdout:   # "serving <site>/ at http://127.0.0.1:<port>/  (Ctrl-C stops)"
+            if "http://127.0.0.1:" in line:
+                url = line.split(" at ", 1)[1].split()[0]
+                break
+        else:
+            raise RuntimeError(f"explore.py --serve failed: {server.stderr.read().strip()[-500:]}")
+        session = browser.start()
         session.set_script_timeout(120)
         first = []
         for _ in range(1 if quick else max(3, repeats)):  # a fresh navigation each: wasm compile, model, first image
-            session.get(f"http://127.0.0.1:{server.server_address[1]}/")
+            session.get(url)
             first.append(browser.call(session, "await window.betaVAE.ready; await window.betaVAE.idle();"
                                                "return window.betaVAE.timings.firstImageMs;"))
         # 200 single-image calls, in 20 blocks of 10: the page's clock moves in 0.1 ms steps (no cross-origin isolation)
@@ -234,9 +226,10 @@ def bench_browser(onnx_path, work, repeats, quick, say):
         updates = browser.call(session, "return window.betaVAE.timings.updates;")[-moves:]
         errors = browser.console_errors(session)
     finally:
-        session.quit()
-        server.shutdown()
-        server.server_close()
+        if session is not None:
+            session.quit()
+        server.terminate()
+        server.communicate()
     return {"decode_ms": stats(blocks), "calls": 200, "slider_to_canvas_ms": stats(updates),
             "first_image_ms": stats(first), "console_errors": errors,
             "chromium": session.capabilities.get("browserVersion"),
@@ -270,35 +263,37 @@ def sized_test_split(data_dir, work, n):
     for name in data.FILES["train"]:
         src = data.find(data_dir, name)
         os.symlink(os.path.abspath(src), os.path.join(raw, os.path.basename(src)))
-    images, labels = data.load_split(data_dir, "test", download=False)
+    images, labels = idx.read_split(data_dir, "test")
     reps = math.ceil(n / len(images))
-    idx.write_idx(os.path.join(raw, data.FILES["test"][0]), np.tile(images.numpy(), (reps, 1, 1))[:n])
-    idx.write_idx(os.path.join(raw, data.FILES["test"][1]), np.tile(labels.numpy().astype(np.uint8), reps)[:n])
+    idx.write_idx(os.path.join(raw, data.FILES["test"][0]), np.tile(images, (reps, 1, 1))[:n])
+    idx.write_idx(os.path.join(raw, data.FILES["test"][1]), np.tile(labels, reps)[:n])
     cached, target = metrics.classifier_cache_path(data_dir), metrics.classifier_cache_path(os.path.join(work, "data"))
     if os.path.isfile(cached) and not os.path.exists(target):
         shutil.copy2(cached, target)
     return os.path.join(work, "data"), len(images)
 
 
+def script(*argv):
+    """Run one of the project's scripts as a user would, quietly; its output if it succeeds."""
+    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{argv[0]} failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
 def bench_evaluate(ckpt_path, data_dir, work, device, repeats, n_images, say):
-    import evaluate
     eval_dir, n_real = sized_test_split(data_dir, work, n_images)
-    argv = ["--checkpoint", ckpt_path, "--data-dir", eval_dir, "--out-dir", os.path.join(work, "eval"),
-            "--device", device.type]
     runs = []
     for r in range(repeats + 1):  # the first run is the warm-up; it trains and caches the classifier if needed
-        t = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            evaluate.main(argv)  # its table and progress bars would drown bench's own lines
-        wall = time.perf_counter() - t
+        script("evaluate.py", "--checkpoint", ckpt_path, "--data-dir", eval_dir, "--out-dir", os.path.join(work, "eval"),
+               "--device", device.type)
         with open(os.path.join(work, "eval", "report.json")) as f:
-            report = json.load(f)
+            timings = json.load(f)["timings_s"]   # measured inside evaluate.py: process start-up is not counted
         if r:
-            runs.append(dict(report["timings_s"], wall=wall))
-        say(f"  evaluate {'warm-up' if not r else f'repeat {r}/{repeats}'}: {wall:.1f} s")
-    parts = {k: stats([run[k] for run in runs]) for k in runs[0]}
-    return {"test_images": n_images, "distinct_test_images": min(n_real, n_images), "seconds": stats([r["wall"] for r in runs]),
-            "parts": parts}
+            runs.append(timings)
+        say(f"  evaluate {'warm-up' if not r else f'repeat {r}/{repeats}'}: {timings['total']:.1f} s")
+    return {"test_images": n_images, "distinct_test_images": min(n_real, n_images),
+            "seconds": stats([r["total"] for r in runs]), "parts": {k: stats([r[k] for r in runs]) for k in runs[0]}}
 
 
 def table(result):
@@ -341,18 +336,16 @@ def table(result):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = vae.pick_device(args.device)
-        data.load_split(args.data_dir, "train", download=True)
-        data.load_split(args.data_dir, "test", download=True)
-    except (ValueError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     sections = set(args.only.split(","))
-    if not sections <= {"train", "evaluate", "sample", "decoder", "browser"} or args.eval_images < 1 \
-            or args.repeats < 1:
-        print("error: --only takes train,evaluate,sample,decoder,browser; --eval-images and --repeats must be >= 1",
-              file=sys.stderr)
+    try:
+        if not sections <= {"train", "evaluate", "sample", "decoder", "browser"}:
+            raise UsageError(f"--only {args.only}: choose from train,evaluate,sample,decoder,browser")
+        check_int("--eval-images", args.eval_images, 2, 1_000_000)
+        check_int("--repeats", args.repeats, 1, 1000)
+        device = vae.pick_device(args.device)
+        data.ensure_files(args.data_dir)
+    except (ValueError, UsageError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     repeats = 1 if args.quick else max(1, args.repeats)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -377,10 +370,8 @@ def main(argv=None):
             say("evaluation ...")
             result["evaluate"] = bench_evaluate(ckpt_path, args.data_dir, work, device, repeats, args.eval_images, say)
         if sections & {"sample", "decoder", "browser"}:
-            import export_onnx
             onnx_path = os.path.join(work, "decoder.onnx")
-            with contextlib.redirect_stdout(io.StringIO()):
-                export_onnx.main(["--checkpoint", ckpt_path, "--out", onnx_path])
+            script("export_onnx.py", "--checkpoint", ckpt_path, "--out", onnx_path)
             if "sample" in sections:
                 say("sampling cold starts ...")
                 result["sample"] = bench_sample(ckpt_path, onnx_path, work, 3 if args.quick else 2 * repeats + 1)
