@@ -43,7 +43,7 @@ def stats(values):
 
 def settings(data_dir, batch_size, loop):
     return dict(latent_dim=10, beta=4.0, objective="beta", gamma=1000.0, capacity_max=25.0, capacity_steps=100_000,
-                batch_size=batch_size, lr=1e-3, seed=0, epochs=1, data_dir=data_dir, loop=loop)
+                alpha=1.0, batch_size=batch_size, lr=1e-3, seed=0, epochs=1, data_dir=data_dir, loop=loop)
 
 
 class Trainer:

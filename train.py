@@ -3,6 +3,7 @@
 $ python train.py --beta 4
 $ python train.py --beta 1 --epochs 20 --data-dir ../shared/data
 $ python train.py --objective capacity --capacity-max 25 --gamma 1000     # Burgess et al. 2018
+$ python train.py --objective tc --beta 4                                 # β-TCVAE, Chen et al. 2018
 $ python train.py --beta 4 --epochs 30 --resume                           # continue runs/beta4_z10_seed0
 
 Writes into --out-dir: checkpoint.pt (every epoch), metrics.jsonl, train.log, loss.png, samples.png,
@@ -27,25 +28,30 @@ from cli import ArgumentParser, UsageError
 from fileio import atomic_write
 from images import save_png, tile
 
-MODEL_FLAGS = ("latent_dim", "beta", "objective", "gamma", "capacity_max", "capacity_steps")
+MODEL_FLAGS = ("latent_dim", "beta", "objective", "gamma", "capacity_max", "capacity_steps", "alpha")
 RUN_FLAGS = ("batch_size", "lr", "seed")  # must match the checkpoint when resuming, or the run is not one run
-DEFAULTS = dict(latent_dim=10, beta=4.0, objective="beta", gamma=1000.0, capacity_max=25.0, capacity_steps=100_000,
-                batch_size=64, lr=1e-3, seed=0, epochs=20)
+DEFAULTS = dict(latent_dim=10, beta=4.0, objective="beta", gamma=None, capacity_max=25.0, capacity_steps=100_000,
+                alpha=vae.VAEConfig.alpha, batch_size=64, lr=1e-3, seed=0, epochs=20)  # gamma None: VAEConfig picks
 log = logging.getLogger("train")
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Train a β-VAE on Fashion-MNIST.")
     # Model and run flags default to None so a resumed run can tell "given" from "default" (defaults in DEFAULTS).
-    p.add_argument("--beta", type=float, help="weight of the KL term (default: 4.0)")
+    p.add_argument("--beta", type=float, help="weight of the KL term; with --objective tc, of the total correlation "
+                                              "(default: 4.0)")
     p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int, help="latent size (default: 10)")
     p.add_argument("--epochs", type=int, help="total epochs to reach (default: 20; with --resume, may be raised)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="batch size (default: 64)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3)")
     p.add_argument("--seed", type=int, help="seeds shuffling, initialisation and sampling (default: 0)")
     p.add_argument("--objective", choices=vae.OBJECTIVES,
-                   help="beta: recon + β·KL; capacity: recon + γ·|KL − C| (default: beta)")
-    p.add_argument("--gamma", type=float, help="capacity objective: weight γ (default: 1000)")
+                   help="beta: recon + β·KL; capacity: recon + γ·|KL − C|; tc (β-TCVAE): recon + α·MI + β·TC + "
+                        "γ·dimension-wise KL (default: beta)")
+    p.add_argument("--gamma", type=float, help="weight γ of the objective's extra term: capacity: of |KL − C| "
+                                               "(default: 1000); tc: of the dimension-wise KL (default: 1)")
+    p.add_argument("--alpha", type=float, help="tc objective: weight α of the index-code mutual information "
+                                               "(default: 1)")
     p.add_argument("--capacity-max", "--capacity_max", dest="capacity_max", type=float,
                    help="capacity objective: C_max in nats (default: 25)")
     p.add_argument("--capacity-steps", "--capacity_steps", dest="capacity_steps", type=int,
@@ -69,7 +75,8 @@ def parse_args(argv=None):
 
 
 def run_name(a):
-    head = f"cap{a['capacity_max']:g}" if a["objective"] == "capacity" else f"beta{a['beta']:g}"
+    heads = {"capacity": f"cap{a['capacity_max']:g}", "tc": f"tc{a['beta']:g}"}
+    head = heads.get(a["objective"], f"beta{a['beta']:g}")
     return f"{head}_z{a['latent_dim']}_seed{a['seed']}"
 
 
@@ -103,8 +110,8 @@ def resolve_args(args):
               (args.n_samples >= 1 and args.n_recon >= 1,
                "--num-generation-samples and --num-reconstruction-samples must be at least 1")]
     if args.loop == "seed":
-        checks.append((s["objective"] == "beta", "--loop seed trains the plain β objective only: drop --objective "
-                                                 "capacity"))
+        checks.append((s["objective"] == "beta", f"--loop seed trains the plain β objective only: drop --objective "
+                                                 f"{s['objective']}"))
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
@@ -167,8 +174,8 @@ def test_metrics(model, test, config, seed, step_idx):
     g = torch.Generator(device=test.device).manual_seed(seed)
     sums = torch.zeros(3 + config.latent_dim, device=test.device)
     for x, target, _ in test.batches(1000):
-        logits, mu, logvar = model(x, generator=g)
-        t = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx)
+        logits, mu, logvar, z = model.forward_with_z(x, generator=g)
+        t = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx, z=z)
         sums += torch.cat([torch.stack([t.recon.sum(), t.kl.sum(), t.total.sum()]), t.kl_per_dim.sum(0)])
     model.train()
     return (sums / len(test)).tolist()
@@ -304,7 +311,9 @@ def train(s, ckpt, args):
         raise UsageError(f"--loop seed reads the data through torchvision, which needs the uncompressed "
                          f"{' and '.join(missing)} in {raw}: gunzip the .gz files there, or use --loop fast")
     torch.manual_seed(s["seed"])
-    config = vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS})
+    # the tc objective's N is the train split's size, fixed when the run starts (a resumed run keeps its own)
+    n = ckpt["model_args"].get("dataset_size", len(train_data)) if ckpt is not None else len(train_data)
+    config = vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS}, dataset_size=n)
     model = (vae.BetaVAE(config) if ckpt is None else vae.model_from_checkpoint(ckpt, s["out_dir"])).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
     history, start = [], 0

@@ -106,13 +106,14 @@ def make_train_step(model, optimizer, config, compile=False):
     """
     def eager_step(x, target, step_idx):
         optimizer.zero_grad(set_to_none=True)
-        logits, mu, logvar = model(x)
-        terms = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx)
+        logits, mu, logvar, z = model.forward_with_z(x)
+        terms = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx, z=z)
         terms.total.mean().backward()
         optimizer.step()
         return _stats(terms).detach()
 
-    if not compile or not _adam_supported(model, optimizer):
+    # β-TCVAE (objective "tc") always takes the eager step: the compiled graph has no path for its batch estimators.
+    if not compile or config.objective == "tc" or not _adam_supported(model, optimizer):
         return eager_step
 
     device = next(model.parameters()).device
