@@ -59,11 +59,19 @@ def collect(out_dir):
                                        str(r["objective"]), r["beta"], r["seed"]))
 
 
+def model_name(key):
+    """β-VAE, or β-TCVAE with its other two weights: α and γ weigh nothing in the other objectives."""
+    if key["objective"] == "tc":
+        return f"β-TCVAE (α {key['alpha']:g}, γ {key['gamma']:g})"
+    return NAMES.get(key["objective"], key["objective"])
+
+
 def groups(rows):
-    """[(key dict, rows)]: runs that differ only in their seed."""
+    """[(key dict, rows)]: runs that differ only in their seed (and in α, γ where the objective has none)."""
     out = {}
     for r in rows:
-        out.setdefault(tuple((col, r[col]) for col, _ in FLAGS if col != "seed"), []).append(r)
+        unused = {"seed"} | (set() if r["objective"] == "tc" else {"alpha", "gamma"})
+        out.setdefault(tuple((col, r[col]) for col, _ in FLAGS if col not in unused), []).append(r)
     return [(dict(key), members) for key, members in out.items()]
 
 
@@ -91,11 +99,11 @@ def csv_text(rows):
 
 
 def summary_text(rows, grouped):
-    varying = [col for col, _ in FLAGS if col not in ("objective", "beta", "seed")
-               and len({r[col] for r in rows}) > 1]
-    fixed = {col: rows[0][col] for col, _ in FLAGS if col not in ("objective", "beta", "seed") and col not in varying}
+    shown = [col for col, _ in FLAGS if col not in ("objective", "beta", "seed", "alpha", "gamma")]
+    varying = [col for col in shown if len({r[col] for r in rows}) > 1]
+    fixed = {col: rows[0][col] for col in shown if col not in varying}
     setting = ", ".join(f"{col.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{col.replace('_', ' ')} {v}"
-                        for col, v in fixed.items() if col not in ("alpha", "gamma"))
+                        for col, v in fixed.items())
     lines = [f"# β sweep: {describe_data(rows)}", "",
              f"{len(rows)} runs ({setting}). Each cell: mean ± standard deviation over the seeds listed, on the test "
              "split. Nats per image except active units (of the latent size) and probe accuracy (a linear classifier "
@@ -105,7 +113,7 @@ def summary_text(rows, grouped):
     head = ["model", "β"] + varying + ["seeds"] + [name for name, _, _ in COLUMNS]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, members in grouped:
-        cells = [NAMES.get(key["objective"], key["objective"]), f"{key['beta']:g}"]
+        cells = [model_name(key), f"{key['beta']:g}"]
         cells += [f"{key[col]:g}" if isinstance(key[col], float) else str(key[col]) for col in varying]
         cells.append(",".join(str(r["seed"]) for r in members))
         for _, col, decimals in COLUMNS:
@@ -225,7 +233,7 @@ def figures(out_dir, rows, grouped):
         for ax, (key, r), im in zip(axes[0], firsts, images):
             ax.imshow(im, interpolation="lanczos")
             ax.set_axis_off()
-            ax.set_title(f"{NAMES.get(key['objective'], key['objective'])}, β = {key['beta']:g} (seed {r['seed']})",
+            ax.set_title(f"{model_name(key)}, β = {key['beta']:g} (seed {r['seed']})",
                          fontsize=11)
         fig.suptitle(f"Latent traversals, one run per β — {data}, {epochs} epochs\neach row sets one dimension "
                      "from −3 to 3, the rest at a test image's posterior mean; rows sorted by KL", fontsize=10)

@@ -168,12 +168,16 @@ def seed_batches(data_dir, batch_size, device):
 
 
 @torch.no_grad()
-def test_metrics(model, test, config, seed, step_idx):
-    """Single-sample ELBO terms on the test split, with a fixed noise generator so epochs compare fairly."""
+def test_metrics(model, test, config, seed, step_idx, batch_size):
+    """Single-sample ELBO terms on the test split, with a fixed noise generator so epochs compare fairly.
+
+    The tc objective's estimators depend on the batch: its test total uses the training batch size, the same
+    estimator as the train total (and M² rather than 1000² pairs per batch).
+    """
     model.eval()
     g = torch.Generator(device=test.device).manual_seed(seed)
     sums = torch.zeros(3 + config.latent_dim, device=test.device)
-    for x, target, _ in test.batches(1000):
+    for x, target, _ in test.batches(batch_size if config.objective == "tc" else 1000):
         logits, mu, logvar, z = model.forward_with_z(x, generator=g)
         t = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx, z=z)
         sums += torch.cat([torch.stack([t.recon.sum(), t.kl.sum(), t.total.sum()]), t.kl_per_dim.sum(0)])
@@ -344,7 +348,7 @@ def train(s, ckpt, args):
     for epoch in range(start, s["epochs"]):
         means, losses, img_s = epoch_loop(model, step, train_data, s, epoch, state)
         step_losses += losses
-        test = test_metrics(model, test_data, config, s["seed"], state["step"])
+        test = test_metrics(model, test_data, config, s["seed"], state["step"], s["batch_size"])
         if not all(math.isfinite(v) for v in test[:3]):  # the epoch's last update broke the weights: never save them
             raise UsageError(f"the weights became NaN or infinite at the end of epoch {epoch + 1}; the last good "
                              "checkpoint is kept: lower --lr or --beta and train again")
