@@ -162,12 +162,13 @@ def _versus_beta(ax, grouped, col, title, ylabel):
         if not sel:
             continue
         style = dict(marker=MARKERS[objective], color="C0" if objective == "beta" else "C3")
-        betas = [b for b, _ in sel]
+        shift = 1.0 if objective == "beta" else 1.07  # side by side where both objectives share a β
+        betas = [b * shift for b, _ in sel]
         stats = [mean_std(v) for _, v in sel]
         ax.errorbar(betas, [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats], capsize=3,
                     label=NAMES[objective], linestyle="-" if len(sel) > 1 else "none", **style)
         for b, values in sel:
-            ax.scatter([b] * len(values), values, s=10, color=style["color"], alpha=0.5, zorder=3)
+            ax.scatter([b * shift] * len(values), values, s=10, color=style["color"], alpha=0.5, zorder=3)
     ax.set(title=title, ylabel=ylabel)
 
 
@@ -228,15 +229,19 @@ def figures(out_dir, rows, grouped):
     if firsts:
         images = [_below_caption(plt.imread(os.path.join(out_dir, r["run"], "eval", "traversals.png")))
                   for _, r in firsts]
-        height = max(im.shape[0] / im.shape[1] for im in images) * 4.0
-        fig, axes = plt.subplots(1, len(images), figsize=(4.0 * len(images), height + 0.8), squeeze=False)
-        for ax, (key, r), im in zip(axes[0], firsts, images):
-            ax.imshow(im, interpolation="lanczos")
+        ncol = min(3, len(images))
+        nrow = -(-len(images) // ncol)
+        width = 5.0  # inches per panel: the row labels stay readable
+        aspect = max(im.shape[0] / im.shape[1] for im in images)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(width * ncol, nrow * (aspect * width + 0.4) + 0.7),
+                                 squeeze=False)
+        for ax in axes.flat:
             ax.set_axis_off()
-            ax.set_title(f"{model_name(key)}, β = {key['beta']:g} (seed {r['seed']})",
-                         fontsize=11)
+        for ax, (key, r), im in zip(axes.flat, firsts, images):
+            ax.imshow(im, interpolation="lanczos")
+            ax.set_title(f"{model_name(key)}, β = {key['beta']:g} (seed {r['seed']})", fontsize=11)
         fig.suptitle(f"Latent traversals, one run per β — {data}, {epochs} epochs\neach row sets one dimension "
-                     "from −3 to 3, the rest at a test image's posterior mean; rows sorted by KL", fontsize=10)
+                     "from −3 to 3, the rest at a test image's posterior mean; rows sorted by KL", fontsize=11)
         fig.tight_layout()
         _save(fig, os.path.join(out_dir, FIGURES[3]))
 
