@@ -30,7 +30,8 @@ OBJECTIVES = ("beta", "tc")  # the capacity objective ignores β: a β grid of i
 # One thread per job: on a 2-core CPU shared with other work, a 2-β × 3-seed sweep (3 epochs, subset) took 90-140 s
 # as two 1-thread jobs and 200-410 s as one 2-thread job (docs/study.md): the model is too small for threads to pay
 # within one process. Capped at 8: a job peaks near 1 GB (train.py 0.9 GB, evaluate.py 1.1 GB on the subset).
-DEFAULT_JOBS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+DEFAULT_JOBS = max(1, min(8, CORES))
 PASS_THROUGH = {"train": ("latent_dim", "batch_size", "lr", "alpha", "gamma", "compile", "device"),
                 "evaluate": ("iwae_k", "device")}
 
@@ -174,7 +175,8 @@ class Runner:
                 if code != 0:
                     script = os.path.basename(argv[1])
                     status = "stopped" if self.stopping.is_set() else "FAILED"
-                    return status, f"{script} exited {code}: {last_error(log.name)} (log: {log.name})"
+                    reason = f"ended by {signal.Signals(-code).name}" if code < 0 else last_error(log.name)
+                    return status, f"{script} exited {code}: {reason} (log: {log.name})"
         r = sweep_summary.flatten(read_report(run["dir"]) or {})
         numbers = ", ".join(f"{label} {r[key]:.4g}" for label, key in (("-ELBO", "test.neg_elbo"), ("KL", "test.kl"),
                             ("TC", "decomposition.total_correlation"), ("active units", "active_units")) if key in r)
@@ -182,8 +184,11 @@ class Runner:
 
 
 def last_error(log_path):
+    """The last command's `error:` line in the log (or its last line: a traceback's), for the progress line."""
     with open(log_path, encoding="utf-8", errors="replace") as f:
         lines = [line.strip() for line in f if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("$ ")]
+    lines = lines[starts[-1] + 1:] if starts else lines
     errors = [line for line in lines if line.startswith("error:")]
     return (errors or lines or ["(no output)"])[-1][:300]
 
@@ -191,12 +196,11 @@ def last_error(log_path):
 def run_all(todo, a):
     from tqdm import tqdm
     jobs = min(a.jobs, len(todo))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    runner = Runner(threads=max(1, cores // jobs))
-    print(f"{len(todo)} runs to do, {jobs} at a time with {max(1, cores // jobs)} threads each; logs in "
-          f"<run>/sweep.log", flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, runner.signal)
+    threads = max(1, CORES // jobs)
+    runner = Runner(threads)
+    print(f"{len(todo)} runs to do, {jobs} at a time with {threads} thread{'s' * (threads > 1)} each; logs in "
+          "<run>/sweep.log", flush=True)
+    handlers = {sig: signal.signal(sig, runner.signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     failed = []
     bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=None, file=sys.stderr)
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -212,6 +216,8 @@ def run_all(todo, a):
             tqdm.write(f"[{i}/{len(todo)}] {run['name']}: {status}: {message}")
             bar.update()
     bar.close()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     return failed, runner.stopping.is_set()
 
 
