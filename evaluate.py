@@ -139,13 +139,16 @@ def evaluate(args):
     timings["elbo_iwae"] = time.perf_counter() - t   # one pass: the ELBO averages the same k samples
 
     t = time.perf_counter()
-    mu_test, _, y_test = metrics.encode_split(model, test, args.batch_size)
+    mu_test, logvar_test, y_test = metrics.encode_split(model, test, args.batch_size)
     mu_train, _, y_train = metrics.encode_split(model, train, args.batch_size)
     n_active, mu_variance = metrics.active_units(mu_test)
     timings["encode"] = time.perf_counter() - t
     t = time.perf_counter()
     probe_acc = metrics.linear_probe_accuracy(mu_train, y_train, mu_test, y_test)
     timings["probe"] = time.perf_counter() - t
+    t = time.perf_counter()
+    decomposition = metrics.elbo_decomposition(mu_test, logvar_test, torch.Generator().manual_seed(args.seed + 3))
+    timings["decomposition"] = time.perf_counter() - t
 
     t = time.perf_counter()
     classifier, cls_info = metrics.load_classifier(args.data_dir, device, train, test, progress=True)
@@ -184,11 +187,14 @@ def evaluate(args):
         "checkpoint": os.path.abspath(args.checkpoint),
         "model_args": cfg,
         "epoch": ckpt["epoch"],
+        "train_args": {k: v for k, v in (ckpt["train_args"] if isinstance(ckpt["train_args"], dict) else {}).items()
+                       if isinstance(v, (str, int, float, bool))},  # the flags it was trained with (sweep.py reads them)
         "seed": args.seed,
         "device": str(device),
         "data": {"data_dir": os.path.abspath(args.data_dir), "n_train": len(train), "n_test": n},
         "test": test_report,
         "kl_per_dim": bounds["kl_per_dim"],
+        "decomposition": decomposition,
         "active_units": n_active,
         "mu_variance_per_dim": mu_variance,
         "linear_probe_acc": probe_acc,
@@ -206,6 +212,9 @@ def print_table(report):
     rows = [("test recon (nats/image)", test["recon"]), ("test KL (nats/image)", test["kl"]),
             ("test -ELBO at β=1 (nats/image)", test["neg_elbo"]),
             (f"test IWAE -log p(x), k={test['iwae_k']}", test["iwae_nll"]),
+            ("KL part: index-code mutual info", report["decomposition"]["mutual_info"]),
+            ("KL part: total correlation", report["decomposition"]["total_correlation"]),
+            ("KL part: dimension-wise KL", report["decomposition"]["dimwise_kl"]),
             ("active units", f"{report['active_units']} of {len(report['kl_per_dim'])}"),
             ("linear probe accuracy", report["linear_probe_acc"]),
             ("FID classifier features: reconstruction", fid["classifier"]["reconstruction"]),

@@ -3,6 +3,7 @@
 $ python train.py --beta 4
 $ python train.py --beta 1 --epochs 20 --data-dir /path/to/data
 $ python train.py --objective capacity --capacity-max 25 --gamma 1000     # Burgess et al. 2018
+$ python train.py --objective tc --beta 4                                 # β-TCVAE, Chen et al. 2018
 $ python train.py --beta 4 --epochs 30 --resume                           # continue runs/beta4_z10_seed0
 
 Writes into --out-dir: checkpoint.pt (every epoch), metrics.jsonl, train.log, loss.png, samples.png,
@@ -26,7 +27,7 @@ from cli import ArgumentParser, UsageError, check_float, check_int, safe_streams
 from fileio import atomic_write, clean_stale_temps
 from images import labelled_grid, save_image
 
-MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig))
+MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig) if f.name != "dataset_size")  # data, not a flag
 RUN_FLAGS = ("batch_size", "lr", "seed")  # must match the checkpoint when resuming, or the run is not one run
 MODEL_DEFAULTS, RUN_DEFAULTS = vae.VAEConfig(), training.RUN_DEFAULTS
 OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "loss.png", "samples.png", "reconstructions.png")
@@ -37,7 +38,8 @@ def parse_args(argv=None):
     m, r = MODEL_DEFAULTS, RUN_DEFAULTS
     p = ArgumentParser(description="Train a β-VAE on Fashion-MNIST.")
     # Model and run flags default to None so a resumed run can tell "given" from "default".
-    p.add_argument("--beta", type=float, help=f"weight of the KL term (default: {m.beta:g})")
+    p.add_argument("--beta", type=float, help=f"weight of the KL term; with --objective tc, of the total correlation "
+                                              f"(default: {m.beta:g})")
     p.add_argument("--latent-dim", "--latent_dim", dest="latent_dim", type=int,
                    help=f"latent size (default: {m.latent_dim})")
     p.add_argument("--epochs", type=int, help=f"total epochs to reach (default: {r.epochs}; with --resume, may be raised)")
@@ -46,8 +48,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {r.lr:g})")
     p.add_argument("--seed", type=int, help=f"seeds shuffling, initialisation and sampling, 0 to 2^32-1 (default: {r.seed})")
     p.add_argument("--objective", choices=vae.OBJECTIVES,
-                   help=f"beta: recon + β·KL; capacity: recon + γ·|KL − C| (default: {m.objective})")
-    p.add_argument("--gamma", type=float, help=f"capacity objective: weight γ (default: {m.gamma:g})")
+                   help=f"beta: recon + β·KL; capacity: recon + γ·|KL − C|; tc (β-TCVAE): recon + α·MI + β·TC + "
+                        f"γ·dimension-wise KL (default: {m.objective})")
+    p.add_argument("--gamma", type=float, help="weight γ of the objective's extra term: capacity: of |KL − C| "
+                                               f"(default: {vae.GAMMA_DEFAULTS['capacity']:g}); tc: of the "
+                                               f"dimension-wise KL (default: {vae.GAMMA_DEFAULTS['tc']:g})")
+    p.add_argument("--alpha", type=float, help="tc objective: weight α of the index-code mutual information "
+                                               f"(default: {m.alpha:g})")
     p.add_argument("--capacity-max", "--capacity_max", dest="capacity_max", type=float,
                    help=f"capacity objective: C_max in nats (default: {m.capacity_max:g})")
     p.add_argument("--capacity-steps", "--capacity_steps", dest="capacity_steps", type=int,
@@ -74,7 +81,8 @@ def parse_args(argv=None):
 
 
 def run_name(a):
-    head = f"cap{a['capacity_max']:g}" if a["objective"] == "capacity" else f"beta{a['beta']:g}"
+    heads = {"capacity": f"cap{a['capacity_max']:g}", "tc": f"tc{a['beta']:g}"}
+    head = heads.get(a["objective"], f"beta{a['beta']:g}")
     return f"{head}_z{a['latent_dim']}_seed{a['seed']}"
 
 
@@ -90,13 +98,14 @@ def check_settings(s, args):
     check_int("--num-generation-samples", args.n_samples, 1, 10_000)
     check_int("--num-reconstruction-samples", args.n_recon, 1, 1_000)
     if args.loop == "seed" and s["objective"] != "beta":
-        raise UsageError("--loop seed trains the plain β objective only: drop --objective capacity")
+        raise UsageError(f"--loop seed trains the plain β objective only: drop --objective {s['objective']}")
 
 
 def resolve_args(args):
     """Fill defaults (or the checkpoint's values when resuming) and validate. Returns (settings dict, checkpoint)."""
     given = {k: getattr(args, k) for k in MODEL_FLAGS + RUN_FLAGS + ("epochs",)}
     defaults = dict(dataclasses.asdict(MODEL_DEFAULTS), **dataclasses.asdict(RUN_DEFAULTS))
+    defaults["gamma"] = None  # the objective's own (vae.GAMMA_DEFAULTS), known once --objective is
     s = {k: (defaults[k] if v is None else v) for k, v in given.items()}
     out_dir = args.out_dir or os.path.join("runs", run_name(s))
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
@@ -123,6 +132,8 @@ def resolve_args(args):
             raise UsageError(f"--epochs {s['epochs']} is below the {ckpt['epoch']} epochs {out_dir} has already "
                              "trained: raise --epochs or drop it")
     args.loop = args.loop or "fast"
+    if s["gamma"] is None:
+        s["gamma"] = vae.GAMMA_DEFAULTS.get(s["objective"], vae.GAMMA_DEFAULTS["capacity"])
     check_settings(s, args)
     if args.compile == "on" and not training.has_cxx():
         raise UsageError("--compile on needs a C++ compiler for the CPU (g++ or clang++): install one or use "
@@ -219,10 +230,11 @@ class StopFlag:
                     "now\n".encode())
 
 
-def build(s, ckpt, device):
-    """The model and optimizer, fresh or from the checkpoint; (model, optimizer, history, first epoch)."""
+def build(s, ckpt, device, n_train):
+    """The model and optimizer, fresh or from the checkpoint; (model, optimizer, history, first epoch).
+    n_train: the train split's size, the tc objective's N (a resumed run keeps the N it started with)."""
     torch.manual_seed(s["seed"])
-    config = vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS})
+    config = vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS}, dataset_size=n_train)
     if ckpt is None:
         model = vae.BetaVAE(config).to(device)
         return model, torch.optim.Adam(model.parameters(), lr=s["lr"]), [], 0
@@ -255,7 +267,7 @@ def train(s, ckpt, args):
         raise UsageError(f"--loop seed reads the data through torchvision, which needs the uncompressed "
                          f"{' and '.join(missing)} in {data.raw_dir(s['data_dir'])}: gunzip the .gz files there, or "
                          "use --loop fast")
-    model, opt, history, start = build(s, ckpt, device)
+    model, opt, history, start = build(s, ckpt, device, len(train_data))
     config = model.config
     lock = open_out_dir(s["out_dir"])  # noqa: F841 (held until exit)
     if ckpt is None and os.path.exists(os.path.join(s["out_dir"], "checkpoint.pt")):
@@ -302,7 +314,7 @@ def run_epochs(model, opt, step, train_data, test_data, s, args, history, start,
     for epoch in range(start, s["epochs"]):
         means, losses, img_s = training.epoch_loop(model, step, train_data, s, epoch, state)
         step_losses += losses
-        test = training.test_metrics(model, test_data, config, s["seed"], state["step"])
+        test = training.test_metrics(model, test_data, config, s["seed"], state["step"], s["batch_size"])
         if not all(math.isfinite(v) for v in test[:3]):  # the epoch's last update broke the weights: never save them
             raise training.NonFinite(f"the weights became NaN or infinite at the end of epoch {epoch + 1}")
         history.append({"epoch": epoch + 1, "step": state["step"], "train": training_summary(means),

@@ -128,13 +128,14 @@ def make_train_step(model, optimizer, config, compile=False, formulation="auto",
 
     def eager_step(x, target, step_idx, eps=None):
         optimizer.zero_grad(set_to_none=True)
-        logits, mu, logvar = model(x, eps=eps)
-        terms = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx)
+        logits, mu, logvar, z = model.forward_with_z(x, eps=eps)
+        terms = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx, z=z)
         terms.total.mean().backward()
         optimizer.step()
         return terms.batch_sums().detach()
 
-    if not compile:
+    # β-TCVAE (objective "tc") always takes the eager step: the compiled graph has no path for its batch estimators.
+    if not compile or config.objective == "tc":
         return eager_step
     if not _adam_supported(model, optimizer):
         log("note: the compiled step reproduces plain single-group Adam only; training with the eager step")
@@ -299,13 +300,17 @@ def check_finite(totals, epoch, first_unchecked):
 
 
 @torch.no_grad()
-def test_metrics(model, test, config, seed, step_idx):
-    """Single-sample ELBO terms on the test split (mean per image), with fixed noise so epochs compare fairly."""
+def test_metrics(model, test, config, seed, step_idx, batch_size=1000):
+    """Single-sample ELBO terms on the test split (mean per image), with fixed noise so epochs compare fairly.
+
+    The tc objective's estimators depend on the batch: its test total uses the training batch size (batch_size), the
+    same estimator as the train total (and M² rather than 1000² pairs per batch).
+    """
     model.eval()
     g = torch.Generator(device=test.device).manual_seed(seed)
     sums = torch.zeros(3 + config.latent_dim, device=test.device)
-    for x, target, _ in test.batches(1000):
-        logits, mu, logvar = model(x, generator=g)
-        sums += vae.vae_loss(logits, target, mu, logvar, config, step=step_idx).batch_sums()
+    for x, target, _ in test.batches(batch_size if config.objective == "tc" else 1000):
+        logits, mu, logvar, z = model.forward_with_z(x, generator=g)
+        sums += vae.vae_loss(logits, target, mu, logvar, config, step=step_idx, z=z).batch_sums()
     model.train()
     return (sums / len(test)).tolist()

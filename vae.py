@@ -2,7 +2,8 @@
 
 The architecture is the course project's, as its README's layer table lists it (ReLU before BatchNorm, no activation
 after the encoder's 288→128 layer); see docs/usage.md for how its published code differs. The loss is the β-VAE
-objective of Higgins et al. 2017, or the controlled-capacity objective of Burgess et al. 2018.
+objective of Higgins et al. 2017, the controlled-capacity objective of Burgess et al. 2018, or the
+β-TCVAE objective of Chen et al. 2018.
 
 Changing the architecture: nhwc_forward.py re-derives the fast CPU training formulation from these layers and says
 in one log line when it cannot (training then uses the module's own layers, slower); export_onnx.py folds each
@@ -11,6 +12,7 @@ BatchNorm into the convolution after it; fast_decoder.py rewrites stride-2 trans
 """
 import dataclasses
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -23,8 +25,13 @@ import torch.nn.functional as F
 from fileio import atomic_write
 
 CHECKPOINT_FORMAT = 1
-OBJECTIVES = ("beta", "capacity")
+OBJECTIVES = ("beta", "capacity", "tc")
 IMAGE_SHAPE = (1, 28, 28)
+
+
+# γ when not given: capacity (Burgess et al.'s value for their shapes); tc: 1 (Chen et al.'s β-TCVAE, α = γ = 1).
+# The beta objective has no γ; it keeps the capacity value, which older checkpoints also hold.
+GAMMA_DEFAULTS = {"capacity": 1000.0, "tc": 1.0}
 
 
 class CheckpointError(Exception):
@@ -34,21 +41,28 @@ class CheckpointError(Exception):
 # The range of every model setting: VAEConfig refuses values outside it (a checkpoint from elsewhere included) and
 # train.py names the flag. A latent of 10^9 would allocate 500 GB of weights before anything could fail.
 LIMITS = {"latent_dim": (1, 4096), "beta": (0.0, 1e6), "gamma": (0.0, 1e9), "capacity_max": (0.0, 1e6),
-          "capacity_steps": (1, 10**12)}
+          "capacity_steps": (1, 10**12), "alpha": (0.0, 1e6)}
 
 
 @dataclass
 class VAEConfig:
     latent_dim: int = 10
     beta: float = 4.0           # weight of the KL term (Higgins et al. 2017)
-    objective: str = "beta"     # "beta": recon + β·KL; "capacity": recon + γ·|KL − C| (Burgess et al. 2018)
-    gamma: float = 1000.0       # capacity objective: weight of |KL − C|
+    objective: str = "beta"     # "beta": recon + β·KL; "capacity": recon + γ·|KL − C| (Burgess et al. 2018);
+                                # "tc": recon + α·MI + β·TC + γ·dimension-wise KL (β-TCVAE, Chen et al. 2018)
+    # γ weighs the objective's extra term, as both papers name it: |KL − C| (capacity) or the dimension-wise KL (tc).
+    # None means the objective's own default, GAMMA_DEFAULTS; the resolved value is what a checkpoint stores.
+    gamma: float | None = None
     capacity_max: float = 25.0  # capacity objective: C_max in nats
     capacity_steps: int = 100_000  # capacity objective: optimizer steps over which C rises from 0 to C_max
+    alpha: float = 1.0          # tc objective: weight of the index-code mutual information
+    dataset_size: int = 60_000  # tc objective: N, the size of the split batches are drawn from (train.py sets it)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+        if self.gamma is None:
+            self.gamma = GAMMA_DEFAULTS.get(self.objective, GAMMA_DEFAULTS["capacity"])
         for name, (low, high) in LIMITS.items():
             value = getattr(self, name)
             kind = int if isinstance(low, int) else (int, float)
@@ -56,6 +70,8 @@ class VAEConfig:
             if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
                 raise ValueError(f"{name} must be a{'n integer' if kind is int else ' number'} from {low:g} to "
                                  f"{high:g} (got {value!r})")
+        if isinstance(self.dataset_size, bool) or not isinstance(self.dataset_size, int) or self.dataset_size < 1:
+            raise ValueError(f"dataset_size must be a positive integer (got {self.dataset_size!r})")
 
 
 class Encoder(nn.Module):
@@ -127,9 +143,13 @@ class BetaVAE(nn.Module):
     def forward(self, x, generator=None, eps=None):
         """Returns (reconstruction logits, mu, logvar); sigmoid(logits) is the reconstruction. `eps` (B, latent_dim)
         replaces the reparameterization noise (the compiled training step draws it outside its graph)."""
+        return self.forward_with_z(x, generator, eps)[:3]
+
+    def forward_with_z(self, x, generator=None, eps=None):
+        """forward, plus the sampled z (B, latent_dim) the logits decode: the tc objective's estimators need it."""
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar, generator) if eps is None else reparameterize(mu, logvar, eps)
-        return self.decoder.logits(z), mu, logvar
+        return self.decoder.logits(z), mu, logvar, z
 
 
 def reparameterize(mu, logvar, eps):
@@ -153,20 +173,59 @@ def capacity_at(step, config: VAEConfig):
     return config.capacity_max * min(1.0, step / config.capacity_steps)
 
 
-def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0, capacity=None):
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_normal(z, mu, logvar):
+    """log N(z; mu, exp(logvar)) elementwise; mu = logvar = 0 gives the prior's log-density."""
+    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI)
+
+
+def tc_terms(z, mu, logvar, dataset_size):
+    """β-TCVAE's split of KL(q(z|x) ‖ p(z)) for each image of a batch (Chen et al. 2018), nats, each (B,).
+
+    Returns (index-code MI, total correlation, dimension-wise KL), sample estimates at z_i ~ q(z|x_i):
+        MI_i = log q(z_i|x_i) − log q(z_i),  TC_i = log q(z_i) − Σ_d log q(z_id),  DW_i = Σ_d log q(z_id) − log p(z_i)
+    (they sum to the sampled KL, log q(z_i|x_i) − log p(z_i)). q(z) = (1/N) Σ_n q(z|x_n) is the aggregate posterior
+    over the N = dataset_size images, estimated by stratified sampling of the minibatch (the paper's minibatch
+    stratified sampling idea): z_i's own posterior, one Nth of q(z), is exact; the other (N − 1)/N is estimated by
+    the batch's other M − 1 images, a uniform sample of the rest, each weighted (N − 1)/(N (M − 1)). With the whole
+    data set as the batch (M = N) every weight is 1/N: the exact aggregate posterior that metrics.elbo_decomposition
+    uses on a test split (tested).
+    """
+    m, n = z.shape[0], float(dataset_size)
+    pair = log_normal(z[:, None, :], mu[None], logvar[None])   # (M, M, D): log q(z_id | x_j)
+    log_w = torch.full((m, m), math.log(max(n - 1.0, 1e-30) / (n * max(m - 1, 1))), dtype=z.dtype, device=z.device)
+    log_w.fill_diagonal_(-math.log(n))
+    log_q_zx = pair.diagonal().sum(0)                                     # (M,) log q(z_i | x_i)
+    log_qz = torch.logsumexp(log_w + pair.sum(2), dim=1)                  # (M,) log q(z_i)
+    log_qz_dims = torch.logsumexp(log_w[:, :, None] + pair, dim=1).sum(1)  # (M,) Σ_d log q(z_id)
+    log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(1)
+    return log_q_zx - log_qz, log_qz - log_qz_dims, log_qz_dims - log_pz
+
+
+def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0, capacity=None, z=None):
     """β-VAE loss per image, in nats.
 
     recon = −Σ_pixels [x log p + (1 − x) log(1 − p)] with p = sigmoid(logits), target x in [0, 1];
     KL    = ½ Σ_d (μ² + σ² − 1 − log σ²)  (closed form against N(0, I)).
     objective "beta":     recon + β·KL                  (Higgins et al. 2017)
     objective "capacity": recon + γ·|KL − C(step)|      (Burgess et al. 2018)
-    `capacity` overrides C(step) (a tensor there keeps a compiled step from recompiling as C changes).
+    objective "tc":       recon + α·MI + β·TC + γ·dimension-wise KL at the sampled z (Chen et al. 2018; tc_terms)
+    `capacity` overrides C(step) (a tensor there keeps a compiled step from recompiling as C changes). `z` is the
+    sample the logits decode (model.forward_with_z); only the tc objective needs it. KL and kl_per_dim are the
+    closed form for every objective.
     """
     recon = F.binary_cross_entropy_with_logits(recon_logits, target, reduction="none").flatten(1).sum(1)
     kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
     kl = kl_per_dim.sum(1)
     if config.objective == "beta":
         total = recon + config.beta * kl
+    elif config.objective == "tc":
+        if z is None:
+            raise ValueError("the tc objective needs the sampled z: pass z from model.forward_with_z")
+        mi, tc, dw = tc_terms(z, mu, logvar, config.dataset_size)
+        total = recon + config.alpha * mi + config.beta * tc + config.gamma * dw
     else:
         c = capacity_at(step, config) if capacity is None else capacity
         total = recon + config.gamma * (kl - c).abs()

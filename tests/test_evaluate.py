@@ -14,7 +14,8 @@ import evaluate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("test.recon", "test.kl", "test.neg_elbo", "test.iwae_nll", "active_units", "linear_probe_acc",
             "fid.pixels.reconstruction", "fid.pixels.generation", "fid.classifier.reconstruction",
-            "fid.classifier.generation", "classifier_test_acc")
+            "fid.classifier.generation", "classifier_test_acc", "decomposition.mutual_info",
+            "decomposition.total_correlation", "decomposition.dimwise_kl")
 FIGURES = ("reconstructions.png", "samples.png", "traversals.png", "interpolations.png")
 
 
@@ -53,6 +54,9 @@ def test_evaluate_writes_every_key_and_figure(evaluated, tiny_checkpoint):
         value = dotted(report, key)
         assert isinstance(value, (int, float)) and math.isfinite(value), key
     assert report["test"]["iwae_nll"] <= report["test"]["neg_elbo"]
+    parts = report["decomposition"]
+    assert parts["n_images"] == 128 and 0.0 <= parts["mutual_info"] <= parts["mutual_info_bound"] + 1e-9
+    assert "index-code mutual info" in result.stdout and "total correlation" in result.stdout
     assert report["test"]["neg_elbo"] == pytest.approx(report["test"]["recon"] + report["test"]["kl"])
     assert report["test"]["n_images"] == 128 and report["test"]["iwae_k"] == 4
     assert len(report["kl_per_dim"]) == report["model_args"]["latent_dim"] == 4
@@ -66,8 +70,8 @@ def test_evaluate_writes_every_key_and_figure(evaluated, tiny_checkpoint):
     assert report["checkpoint"] == os.path.abspath(tiny_checkpoint["path"])
     assert report["data"] == {"data_dir": os.path.abspath(data_dir), "n_train": 256, "n_test": 128}
     assert report["seed"] == 0 and report["device"] in ("cpu", "cuda", "mps")
-    assert set(report["timings_s"]) == {"load", "elbo_iwae", "encode", "probe", "classifier", "decode", "fid_pixels",
-                                        "fid_classifier", "figures", "total"}
+    assert set(report["timings_s"]) == {"load", "elbo_iwae", "encode", "probe", "decomposition", "classifier",
+                                        "decode", "fid_pixels", "fid_classifier", "figures", "total"}
     assert all(t >= 0 for t in report["timings_s"].values())
     assert any("128 samples of 784-dimensional" in w for w in report["warnings"])  # pixel FID on 128 images
     for name in FIGURES:
