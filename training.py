@@ -19,6 +19,7 @@ one warning.
 """
 import dataclasses
 import math
+import os
 import shutil
 import sys
 import time
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 import nhwc_forward
 import vae
+from fast_decoder import fast_copy
 
 
 @dataclasses.dataclass
@@ -101,6 +103,8 @@ class FlatState:
                 v.copy_(st["exp_avg_sq"])
                 self.steps[i] = float(st["step"])
             st.update(exp_avg=m, exp_avg_sq=v, step=self.steps[i])   # torch.optim.Adam's lazy init, as views
+        # Plain training steps every parameter together; state of mixed ages is left to torch.optim.Adam
+        self.uniform = bool((self.steps == self.steps[0]).all())
         self.buffers = list(self.model.buffers())
         self.state_ref, self.group = state, self.optimizer.param_groups[0]
         self.check = [(p, p.data_ptr(), state[p]["exp_avg"], state[p]["exp_avg_sq"], state[p]["step"])
@@ -113,8 +117,6 @@ class FlatState:
             p.data_ptr() == ptr and state[p]["exp_avg"] is m and state[p]["exp_avg_sq"] is v and state[p]["step"] is s
             for p, ptr, m, v, s in self.check) and all(a is b for a, b in zip(self.model.buffers(), self.buffers))
 
-    def uniform_steps(self):
-        return bool((self.steps == self.steps[0]).all())
 
 
 def make_train_step(model, optimizer, config, compile=False, formulation="auto", log=None):
@@ -193,7 +195,7 @@ def make_train_step(model, optimizer, config, compile=False, formulation="auto",
             if not _adam_supported(model, optimizer):
                 return eager_step(x, target, step_idx)
             flat.adopt()
-        if not flat.uniform_steps():   # Adam state of mixed ages cannot come from plain training: leave it to Adam
+        if not flat.uniform:
             return eager_step(x, target, step_idx)
         eps = torch.randn(x.shape[0], config.latent_dim, device=x.device, dtype=x.dtype)   # = randn_like(mu)
         C = torch.tensor(vae.capacity_at(step_idx, config) if config.objective == "capacity" else 0.0)
@@ -237,18 +239,22 @@ def make_seed_step(model, opt, config):
         kl = kl_per_dim.sum(1)
         terms = vae.LossTerms(rec, kl, rec + config.beta * kl, kl_per_dim)
         opt.zero_grad()
-        terms.total.sum().backward()
+        loss = terms.total.sum()
+        loss.backward()
         opt.step()
+        loss.item(), loss.item()   # the course project's loop reads the loss twice a step (its sum, its progress bar)
         return terms.batch_sums().detach()
     return step
 
 
 def seed_batches(data_dir, batch_size, device):
-    """Batches the course project's way: per-image PIL transforms in DataLoader worker processes."""
+    """Batches the course project's way: per-image PIL transforms in DataLoader worker processes, as many as its
+    code starts (half the cores)."""
     from torchvision import datasets, transforms
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
     dataset = datasets.FashionMNIST(data_dir, train=True, download=False, transform=tf)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         num_workers=(os.cpu_count() or 0) // 2)
     for x, y in loader:
         x = x.to(device)
         yield x, (x + 1) / 2, y
@@ -299,18 +305,17 @@ def check_finite(totals, epoch, first_unchecked):
                         f"step {first_unchecked + bad[0, 0].item() + 1}")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def test_metrics(model, test, config, seed, step_idx, batch_size=1000):
     """Single-sample ELBO terms on the test split (mean per image), with fixed noise so epochs compare fairly.
 
     The tc objective's estimators depend on the batch: its test total uses the training batch size (batch_size), the
     same estimator as the train total (and M² rather than 1000² pairs per batch).
     """
-    model.eval()
+    fast = fast_copy(model)   # an eval-mode copy whose transposed convolutions run ~1.3x faster (checked equal)
     g = torch.Generator(device=test.device).manual_seed(seed)
     sums = torch.zeros(3 + config.latent_dim, device=test.device)
     for x, target, _ in test.batches(batch_size if config.objective == "tc" else 1000):
-        logits, mu, logvar, z = model.forward_with_z(x, generator=g)
+        logits, mu, logvar, z = fast.forward_with_z(x, generator=g)
         sums += vae.vae_loss(logits, target, mu, logvar, config, step=step_idx, z=z).batch_sums()
-    model.train()
     return (sums / len(test)).tolist()
