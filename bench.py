@@ -4,8 +4,9 @@ $ python bench.py --data-dir data
 $ python bench.py --data-dir data --quick          # a smoke run, under a minute
 $ python bench.py --data-dir data --device cuda
 
-1. training: images/s of one epoch of train.py's loop vs the course project's loop (train.py --loop seed), batch 64,
-   interleaved epoch by epoch, and train.py's loop at batch sizes 128, 256, 512;
+1. training at batch 64: the course project's loop (train.py --loop seed), train.py's eager step and its compiled
+   step, each in a process of its own, epochs interleaved; images/s of training, and seconds of a whole epoch
+   (train.py's includes its test pass);
 2. evaluation: evaluate.py on a 10,000-image test split (the data's test images repeated when it has fewer), after a
    warm-up run that caches the FID classifier; the wall time and each part's time;
 3. sampling: a cold `python sample.py --onnx ... --n 64` vs the same 64 images made with torch from the checkpoint;
@@ -55,11 +56,11 @@ class Trainer:
     """A model, optimizer and step as train.py builds them; .epoch() runs one epoch as train.py does (training, then
     the test pass) or as the course project did (training only), and returns (training images/s, epoch seconds)."""
 
-    def __init__(self, train_data, test_data, s, compile_mode):
-        self.data, self.test, self.s = train_data, test_data, s
+    def __init__(self, data_dir, device, s, compile_mode):
+        self.data, self.test, self.s = data.load(data_dir, "train", device), data.load(data_dir, "test", device), s
         torch.manual_seed(0)
         self.config = vae.VAEConfig()
-        self.model = vae.BetaVAE(self.config).to(train_data.device)
+        self.model = vae.BetaVAE(self.config).to(device)
         opt = torch.optim.Adam(self.model.parameters(), lr=s["lr"])
         self.step = (training.make_seed_step(self.model, opt, self.config) if s["loop"] == "seed"
                      else training.make_train_step(self.model, opt, self.config, compile=compile_mode))
@@ -75,40 +76,68 @@ class Trainer:
         return img_s, time.perf_counter() - t
 
 
+SERVE_EPOCHS = """
+import json, sys
+sys.path.insert(0, {root!r})
+import bench, torch
+trainer = bench.Trainer(sys.argv[1], torch.device(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] == "1")
+for line in sys.stdin:   # one epoch per line, its (images/s, seconds) back as one line
+    print(json.dumps(trainer.epoch()), flush=True)
+"""
+
+
+class Contender:
+    """A Trainer in a python process of its own, as each loop runs for its user: sharing one process slowed the
+    compiled step by up to 1.7x (measured). Its epochs still run one at a time, interleaved by the caller."""
+
+    def __init__(self, data_dir, device, s, compile_mode):
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVE_EPOCHS.format(root=ROOT), data_dir, str(device),
+                                      json.dumps(s), "1" if compile_mode else "0"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def epoch(self):
+        self.proc.stdin.write("epoch\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a training process of bench.py ended (exit status {self.proc.wait()})")
+        return tuple(json.loads(line))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def bench_train(args, device, repeats, say):
     """The seed loop, train.py's eager step and its compiled step, interleaved epoch by epoch at batch 64."""
-    train_data = data.load(args.data_dir, "train", device)
-    test_data = data.load(args.data_dir, "test", device)
+    n_train, n_test = (len(data.load_split(args.data_dir, s, download=False)[1]) for s in ("train", "test"))
     compiled = args.compile != "off" and not args.quick and training.want_compile("auto", device, float("inf"))
-    loops = {"seed": Trainer(train_data, test_data, settings(args.data_dir, 64, "seed"), False),
-             "eager": Trainer(train_data, test_data, settings(args.data_dir, 64, "fast"), False)}
-    if compiled:
-        loops["compiled"] = Trainer(train_data, test_data, settings(args.data_dir, 64, "fast"), True)
-    for name, t in loops.items():  # warm-up epoch (includes compilation)
-        w = time.perf_counter()
-        t.epoch()
-        say(f"  warm-up {name}: {time.perf_counter() - w:.1f} s")
-    runs = {name: [] for name in loops}
-    for r in range(repeats):  # interleaved, so every loop sees the same machine
-        for name, t in loops.items():
-            runs[name].append(t.epoch())
-        say(f"  train repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1][0]:,.0f} img/s, epoch {v[-1][1]:.2f} s"
-                                                               for k, v in runs.items()))
-    best = "compiled" if compiled else "eager"
+    names = ["seed", "eager"] + (["compiled"] if compiled else [])
+    loops = {name: Contender(args.data_dir, device, settings(args.data_dir, 64, "seed" if name == "seed" else "fast"),
+                             name == "compiled") for name in names}
+    try:
+        for name, t in loops.items():  # warm-up epoch (includes compilation)
+            w = time.perf_counter()
+            t.epoch()
+            say(f"  warm-up {name}: {time.perf_counter() - w:.1f} s")
+        runs = {name: [] for name in loops}
+        for r in range(repeats):  # interleaved, so every loop sees the same machine
+            for name, t in loops.items():
+                runs[name].append(t.epoch())
+            say(f"  train repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1][0]:,.0f} img/s, epoch {v[-1][1]:.2f} s"
+                                                                   for k, v in runs.items()))
+    finally:
+        for t in loops.values():
+            t.close()
+    best = names[-1]
     img_s = {k: [r[0] for r in v] for k, v in runs.items()}
     secs = {k: [r[1] for r in v] for k, v in runs.items()}
-    out = {"images_per_epoch": len(train_data), "test_images": len(test_data), "step": best,
+    out = {"images_per_epoch": n_train, "test_images": n_test, "step": best,
            "reference_img_s": stats(img_s["seed"]), "img_s": stats(img_s[best]), "eager_img_s": stats(img_s["eager"]),
            "epoch_s": {k: stats(v) for k, v in secs.items()},
            "epoch_speedup_bs64": statistics.median(s / b for s, b in zip(secs["seed"], secs[best])),
            "speedup_bs64": statistics.median(f / r for f, r in zip(img_s[best], img_s["seed"])),
            "eager_speedup_bs64": statistics.median(f / r for f, r in zip(img_s["eager"], img_s["seed"]))}
-    by_bs = {64: stats(img_s[best])}
-    for bs in (128, 256, 512):
-        t = Trainer(train_data, test_data, settings(args.data_dir, bs, "fast"), compiled)
-        t.epoch()
-        by_bs[bs] = stats([t.epoch()[0] for _ in range(repeats)])
-    out["by_batch_size"] = {str(k): v for k, v in by_bs.items()}
     return out
 
 
@@ -182,7 +211,7 @@ def bench_decoder(ckpt_path, onnx_path, repeats):
 
 
 def bench_browser(onnx_path, work, repeats, quick, say):
-    """The explorer page in headless Chromium (see explore.py and browser.py); times come from the page's own clock."""
+    """The explorer page, served by `explore.py --serve`, in headless Chromium (browser.measure_explorer)."""
     import browser
     reason = browser.missing()
     if reason:
@@ -191,7 +220,6 @@ def bench_browser(onnx_path, work, repeats, quick, say):
     site = os.path.join(work, "site")
     server = subprocess.Popen([sys.executable, "explore.py", "--onnx", onnx_path, "--out", site, "--serve", "--port",
                                "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    session = None
     try:
         for line in server.stdout:   # "serving <site>/ at http://127.0.0.1:<port>/  (Ctrl-C stops)"
             if "http://127.0.0.1:" in line:
@@ -199,41 +227,14 @@ def bench_browser(onnx_path, work, repeats, quick, say):
                 break
         else:
             raise RuntimeError(f"explore.py --serve failed: {server.stderr.read().strip()[-500:]}")
-        session = browser.start()
-        session.set_script_timeout(120)
-        first = []
-        for _ in range(1 if quick else max(3, repeats)):  # a fresh navigation each: wasm compile, model, first image
-            session.get(url)
-            first.append(browser.call(session, "await window.betaVAE.ready; await window.betaVAE.idle();"
-                                               "return window.betaVAE.timings.firstImageMs;"))
-        # 200 single-image calls, in 20 blocks of 10: the page's clock moves in 0.1 ms steps (no cross-origin isolation)
-        blocks = browser.call(session, """
-            const b = window.betaVAE, z = new Float32Array(b.latentDim), blocks = [];
-            for (let i = 0; i < 50; i++) await b.decode(z);
-            for (let k = 0; k < 20; k++) {
-              const t = performance.now();
-              for (let i = 0; i < 10; i++) { z[i % z.length] = (i - 5) / 5; await b.decode(z); }
-              blocks.push((performance.now() - t) / 10);
-            }
-            return blocks;""")
-        slider = session.find_element("css selector", "input[data-dim]")
-        session.execute_script("arguments[0].focus();", slider)
-        from selenium.webdriver.common.keys import Keys
-        moves = 10 if quick else 60
-        for k in range(moves):  # one key press at a time, each a real input event
-            slider.send_keys(Keys.ARROW_RIGHT if k % 40 < 20 else Keys.ARROW_LEFT)
-            browser.call(session, "await window.betaVAE.idle();")
-        updates = browser.call(session, "return window.betaVAE.timings.updates;")[-moves:]
-        errors = browser.console_errors(session)
+        m = browser.measure_explorer(url, loads=1 if quick else max(3, repeats), moves=10 if quick else 60)
     finally:
-        if session is not None:
-            session.quit()
         server.terminate()
         server.communicate()
-    return {"decode_ms": stats(blocks), "calls": 200, "slider_to_canvas_ms": stats(updates),
-            "first_image_ms": stats(first), "console_errors": errors,
-            "chromium": session.capabilities.get("browserVersion"),
-            "onnxruntime_web": json.load(open(os.path.join(site, "model.json")))["onnxruntime_web"]}
+    return {"decode_ms": stats(m["decode_ms"]), "calls": m["calls"], "slider_to_canvas_ms": stats(m["updates_ms"]),
+            "first_image_ms": stats(m["first_image_ms"]), "console_errors": m["console_errors"],
+            "chromium": m["chromium"], "onnxruntime_web": json.load(open(os.path.join(site, "model.json")))[
+                "onnxruntime_web"]}
 
 
 def parse_args(argv=None):
@@ -308,9 +309,6 @@ def table(result):
                          f"{tr['speedup_bs64']:.1f}x the seed loop"))
         rows.append((f"epoch, train.py {tr['step']} step + test pass", f"{tr['epoch_s'][tr['step']]['median']:.2f} s",
                      f"{tr['epoch_speedup_bs64']:.1f}x the seed loop's epoch ({tr['epoch_s']['seed']['median']:.2f} s)"))
-        for bs, v in tr["by_batch_size"].items():
-            if bs != "64":
-                rows.append((f"train, train.py {tr['step']} step, batch {bs}", f"{v['median']:,.0f} img/s", ""))
     ev = result.get("evaluate")
     if ev:
         rows.append((f"evaluate, {ev['test_images']:,} test images", f"{ev['seconds']['median']:.1f} s",

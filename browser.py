@@ -72,3 +72,37 @@ def call(session, script, *args):
     if "error" in result:
         raise PageError(result["error"])
     return result.get("value")
+
+
+def measure_explorer(url, loads, moves):
+    """Times from the explorer page's own clock: the first image after each of `loads` fresh loads; 200
+    betaVAE.decode calls of one image (in 20 blocks of 10: the clock moves in 0.1 ms steps without cross-origin
+    isolation); and `moves` slider key presses, each a real input event, from event to new pixels."""
+    from selenium.webdriver.common.keys import Keys
+    session = start()
+    try:
+        session.set_script_timeout(120)
+        first = []
+        for _ in range(loads):   # a fresh navigation each: wasm compile, model, first image
+            session.get(url)
+            first.append(call(session, "await window.betaVAE.ready; await window.betaVAE.idle();"
+                                       "return window.betaVAE.timings.firstImageMs;"))
+        blocks = call(session, """
+            const b = window.betaVAE, z = new Float32Array(b.latentDim), blocks = [];
+            for (let i = 0; i < 50; i++) await b.decode(z);
+            for (let k = 0; k < 20; k++) {
+              const t = performance.now();
+              for (let i = 0; i < 10; i++) { z[i % z.length] = (i - 5) / 5; await b.decode(z); }
+              blocks.push((performance.now() - t) / 10);
+            }
+            return blocks;""")
+        slider = session.find_element("css selector", "input[data-dim]")
+        session.execute_script("arguments[0].focus();", slider)
+        for k in range(moves):
+            slider.send_keys(Keys.ARROW_RIGHT if k % 40 < 20 else Keys.ARROW_LEFT)
+            call(session, "await window.betaVAE.idle();")
+        updates = call(session, "return window.betaVAE.timings.updates;")[-moves:]
+        return {"first_image_ms": first, "decode_ms": blocks, "calls": 200, "updates_ms": updates,
+                "console_errors": console_errors(session), "chromium": session.capabilities.get("browserVersion")}
+    finally:
+        session.quit()

@@ -18,7 +18,7 @@ def test_quick_bench_writes_every_key(tiny_data, tmp_path):
         assert key in r
     t = r["train"]
     assert t["reference_img_s"]["median"] > 0 and t["img_s"]["median"] > 0 and t["speedup_bs64"] > 0
-    assert set(t["by_batch_size"]) == {"64", "128", "256", "512"}
+    assert t["epoch_s"]["seed"]["median"] > 0 and t["epoch_speedup_bs64"] > 0
     e = r["evaluate"]
     assert e["test_images"] == 300 and e["seconds"]["median"] > 0
     assert {"load", "elbo_iwae", "encode", "probe", "classifier", "decode", "fid_pixels",
