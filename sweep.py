@@ -140,7 +140,6 @@ class Runner:
 
     def __init__(self, threads):
         self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        self.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # jobs share the cores: spinning threads stall each other
         self.children, self.stopping, self.lock = set(), threading.Event(), threading.Lock()
 
     def signal(self, signum, frame):

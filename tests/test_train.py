@@ -85,3 +85,13 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_
     assert not torch.equal(a["model"]["decoder.fc.0.weight"], first["model"]["decoder.fc.0.weight"])
     assert [m["test"] for m in a["metrics"]] == [m["test"] for m in b["metrics"]]
     assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_collapsed_epoch_speed_is_named_once_with_what_helps():
+    import train
+    record = {"recon": 1.0, "kl": 1.0, "total": 2.0, "kl_per_dim": [1.0]}
+    history = [{"epoch": i + 1, "train": record, "test": record, "img_per_s": v} for i, v in enumerate([9000, 7000])]
+    assert train.slow_epoch_hint(history) is None                      # ordinary variation
+    history.append(dict(history[-1], img_per_s=3000))
+    hint = train.slow_epoch_hint(history)
+    assert hint.startswith("note: this epoch ran at 3,000 img/s") and "OMP_NUM_THREADS=1" in hint and "--resume" in hint
