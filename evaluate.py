@@ -14,18 +14,16 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 
 import data
+import figures
 import metrics
 import vae
 from cli import ArgumentParser, UsageError, check_int, safe_streams
 from fileio import atomic_write, clashes, clean_stale_temps
-from images import labelled_grid, save_image
 
 FIGURES = ("reconstructions.png", "samples.png", "traversals.png", "interpolations.png")
-TRAVERSAL_VALUES = np.linspace(-3.0, 3.0, 11)
 EXTRACTOR_NAMES = {"pixels": "raw pixels, the course project's FID", "classifier": "Fashion-MNIST CNN features"}
 
 
@@ -71,42 +69,6 @@ def prepare_out_dir(out_dir, inputs):
 
 
 # ------------------------------------------------------------------------------------------------ figures
-
-def _grid(path, rows, labels, title, col_labels=None):
-    save_image(labelled_grid([r.numpy() for r in rows], labels, title, col_labels), path)
-
-
-def write_figures(out_dir, model, test, mu, recon_images, generated, kl_per_dim, fid, caption, n, generator):
-    originals = test.images[:n].float().cpu() / 255.0
-    fids = lambda part: "".join(f"FID {part} vs test, {EXTRACTOR_NAMES[e]}: {fid[e][part]:.2f}\n"  # noqa: E731
-                                for e in fid)
-    _grid(os.path.join(out_dir, "reconstructions.png"), [originals, recon_images[:n]], ["test image", "reconstruction"],
-          f"Test images and their reconstructions at z = posterior mean\n{fids('reconstruction')}{caption}")
-    _grid(os.path.join(out_dir, "samples.png"), [generated[i:i + n] for i in range(0, min(n * n, len(generated)), n)], None,
-          f"Samples from the prior: decoder means at z ~ N(0, I)\n{fids('generation')}{caption}")
-
-    order = sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])
-    rows = []
-    for d in order:
-        z = mu[0].repeat(len(TRAVERSAL_VALUES), 1)
-        z[:, d] = torch.as_tensor(TRAVERSAL_VALUES, dtype=z.dtype)
-        rows.append(metrics.decode_batched(model, z))
-    _grid(os.path.join(out_dir, "traversals.png"), rows, [f"z{d}  KL {kl_per_dim[d]:.2f}" for d in order],
-          "Latent traversals from the first test image's posterior mean: one dimension set to -3..3, the rest fixed\n"
-          "rows sorted by KL (nats per image, test split); near-zero KL = an unused dimension\n" + caption,
-          [f"{v:+.1f}" for v in TRAVERSAL_VALUES])
-
-    pairs = torch.randperm(len(test), generator=generator)[:2 * max(1, n // 2)].view(-1, 2)
-    weights = torch.linspace(0.0, 1.0, n).unsqueeze(1)
-    rows = []
-    for a, b in pairs.tolist():
-        path = metrics.decode_batched(model, (1 - weights) * mu[a] + weights * mu[b])
-        ends = test.images[[a, b]].float().cpu() / 255.0
-        rows.append(torch.cat([ends[:1, 0], path[:, 0], ends[1:, 0]]))
-    _grid(os.path.join(out_dir, "interpolations.png"), rows, [f"#{a} -> #{b}" for a, b in pairs.tolist()],
-          "Interpolations between posterior means of random test-image pairs\n"
-          f"(first and last columns: the original images; between: decoder means)\n{caption}")
-
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
@@ -176,8 +138,8 @@ def evaluate(args):
     caption = (f"{os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}: latent {cfg['latent_dim']}, "
                f"β={cfg['beta']}, epoch {ckpt['epoch']} · data {args.data_dir} "
                f"({len(train):,} train / {n:,} test images)")
-    write_figures(out_dir, model, test, mu_test, recon_images, generated, bounds["kl_per_dim"], fid, caption,
-                  min(args.n_show, len(test)), gen_pairs)
+    figures.evaluation_figures(out_dir, model, test, mu_test, recon_images, generated, bounds["kl_per_dim"], fid,
+                               caption, min(args.n_show, len(test)), gen_pairs)
     timings["figures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 

@@ -27,9 +27,8 @@ from cli import ArgumentParser, UsageError, check_float, check_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OBJECTIVES = ("beta", "tc")  # the capacity objective ignores β: a β grid of it would train one model many times
-# One thread per job: on a 2-core CPU shared with other work, a 2-β × 3-seed sweep (3 epochs, subset) took 90-140 s
-# as two 1-thread jobs and 200-410 s as one 2-thread job (docs/study.md): the model is too small for threads to pay
-# within one process. Capped at 8: a job peaks near 1 GB (train.py 0.9 GB, evaluate.py 1.1 GB on the subset).
+# One thread per job: on a 2-core CPU a 2-β × 3-seed sweep (3 epochs, subset) took 79 s as two 1-thread jobs and
+# 122 s as one 2-thread job (docs/study.md): the model is too small for a second thread to pay within one process. Capped at 8: a job peaks near 1 GB (train.py 0.9 GB, evaluate.py 1.1 GB on the subset).
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 DEFAULT_JOBS = max(1, min(8, CORES))
 PASS_THROUGH = {"train": ("latent_dim", "batch_size", "lr", "alpha", "gamma", "compile", "device"),
@@ -42,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per β (default: 0 1 2)")
     p.add_argument("--objective", nargs="+", choices=OBJECTIVES, default=["beta"],
                    help="beta (β-VAE) and/or tc (β-TCVAE, β weighs the total correlation) (default: beta)")
-    p.add_argument("--epochs", type=int, default=20, help="epochs per run (default: 20)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: train.py's, 20)")
     p.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
                    help=f"runs at once; the cores are split between them (default: the cores, at most 8: {DEFAULT_JOBS})")
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default="./data", help="passed on (default: ./data)")
@@ -72,7 +71,8 @@ def check_args(a):
     for flag, values in (("--beta", a.beta), ("--seeds", a.seeds), ("--objective", a.objective)):
         if len(set(values)) != len(values):
             raise UsageError(f"{flag} lists a value twice: give each once")
-    check_int("--epochs", a.epochs, 1, 100_000)
+    if a.epochs is not None:
+        check_int("--epochs", a.epochs, 1, 100_000)
     check_int("--jobs", a.jobs, 1, 256)
     for flag, value in (("--latent-dim", a.latent_dim), ("--batch-size", a.batch_size), ("--iwae-k", a.iwae_k)):
         if value is not None:
@@ -86,8 +86,14 @@ def check_args(a):
 
 # ------------------------------------------------------------------------------------------------ the runs
 
+def number(v):
+    """A float as a flag or a name holds it: short where that is exact (4, 0.5), all its digits where not."""
+    short = f"{v:g}"
+    return short if float(short) == v else repr(v)
+
+
 def run_name(objective, beta, seed):
-    return f"{objective}{beta:g}_seed{seed}"
+    return f"{objective}{number(beta)}_seed{seed}"
 
 
 def grid(a):
@@ -100,15 +106,15 @@ def commands(run, a):
     """(train argv, evaluate argv): self-contained, absolute paths, every flag that makes the run what it is."""
     data_dir = os.path.abspath(a.data_dir)
     train = [sys.executable, os.path.join(HERE, "train.py"), "--objective", run["objective"], "--beta",
-             f"{run['beta']:g}", "--seed", str(run["seed"]), "--epochs", str(a.epochs), "--data-dir", data_dir,
-             "--out-dir", run["dir"]]
+             number(run["beta"]), "--seed", str(run["seed"])] + (["--epochs", str(a.epochs)] if a.epochs else []) + \
+            ["--data-dir", data_dir, "--out-dir", run["dir"]]
     evaluate = [sys.executable, os.path.join(HERE, "evaluate.py"), "--checkpoint",
                 os.path.join(run["dir"], "checkpoint.pt"), "--data-dir", data_dir]
     for argv, names in ((train, PASS_THROUGH["train"]), (evaluate, PASS_THROUGH["evaluate"])):
         for name in names:
             if getattr(a, name) is not None:
-                argv += ["--" + name.replace("_", "-"), f"{getattr(a, name):g}" if isinstance(getattr(a, name), float)
-                         else str(getattr(a, name))]
+                value = getattr(a, name)
+                argv += ["--" + name.replace("_", "-"), number(value) if isinstance(value, float) else str(value)]
     return train + ["--resume"], evaluate
 
 
@@ -126,12 +132,23 @@ def read_report(run_dir):
         return None
 
 
-def finished(run, epochs):
+def finished(run, a):
+    """Whether the run's report is there for exactly what is asked: epochs, model, seed, every flag given and the
+    data. A run made otherwise is not finished: train.py --resume then refuses a contradicting flag (the run is
+    reported FAILED with its line), or resumes it, and evaluate.py reports it anew."""
     r = read_report(run["dir"])
     try:
-        return (r["epoch"] >= epochs and r["model_args"]["objective"] == run["objective"]
-                and r["model_args"]["beta"] == run["beta"] and r["train_args"]["seed"] == run["seed"])
-    except (TypeError, KeyError):
+        args, train_args = r["model_args"], r["train_args"]
+        epochs = a.epochs if a.epochs is not None else train_args.get("epochs", r["epoch"])
+        asked = {"objective": run["objective"], "beta": run["beta"], "seed": run["seed"],
+                 **{k: getattr(a, k) for k in ("latent_dim", "alpha", "gamma", "batch_size", "lr")
+                    if getattr(a, k) is not None}}
+        found = {**args, "seed": train_args["seed"], "batch_size": train_args.get("batch_size"),
+                 "lr": train_args.get("lr")}
+        return (r["epoch"] >= epochs and all(found.get(k) == v for k, v in asked.items())
+                and (a.iwae_k is None or r["test"]["iwae_k"] == a.iwae_k)
+                and os.path.realpath(r["data"]["data_dir"]) == os.path.realpath(a.data_dir))
+    except (TypeError, KeyError, AttributeError):
         return False
 
 
@@ -235,7 +252,7 @@ def main(argv=None):
     try:
         check_args(a)
         runs = grid(a)
-        todo = [run for run in runs if not finished(run, a.epochs)]
+        todo = [run for run in runs if not finished(run, a)]
         if a.print_commands:
             print(f"# {len(runs) - len(todo)} of {len(runs)} runs finished already; printing the other "
                   f"{len(todo)}", file=sys.stderr)
@@ -247,7 +264,11 @@ def main(argv=None):
             if todo:
                 fetch_data(a.data_dir)
                 failed, stopped = run_all(todo, a)
-        written = sweep_summary.write(a.out_dir, require=a.aggregate)
+        try:
+            written = sweep_summary.write(a.out_dir, require=a.aggregate)
+        except OSError as e:
+            raise UsageError(f"cannot write the summary in {a.out_dir} ({e.strerror or e}): free space or pass "
+                             "another --out-dir; the runs themselves are complete") from None
         if written:
             print(f"wrote {', '.join(written)} in {a.out_dir}")
     except UsageError as e:

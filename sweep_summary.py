@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import sys
 import statistics
 
 from cli import UsageError
@@ -224,11 +225,19 @@ def figures(out_dir, rows, grouped):
         fig.tight_layout()
         _save(fig, os.path.join(out_dir, name))
 
-    firsts = [(key, min(m, key=lambda r: r["seed"])) for key, m in grouped]
-    firsts = [(k, r) for k, r in firsts if os.path.isfile(os.path.join(out_dir, r["run"], "eval", "traversals.png"))]
+    firsts, images = [], []
+    for key, m in grouped:   # a panel that cannot be read is left out, with a warning: the summary still gets written
+        r = min(m, key=lambda r: r["seed"])
+        path = os.path.join(out_dir, r["run"], "eval", "traversals.png")
+        try:
+            images.append(_below_caption(plt.imread(path)))
+            firsts.append((key, r))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, SyntaxError) as e:   # PIL reports a damaged PNG as a SyntaxError
+            print(f"warning: {path} cannot be read ({type(e).__name__}: {e}); left out of traversals.png",
+                  file=sys.stderr)
     if firsts:
-        images = [_below_caption(plt.imread(os.path.join(out_dir, r["run"], "eval", "traversals.png")))
-                  for _, r in firsts]
         ncol = min(3, len(images))
         nrow = -(-len(images) // ncol)
         width = 5.0  # inches per panel: the row labels stay readable

@@ -21,11 +21,11 @@ import sys
 import torch
 
 import data
+import figures
 import training
 import vae
 from cli import ArgumentParser, UsageError, check_float, check_int, safe_streams
 from fileio import atomic_write, clean_stale_temps
-from images import labelled_grid, save_image
 
 MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig) if f.name != "dataset_size")  # data, not a flag
 RUN_FLAGS = ("batch_size", "lr", "seed")  # must match the checkpoint when resuming, or the run is not one run
@@ -60,8 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--capacity-steps", "--capacity_steps", dest="capacity_steps", type=int,
                    help=f"capacity objective: steps over which C rises from 0 to C_max (default: {m.capacity_steps})")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
-    p.add_argument("--data-dir", "--data_dir", dest="data_dir", default="./data",
-                   help="folder holding FashionMNIST/raw, downloaded there if missing (default: ./data)")
+    p.add_argument("--data-dir", "--data_dir", dest="data_dir",
+                   help="folder holding FashionMNIST/raw, downloaded there if missing (default: ./data; with --resume, "
+                        "the folder the run trained on)")
     p.add_argument("--out-dir", "--out_dir", dest="out_dir",
                    help="output folder (default: runs/beta<β>_z<latent>_seed<seed>)")
     p.add_argument("--resume", action="store_true",
@@ -123,6 +124,8 @@ def resolve_args(args):
             s[k] = saved[k] if saved.get(k) is not None else s[k]
         if given["epochs"] is None:
             s["epochs"] = max(ckpt["train_args"].get("epochs", RUN_DEFAULTS.epochs), ckpt["epoch"])
+        if args.data_dir is None:   # the data the run trained on, not whatever ./data holds now
+            args.data_dir = ckpt["train_args"].get("data_dir")
         saved_loop = ckpt["train_args"].get("loop", "fast")
         if args.loop is not None and args.loop != saved_loop:
             raise UsageError(f"--loop {args.loop} contradicts the checkpoint in {out_dir} (trained with --loop "
@@ -132,6 +135,7 @@ def resolve_args(args):
             raise UsageError(f"--epochs {s['epochs']} is below the {ckpt['epoch']} epochs {out_dir} has already "
                              "trained: raise --epochs or drop it")
     args.loop = args.loop or "fast"
+    args.data_dir = args.data_dir or "./data"
     if s["gamma"] is None:
         s["gamma"] = vae.GAMMA_DEFAULTS.get(s["objective"], vae.GAMMA_DEFAULTS["capacity"])
     check_settings(s, args)
@@ -140,45 +144,6 @@ def resolve_args(args):
                          "--compile off")
     s["out_dir"], s["data_dir"], s["loop"] = out_dir, args.data_dir, args.loop
     return s, ckpt
-
-
-def write_figures(model, test, s, history, step_losses, first_epoch, steps_per_epoch, n_samples, n_recon):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    out, tag = s["out_dir"], f"β={s['beta']:g}, latent {s['latent_dim']}, epoch {len(history)}"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if step_losses:  # per-step train loss of the epochs trained in this process, averaged in ~200 bins
-        t = torch.tensor(step_losses)
-        k = max(1, len(t) // 200)
-        t = t[:len(t) // k * k].view(-1, k).mean(1)
-        ax.plot(first_epoch + (torch.arange(len(t)) * k + k / 2) / steps_per_epoch, t, lw=1, alpha=0.7,
-                label="train objective (per step)")
-    epochs = [m["epoch"] for m in history]
-    ax.plot([e - 0.5 for e in epochs], [m["train"]["total"] for m in history], "^:", label="train objective (per epoch)")
-    ax.plot(epochs, [m["test"]["total"] for m in history], "o-", label="test objective")
-    ax.plot(epochs, [m["test"]["recon"] for m in history], "s--", label="test reconstruction")
-    ax.set(xlabel="epoch", ylabel="nats per image", title=f"Loss — {tag}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(os.path.join(out, "loss.png"), lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    model.eval()
-    with torch.no_grad():
-        g = torch.Generator(device=test.device).manual_seed(s["seed"])
-        z = torch.randn(n_samples, s["latent_dim"], device=test.device, generator=g)
-        images = model.decode(z).cpu().numpy()
-        ncol = math.ceil(math.sqrt(n_samples))
-        rows = [images[i:i + ncol] for i in range(0, len(images), ncol)]
-        save_image(labelled_grid(rows, title=f"Samples from the prior: decoder means at z ~ N(0, I)\n{tag}"),
-                   os.path.join(out, "samples.png"))
-        x, _, _ = next(test.batches(min(n_recon, len(test))))
-        recon = model.decode(model.encode(x)[0])  # the posterior mean, as the seed shows reconstructions
-        save_image(labelled_grid([((x + 1) / 2).cpu().numpy(), recon.cpu().numpy()], ["test image", "reconstruction"],
-                                 f"Test images and their reconstructions at z = posterior mean\n{tag}"),
-                   os.path.join(out, "reconstructions.png"))
-    model.train()
 
 
 def setup_logging(out_dir):
@@ -271,6 +236,11 @@ def train(s, ckpt, args):
                          f"{' and '.join(missing)} in {data.raw_dir(s['data_dir'])}: gunzip the .gz files there, or "
                          "use --loop fast")
     model, opt, history, start = build(s, ckpt, device, len(train_data))
+    trained_on = ckpt["model_args"].get("dataset_size") if ckpt is not None else None
+    if trained_on is not None and trained_on != len(train_data):
+        raise UsageError(f"the train split in {s['data_dir']} has {len(train_data):,} images, but the run in "
+                         f"{s['out_dir']} trained on {trained_on:,}: pass the --data-dir it trained on, or start a new "
+                         "--out-dir")
     config = model.config
     lock = open_out_dir(s["out_dir"])  # noqa: F841 (held until exit)
     if ckpt is None and os.path.exists(os.path.join(s["out_dir"], "checkpoint.pt")):
@@ -312,7 +282,8 @@ def write_metrics(out_dir, history):
 
 def run_epochs(model, opt, step, train_data, test_data, s, args, history, start, stop, config):
     train_args = {k: s[k] for k in RUN_FLAGS + ("epochs", "data_dir", "loop")}
-    state = {"step": start * math.ceil(len(train_data) / s["batch_size"])}
+    # the optimizer steps already taken, as recorded (the capacity objective's C follows them)
+    state = {"step": history[-1].get("step", start * math.ceil(len(train_data) / s["batch_size"])) if history else 0}
     step_losses, ck = [], os.path.join(s["out_dir"], "checkpoint.pt")
     device_type, hinted = train_data.device.type, False
     for epoch in range(start, s["epochs"]):
@@ -340,11 +311,11 @@ def run_epochs(model, opt, step, train_data, test_data, s, args, history, start,
             hinted = True
         if stop.signum is not None:
             log.info(f"stopped after epoch {epoch + 1}; continue with: python train.py --resume --out-dir "
-                     f"{s['out_dir']}")
+                     f"{s['out_dir']} --data-dir {s['data_dir']}")
             return 128 + stop.signum
     try:
-        write_figures(model, test_data, s, history, step_losses, start,
-                      math.ceil(len(train_data) / s["batch_size"]), args.n_samples, args.n_recon)
+        figures.training_figures(model, test_data, s, history, step_losses, start,
+                                 math.ceil(len(train_data) / s["batch_size"]), args.n_samples, args.n_recon)
     except OSError as e:
         raise UsageError(f"cannot write the figures in {s['out_dir']} ({e.strerror or e}); checkpoint.pt is "
                          "complete: free space and run the same command with --resume to draw them") from None
@@ -372,7 +343,8 @@ def main(argv=None):
         print(f"error: {e}; the last good checkpoint is kept: lower --lr or --beta and train again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("stopped at once; checkpoint.pt holds the last completed epoch: continue with --resume", file=sys.stderr)
+        print("stopped at once; checkpoint.pt (if an epoch was completed) holds the last completed epoch: continue "
+              "with --resume", file=sys.stderr)
         return 130
 
 

@@ -27,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import data
 import nhwc_forward
 import vae
 
@@ -321,3 +322,28 @@ def test_metrics(model, test, config, seed, step_idx, batch_size=1000):
         sums += vae.vae_loss(logits, target, mu, logvar, config, step=step_idx, z=z).batch_sums()
     model.train()
     return (sums / len(test)).tolist()
+
+
+class Trainer:
+    """A model, optimizer and step as train.py builds them, for bench.py: .epoch() runs one epoch as train.py does
+    (training, then the test pass) or as the course project did (training only), and returns (training images/s,
+    epoch seconds). s: the settings dict train.py resolves (loop, batch_size, lr, seed, epochs, ...)."""
+
+    def __init__(self, data_dir, device, s, compile_mode):
+        self.data, self.test, self.s = data.load(data_dir, "train", device), data.load(data_dir, "test", device), s
+        torch.manual_seed(0)
+        self.config = vae.VAEConfig()
+        self.model = vae.BetaVAE(self.config).to(device)
+        opt = torch.optim.Adam(self.model.parameters(), lr=s["lr"])
+        self.step = (make_seed_step(self.model, opt, self.config) if s["loop"] == "seed"
+                     else make_train_step(self.model, opt, self.config, compile=compile_mode))
+        self.state, self.n = {"step": 0}, 0
+
+    def epoch(self):
+        t = time.perf_counter()
+        _, _, img_s = epoch_loop(self.model, self.step, self.data, self.s, self.n, self.state,
+                                          progress=False)
+        if self.s["loop"] != "seed":   # train.py's epoch ends with a test pass; the course project's had none
+            test_metrics(self.model, self.test, self.config, 0, self.state["step"])
+        self.n += 1
+        return img_s, time.perf_counter() - t

@@ -200,7 +200,13 @@ def tc_terms(z, mu, logvar, dataset_size):
     log_q_zx = pair.diagonal().sum(0)                                     # (M,) log q(z_i | x_i)
     log_qz = torch.logsumexp(log_w + pair.sum(2), dim=1)                  # (M,) log q(z_i)
     log_qz_dims = torch.logsumexp(log_w[:, :, None] + pair, dim=1).sum(1)  # (M,) Σ_d log q(z_id)
-    log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(1)
+    return kl_parts(log_q_zx, log_qz, log_qz_dims, z)
+
+
+def kl_parts(log_q_zx, log_qz, log_qz_dims, z):
+    """(MI, TC, dimension-wise KL) from log q(z|x), log q(z) and Σ_d log q(z_d) at z; they sum to log q(z|x) − log p(z)
+    (Hoffman & Johnson 2016; Chen et al. 2018). Shared by the β-TCVAE loss and metrics.decomposition_terms."""
+    log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(1)
     return log_q_zx - log_qz, log_qz - log_qz_dims, log_qz_dims - log_pz
 
 
@@ -330,7 +336,8 @@ def _field_problem(ckpt):
     if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in ckpt["model"].items()):
         return "model holds entries that are not named tensors"
     for i, m in enumerate(ckpt["metrics"]):
-        if not isinstance(m, dict) or not _is_int(m.get("epoch")) or not _is_number(m.get("img_per_s", 0)):
+        if not isinstance(m, dict) or not _is_int(m.get("epoch")) or not _is_number(m.get("img_per_s", 0)) \
+                or not (_is_int(m.get("step", 0)) and m.get("step", 0) >= 0):
             return f"metrics entry {i} is not an epoch record"
         for split in ("train", "test"):
             problem = _summary_problem(m.get(split))

@@ -399,3 +399,14 @@ def test_screenshot_saves_what_headless_chromium_shows(kl_exported, tmp_path):
     explore.main(["--onnx", kl_exported["decoder"], "--out", str(tmp_path / "site"), "--screenshot", str(png)])
     shot = np.asarray(Image.open(png).convert("L"), np.float32)
     assert shot.shape[1] == 1400 and shot.shape[0] > 1000 and shot.std() > 20
+
+
+def test_random_draws_for_large_latents_are_made_in_pieces(page):
+    # the 8x8 sample grid of a latent of 200 needs 102,400 random bytes; getRandomValues gives 65,536 a call
+    stats = browser.call(page, """
+        const {randn} = await import('./vae.js');
+        const z = randn(64 * 200);
+        let s = 0, s2 = 0;
+        for (const v of z) { s += v; s2 += v * v; }
+        return [z.length, s / z.length, s2 / z.length, z.every(Number.isFinite)];""")
+    assert stats[0] == 12800 and abs(stats[1]) < 0.05 and abs(stats[2] - 1) < 0.05 and stats[3]

@@ -297,3 +297,19 @@ def test_checkpoint_fuzzing_outcomes(tmp_path, tiny_checkpoint):
                                               if t.is_floating_point())
         outcomes["loaded"] += 1
     assert outcomes["failed"] >= len(must_fail) and outcomes["failed"] + outcomes["loaded"] == 180
+
+
+def test_resume_takes_the_runs_data_and_refuses_other_data(trained_run, tmp_path, capsys, monkeypatch):
+    run, data_dir = trained_run
+    out = damaged(run, tmp_path, lambda c: None)                    # a copy of the run, unchanged
+    monkeypatch.chdir(tmp_path)                                     # no ./data here: the run's own folder is used
+    assert train.main(["--resume", "--epochs", "2", "--compile", "off", "--out-dir", str(out)]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["train_args"]["data_dir"] == data_dir
+    assert ckpt["metrics"][1]["step"] == 2 * ckpt["metrics"][0]["step"]
+    other = write_dataset(tmp_path / "other", n_train=64, n_test=32)
+    before = (out / "checkpoint.pt").read_bytes()
+    assert train.main(["--resume", "--epochs", "3", "--compile", "off", "--out-dir", str(out),
+                       "--data-dir", other]) == 2
+    one_error_line(capsys, "has 64 images", "trained on 96", "--data-dir")
+    assert (out / "checkpoint.pt").read_bytes() == before

@@ -218,3 +218,27 @@ def test_tc_model_trains_resumes_evaluates_exports_and_samples(tmp_path):
         expected = model.decode(torch.from_numpy(z)).numpy()
     assert np.abs(np.load(tmp_path / "s.npy") - expected).max() < 1e-5
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_made_otherwise_are_not_finished_and_close_betas_stay_apart(swept, tmp_path, capsys):
+    a = swept["a"]
+    data_dir = str(a.parent / "data")
+    same = sweep.parse_args([*GRID, "--data-dir", data_dir, "--out-dir", str(a)])
+    run = sweep.grid(same)[0]
+    assert sweep.finished(run, same)
+    for change in (["--latent-dim", "4"], ["--lr", "0.002"], ["--epochs", "3"], ["--iwae-k", "3"]):
+        other = sweep.parse_args([*GRID, *change, "--data-dir", data_dir, "--out-dir", str(a)])
+        assert not sweep.finished(sweep.grid(other)[0], other), change
+    close = sweep.parse_args(["--beta", "1.0000001", "1.0000002", "0.5", "--seeds", "0", "--out-dir", str(tmp_path)])
+    names = [r["name"] for r in sweep.grid(close)]
+    assert names == ["beta1.0000001_seed0", "beta1.0000002_seed0", "beta0.5_seed0"]
+    assert "--beta 1.0000002 " in sweep.command_line(sweep.grid(close)[1], close)
+
+
+def test_a_damaged_figure_is_left_out_of_the_summary_with_a_warning(swept, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(swept["a"], out)
+    (out / "beta1_seed0" / "eval" / "traversals.png").write_bytes(b"junk")
+    code, err = run_main(sweep, ["--out-dir", str(out), "--aggregate"])
+    assert code == 0 and "Traceback" not in err and "warning:" in err and "traversals.png cannot be read" in err
+    assert (out / "summary.md").is_file() and (out / "traversals.png").is_file()

@@ -77,7 +77,8 @@ export async function loadModel(base = ".") {
 
 export function randn(n, temperature = 1) {  // Box-Muller from crypto-quality uniforms
   const u = new Uint32Array(2 * n);
-  crypto.getRandomValues(u);
+  for (let i = 0; i < u.length; i += 16384)  // getRandomValues fills at most 65,536 bytes a call
+    crypto.getRandomValues(u.subarray(i, i + 16384));
   const z = new Float32Array(n);
   for (let i = 0; i < n; i++) {
     const a = (u[2 * i] + 1) / 4294967297, b = u[2 * i + 1] / 4294967296;
