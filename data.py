@@ -121,12 +121,12 @@ class DeviceData:
         target = batch_u8.float().mul_(1.0 / 255.0)
         return target * 2.0 - 1.0, target
 
-    def batches(self, batch_size, shuffle=False, generator=None, skip=0):
+    def batches(self, batch_size, shuffle=False, generator=None):
         """Yield (x in [-1, 1], target in [0, 1], labels). Shuffles indices on the device; the last batch may be short."""
         n = len(self.images)
         if shuffle:
             order = torch.randperm(n, device=self.device, generator=generator)
-        for start in range(skip * batch_size, n, batch_size):
+        for start in range(0, n, batch_size):
             if shuffle:
                 idx = order[start:start + batch_size]
                 u8, y = self.images[idx], self.labels[idx]

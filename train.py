@@ -70,7 +70,7 @@ def parse_args(argv=None):
                         "it are refused. Without it, a folder holding a checkpoint is refused (default: off)")
     p.add_argument("--loop", choices=("fast", "seed"), default=None,
                    help="fast: data resident on the device; seed: the course project's loop (torchvision transforms "
-                        "through a 2-worker DataLoader, BCE on probabilities), kept for comparison (default: fast)")
+                        "in DataLoader workers, half the cores, BCE on probabilities), kept for comparison (default: fast)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the training step; auto: on a CPU, for runs of a million images or more "
                         "(default: auto)")
@@ -211,9 +211,8 @@ def build(s, ckpt, device, n_train):
 
 def slow_epoch_hint(history):
     """One line when an epoch ran at under half the run's best speed: on a CPU, the usual cause is another busy
-    process, and OpenMP's threads then wait for each other. Measured on a 2-core machine with one busy process beside
-    train.py: 2 threads (the default) 2,100-3,000 img/s, OMP_WAIT_POLICY=PASSIVE 3,100, 1 thread 6,000-6,900; on the
-    quiet machine 2 threads ran 6,500-9,000 and PASSIVE halved that, so nothing is changed for you."""
+    process, whose threads and OpenMP's wait for each other. One thread is then often 2-3x faster; nothing is changed
+    by default, because on a quiet CPU two threads are faster (measured: docs/speed.md, "A busy CPU")."""
     speeds = [m["img_per_s"] for m in history]
     if len(speeds) >= 2 and speeds[-1] < max(speeds) / 2:
         return (f"note: this epoch ran at {speeds[-1]:,.0f} img/s, under half this run's best ({max(speeds):,.0f}): "
@@ -262,7 +261,7 @@ def train(s, ckpt, args):
         use_compile = training.want_compile(args.compile, device, s["epochs"] * len(train_data))
         step = training.make_train_step(model, opt, config, compile=use_compile, log=log.info)
         if use_compile:
-            log.info("compiling the training step on its first batch, 10-45 s (--compile off skips this)")
+            log.info("compiling the training step on its first batch, 7-30 s (--compile off skips this)")
     stop = StopFlag()
     try:
         return run_epochs(model, opt, step, train_data, test_data, s, args, history, start, stop, config)

@@ -42,7 +42,7 @@ class RunConfig:
 
 
 RUN_DEFAULTS = RunConfig()
-# Compiling costs ~10 s (warm inductor cache) to ~45 s (cold) on a 2-core CPU and roughly halves the step there
+# Compiling costs ~7 s (warm inductor cache) to ~30 s (cold) on a 2-core CPU and makes the step ~1.8x faster there
 # (bench.py): it pays for itself within about a million images even with a cold cache, e.g. the default 20 epochs of
 # the full 60,000. CUDA and MPS: the compiled step has not run on a GPU yet, so `auto` never compiles there.
 COMPILE_AUTO_MIN_IMAGES = 1_000_000
