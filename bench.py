@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+import checkpoint
 import data
 import idx
 import training
@@ -122,9 +123,9 @@ def bench_train(args, device, repeats, say):
 TORCH_SAMPLE = """
 import sys
 sys.path.insert(0, {root!r})
-import torch, vae
+import torch, checkpoint
 from images import save_png, tile
-model, ckpt = vae.load_checkpoint(sys.argv[1], "cpu")
+model, ckpt = checkpoint.load_checkpoint(sys.argv[1], "cpu")
 g = torch.Generator().manual_seed(0)
 with torch.inference_mode():
     images = model.decode(torch.randn(64, ckpt["model_args"]["latent_dim"], generator=g)).numpy()
@@ -168,7 +169,7 @@ def bench_decoder(ckpt_path, onnx_path, repeats):
     import onnx_check
     checked = onnx_check.load(onnx_path, "decoder")
     sess, d = onnx_check.session(checked), checked.latent  # the session exactly as sample.py configures it
-    model, _ = vae.load_checkpoint(ckpt_path, "cpu")
+    model, _ = checkpoint.load_checkpoint(ckpt_path, "cpu")
     name, out = sess.get_inputs()[0].name, {}
     for bs in (1, 64, 1024):
         z = np.random.default_rng(0).standard_normal((bs, d)).astype(np.float32)
@@ -341,7 +342,7 @@ def main(argv=None):
             result["train"] = bench_train(args, device, repeats, say)
         ckpt_path = os.path.join(work, "checkpoint.pt")
         model = vae.BetaVAE(vae.VAEConfig())  # timings do not depend on what the weights learned
-        vae.save_checkpoint(ckpt_path, model, None, 0, 0, {}, [])
+        checkpoint.save_checkpoint(ckpt_path, model, None, 0, 0, {}, [])
         if "evaluate" in sections:
             say("evaluation ...")
             result["evaluate"] = bench_evaluate(ckpt_path, args.data_dir, work, device, repeats, args.eval_images, say)

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+import checkpoint
 import data
 import figures
 import metrics
@@ -80,7 +81,7 @@ def evaluate(args):
     except ValueError as e:
         raise UsageError(str(e))
     print(f"device: {device}", file=sys.stderr)
-    model, ckpt = vae.load_checkpoint(args.checkpoint, device)
+    model, ckpt = checkpoint.load_checkpoint(args.checkpoint, device)
     data.ensure_files(args.data_dir)   # both splits at once: one message names every missing file
     train = data.load(args.data_dir, "train", device)
     test = data.load(args.data_dir, "test", device)
@@ -213,7 +214,7 @@ def main(argv=None):
         warnings.simplefilter("always")
         try:
             out_dir, report = evaluate(args)
-        except (UsageError, vae.CheckpointError, data.DataError, ValueError) as e:
+        except (UsageError, checkpoint.CheckpointError, data.DataError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except OSError as e:  # a figure could not be written: the disk filled or the folder went away

@@ -24,6 +24,7 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
+import checkpoint
 import vae
 from cli import ArgumentParser, UsageError, safe_streams
 from fileio import atomic_write_all, clashes, clean_stale_temps_for
@@ -119,7 +120,7 @@ def parity(model_bytes, module, make_input):
 
 def kl_from_history(ckpt):
     """(test-split KL per dimension of the last epoch, that epoch) from the checkpoint's history, or (None, reason).
-    vae.read_checkpoint has checked the history's types; here only its length and values matter."""
+    checkpoint.read_checkpoint has checked the history's types; here only its length and values matter."""
     if not ckpt["metrics"]:
         return None, "the checkpoint has no epoch history"
     last, d = ckpt["metrics"][-1], ckpt["model_args"]["latent_dim"]
@@ -168,8 +169,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         # export is CPU work, whatever trained the model; NaN or infinite weights are refused here
-        model, ckpt = vae.load_checkpoint(args.checkpoint, "cpu")
-    except (UsageError, vae.CheckpointError) as e:
+        model, ckpt = checkpoint.load_checkpoint(args.checkpoint, "cpu")
+    except (UsageError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     d, kl = ckpt["model_args"]["latent_dim"], kl_from_history(ckpt)

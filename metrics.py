@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
 import data
 import vae
 from fast_decoder import fast_copy
@@ -224,7 +225,7 @@ def load_classifier(data_dir, device, train=None, test=None, epochs=CLASSIFIER_E
              "test_acc": acc, "epochs": epochs, "max_train": -1 if max_train is None else int(max_train), "seed": seed}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        vae.save_torch(path, saved)
+        checkpoint.save_torch(path, saved)
     except OSError as e:  # no cache is slower next time, never wrong
         warnings.warn(f"could not cache the FID classifier at {path} ({e.strerror}); it will be trained again")
     return net, {"test_acc": acc, "path": path, "from_cache": False}

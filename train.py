@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+import checkpoint
 import data
 import figures
 import training
@@ -115,7 +116,7 @@ def resolve_args(args):
         raise UsageError(f"{out_dir} already holds a run (checkpoint.pt): pass --resume to continue it, or "
                          "--out-dir NEW for a new run; nothing was changed")
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = vae.read_checkpoint(ckpt_path)
+        ckpt = checkpoint.read_checkpoint(ckpt_path)
         saved = dict(ckpt["model_args"], **{k: ckpt["train_args"].get(k) for k in RUN_FLAGS})
         for k in MODEL_FLAGS + RUN_FLAGS:
             if given[k] is not None and saved.get(k) is not None and given[k] != saved[k]:
@@ -203,9 +204,9 @@ def build(s, ckpt, device, n_train):
     if ckpt is None:
         model = vae.BetaVAE(config).to(device)
         return model, torch.optim.Adam(model.parameters(), lr=s["lr"]), [], 0
-    model = vae.model_from_checkpoint(ckpt, s["out_dir"]).to(device)
+    model = checkpoint.model_from_checkpoint(ckpt, s["out_dir"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
-    vae.load_optimizer_state(opt, ckpt, s["out_dir"])
+    checkpoint.load_optimizer_state(opt, ckpt, s["out_dir"])
     return model, opt, list(ckpt["metrics"]), ckpt["epoch"]
 
 
@@ -294,7 +295,7 @@ def run_epochs(model, opt, step, train_data, test_data, s, args, history, start,
         history.append({"epoch": epoch + 1, "step": state["step"], "train": training_summary(means),
                         "test": training_summary(test), "img_per_s": img_s})
         try:
-            vae.save_checkpoint(ck, model, opt, epoch + 1, s["seed"], train_args, history)
+            checkpoint.save_checkpoint(ck, model, opt, epoch + 1, s["seed"], train_args, history)
         except OSError as e:
             kept = f"checkpoint.pt still holds epoch {epoch}" if epoch else "no checkpoint was written"
             raise UsageError(f"cannot save epoch {epoch + 1} in {s['out_dir']} ({e.strerror or e}); {kept}: fix "
@@ -335,7 +336,7 @@ def main(argv=None):
     try:
         s, ckpt = resolve_args(args)
         return train(s, ckpt, args)
-    except (UsageError, data.DataError, vae.CheckpointError) as e:
+    except (UsageError, data.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except training.NonFinite as e:

@@ -1,4 +1,4 @@
-"""The β-VAE: config, encoder, decoder, loss and checkpoints.
+"""The β-VAE: config, encoder, decoder and losses (checkpoints: checkpoint.py).
 
 The architecture is the course project's, as its README's layer table lists it (ReLU before BatchNorm, no activation
 after the encoder's 288→128 layer); see docs/usage.md for how its published code differs. The loss is the β-VAE
@@ -10,11 +10,7 @@ in one log line when it cannot (training then uses the module's own layers, slow
 BatchNorm into the convolution after it; fast_decoder.py rewrites stride-2 transposed convolutions. Their tests
 (tests/test_train_step.py, tests/test_onnx.py, tests/test_metrics.py) check each against this module.
 """
-import dataclasses
-import io
 import math
-import os
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,9 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fileio import atomic_write
-
-CHECKPOINT_FORMAT = 1
 OBJECTIVES = ("beta", "capacity", "tc")
 IMAGE_SHAPE = (1, 28, 28)
 
@@ -32,10 +25,6 @@ IMAGE_SHAPE = (1, 28, 28)
 # γ when not given: capacity (Burgess et al.'s value for their shapes); tc: 1 (Chen et al.'s β-TCVAE, α = γ = 1).
 # The beta objective has no γ; it keeps the capacity value, which older checkpoints also hold.
 GAMMA_DEFAULTS = {"capacity": 1000.0, "tc": 1.0}
-
-
-class CheckpointError(Exception):
-    """A checkpoint is missing, unreadable, foreign or inconsistent; the message says what to do."""
 
 
 # The range of every model setting: VAEConfig refuses values outside it (a checkpoint from elsewhere included) and
@@ -236,180 +225,6 @@ def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0, capaci
         c = capacity_at(step, config) if capacity is None else capacity
         total = recon + config.gamma * (kl - c).abs()
     return LossTerms(recon, kl, total, kl_per_dim)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-REQUIRED_KEYS = ("format_version", "model_args", "model", "optimizer", "epoch", "seed", "train_args", "metrics")
-
-
-def save_checkpoint(path, model, optimizer, epoch, seed, train_args, metrics, extra=None):
-    model = getattr(model, "_orig_mod", model)  # never a compiled wrapper's keys
-    ckpt = {
-        "format_version": CHECKPOINT_FORMAT,
-        "model_args": dataclasses.asdict(model.config),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else {},
-        "epoch": int(epoch),
-        "seed": int(seed),
-        "train_args": dict(train_args),
-        "metrics": list(metrics),
-        "torch_version": str(torch.__version__),
-    }
-    if extra:
-        ckpt.update(extra)
-    save_torch(path, ckpt)
-
-
-def read_checkpoint(path, map_location="cpu"):
-    """The checkpoint dict, checked. weights_only=True: a checkpoint can never run code when loaded."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: pass the checkpoint.pt that train.py wrote")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path} is empty: it is not a checkpoint; train again or pick another file")
-    try:
-        with warnings.catch_warnings():  # torch warns about odd pickles before refusing them; our error says it all
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle/zip errors have many types; all mean the same thing to the user
-        text = str(e).strip()
-        if "WeightsUnpickler error:" in text:  # torch's own text suggests weights_only=False: never for a stranger's file
-            detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:120]
-            reason = f"the safe loader refused it, it may hold code: {detail}"
-        else:
-            reason = text.splitlines()[0][:160] if text else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); "
-                              "pass a checkpoint.pt written by train.py") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; "
-                              "pass a checkpoint.pt written by train.py")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of this project's format (missing {', '.join(missing)}); "
-                              "retrain with train.py")
-    if ckpt["format_version"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {ckpt['format_version']!r}, this code reads "
-                              f"{CHECKPOINT_FORMAT}; use the matching version of the project or retrain")
-    problem = _field_problem(ckpt)
-    if problem:
-        raise CheckpointError(f"{path} is damaged: {problem}; retrain, or resume from a backup of the run folder")
-    return ckpt
-
-
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _summary_problem(m):
-    if not isinstance(m, dict) or not all(_is_number(m.get(k)) for k in ("recon", "kl", "total")):
-        return "recon, kl and total numbers"
-    if not isinstance(m.get("kl_per_dim"), list) or not all(_is_number(v) for v in m["kl_per_dim"]):
-        return "a kl_per_dim list of numbers"
-    return None
-
-
-def _field_problem(ckpt):
-    """What is wrong with the types of a checkpoint's fields (a file from elsewhere can hold anything), or None."""
-    for key, kind in (("model_args", dict), ("model", dict), ("optimizer", dict), ("train_args", dict),
-                      ("metrics", list)):
-        if not isinstance(ckpt[key], kind):
-            return f"{key} is a {type(ckpt[key]).__name__}, not a {kind.__name__}"
-    if not _is_int(ckpt["epoch"]) or ckpt["epoch"] < 0:
-        return f"epoch is {ckpt['epoch']!r}, not a count of epochs"
-    if not _is_int(ckpt["seed"]):
-        return f"seed is {ckpt['seed']!r}, not an integer"
-    try:
-        VAEConfig(**ckpt["model_args"])
-    except (TypeError, ValueError) as e:
-        return f"model_args do not describe a model ({(str(e).splitlines() or [''])[0][:120]})"
-    args = ckpt["train_args"]
-    for key, ok in (("batch_size", lambda v: _is_int(v) and v >= 1), ("seed", _is_int),
-                    ("epochs", lambda v: _is_int(v) and v >= 0), ("lr", lambda v: _is_number(v) and v > 0),
-                    ("loop", lambda v: v in ("fast", "seed")), ("data_dir", lambda v: isinstance(v, str))):
-        if key in args and not ok(args[key]):
-            return f"train_args[{key!r}] is {args[key]!r}"
-    if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in ckpt["model"].items()):
-        return "model holds entries that are not named tensors"
-    for i, m in enumerate(ckpt["metrics"]):
-        if not isinstance(m, dict) or not _is_int(m.get("epoch")) or not _is_number(m.get("img_per_s", 0)) \
-                or not (_is_int(m.get("step", 0)) and m.get("step", 0) >= 0):
-            return f"metrics entry {i} is not an epoch record"
-        for split in ("train", "test"):
-            problem = _summary_problem(m.get(split))
-            if problem:
-                return f"metrics entry {i} has no {split} record with {problem}"
-    return None
-
-
-def load_optimizer_state(optimizer, ckpt, source):
-    """optimizer.load_state_dict(ckpt["optimizer"]), refusing state that does not fit the parameters (torch only
-    finds out at the first step, deep inside Adam). Only the hyperparameters lr, betas, eps and weight_decay come
-    from the file; how the update runs (amsgrad, fused, capturable, ...) stays as the optimizer was built."""
-    try:
-        saved = ckpt["optimizer"]
-        groups = saved["param_groups"]
-        if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
-            raise ValueError(f"it has {len(groups) if isinstance(groups, list) else 'no'} parameter groups")
-        merged = []
-        for mine, theirs in zip(optimizer.param_groups, groups):
-            lr, betas, eps, wd = (theirs[k] for k in ("lr", "betas", "eps", "weight_decay"))
-            if not (_is_number(lr) and lr > 0 and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
-                    and _is_number(eps) and eps >= 0 and _is_number(wd) and wd >= 0):
-                raise ValueError("its hyperparameters are not numbers in range")
-            group = {k: v for k, v in mine.items() if k != "params"}
-            merged.append(dict(group, lr=lr, betas=tuple(betas), eps=eps, weight_decay=wd, params=theirs["params"]))
-        optimizer.load_state_dict({"state": saved["state"], "param_groups": merged})
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                st = optimizer.state.get(p, {})
-                if not st:
-                    continue
-                for key in ("exp_avg", "exp_avg_sq"):
-                    t = st.get(key)
-                    if not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point():
-                        raise ValueError(f"its {key} does not match a parameter of shape {tuple(p.shape)}")
-                step = st.get("step")
-                step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
-                if not _is_number(step) or not 0 <= step < 2**53:
-                    raise ValueError(f"its step count is {step!r}")
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"the optimizer state in {source} does not fit this model ({reason}); start a new "
-                              "--out-dir") from None
-
-
-def save_torch(path, obj):
-    """torch.save into memory, then an atomic write: a full disk is then an OSError, not an error inside torch's
-    zip writer, and the old file stays whole."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write(path, lambda f: f.write(buf.getbuffer()))
-
-
-def model_from_checkpoint(ckpt, source="the checkpoint"):
-    """Build the model a checkpoint dict describes and load its weights (train mode)."""
-    try:
-        model = BetaVAE(VAEConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"{source} does not match this model ({reason}); retrain with train.py") from None
-    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:  # train.py never saves such weights; whatever made this file, nothing useful can come of it
-        raise CheckpointError(f"{source} holds NaN or infinite weights ({bad[0]}); use an earlier checkpoint or "
-                              "retrain")
-    return model
-
-
-def load_checkpoint(path, device="cpu"):
-    """Rebuild the trained model from a checkpoint in one call. Returns (model in eval mode, checkpoint dict)."""
-    ckpt = read_checkpoint(path)
-    return model_from_checkpoint(ckpt, os.fspath(path)).to(device).eval(), ckpt
 
 
 def pick_device(name="auto"):

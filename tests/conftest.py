@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import idx  # noqa: E402
 
@@ -73,7 +74,7 @@ def tiny_checkpoint(tmp_path_factory):
             loss.backward()
             opt.step()
     path = str(root / "checkpoint.pt")
-    vae.save_checkpoint(path, model, opt, epoch=3, seed=0, train_args={"epochs": 3}, metrics=[])
+    checkpoint.save_checkpoint(path, model, opt, epoch=3, seed=0, train_args={"epochs": 3}, metrics=[])
     return {"path": path, "data_dir": data_dir}
 
 

@@ -11,12 +11,12 @@ import textwrap
 import pytest
 import torch
 
+import checkpoint
 import data
 import evaluate
 import fileio
 import idx
 import train
-import vae
 from conftest import make_images, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,7 +274,7 @@ def test_checkpoint_fuzzing_outcomes(tmp_path, tiny_checkpoint):
     import random
     rng = random.Random(1)
     valid = open(tiny_checkpoint["path"], "rb").read()
-    config = vae.load_checkpoint(tiny_checkpoint["path"])[0].config
+    config = checkpoint.load_checkpoint(tiny_checkpoint["path"])[0].config
     p = tmp_path / "fuzz.pt"
     must_fail = [os.urandom(rng.randint(0, 2048)) for _ in range(60)]
     must_fail += [valid[:rng.randint(0, len(valid) - 1)] for _ in range(60)]
@@ -288,8 +288,8 @@ def test_checkpoint_fuzzing_outcomes(tmp_path, tiny_checkpoint):
     for i, case in enumerate(must_fail + flipped):
         p.write_bytes(case)
         try:
-            model, _ = vae.load_checkpoint(p)
-        except vae.CheckpointError:
+            model, _ = checkpoint.load_checkpoint(p)
+        except checkpoint.CheckpointError:
             outcomes["failed"] += 1
             continue
         assert i >= len(must_fail), f"case {i} (random or truncated) loaded"

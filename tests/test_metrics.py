@@ -8,6 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 
+import checkpoint
 import data
 import fast_decoder
 import metrics
@@ -102,7 +103,7 @@ def test_pixel_features_are_flattened_images():
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoint):
-    model, _ = vae.load_checkpoint(tiny_checkpoint["path"])
+    model, _ = checkpoint.load_checkpoint(tiny_checkpoint["path"])
     return model, data.load(tiny_checkpoint["data_dir"], "test", "cpu")
 
 

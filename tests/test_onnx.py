@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import checkpoint
 import export_onnx
 import fileio
 import vae
@@ -39,7 +40,7 @@ def exported(tiny_checkpoint, tmp_path_factory):
     dec, enc = str(folder / "decoder.onnx"), str(folder / "encoder.onnx")
     code, out, err = run_main(["--checkpoint", tiny_checkpoint["path"], "--out", dec, "--encoder", enc])
     assert code == 0, err
-    model, ckpt = vae.load_checkpoint(tiny_checkpoint["path"])
+    model, ckpt = checkpoint.load_checkpoint(tiny_checkpoint["path"])
     return {"decoder": dec, "encoder": enc, "stdout": out, "model": model, "ckpt": ckpt}
 
 

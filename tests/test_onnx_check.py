@@ -8,17 +8,17 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import checkpoint
 import export_onnx
 import onnx_check
 import protowire
-import vae
 from cli import UsageError
 
 
 @pytest.fixture(scope="module")
 def exports(tiny_checkpoint):
     """{(kind, opset): ONNX bytes} straight from the exporter, without the parity run."""
-    model, ckpt = vae.load_checkpoint(tiny_checkpoint["path"])
+    model, ckpt = checkpoint.load_checkpoint(tiny_checkpoint["path"])
     kl = ([0.5, 0.0, 1.0, 2.0], 3)
     out = {}
     for opset in export_onnx.OPSETS:

@@ -7,10 +7,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
 import idx
 import vae
@@ -127,27 +127,27 @@ def test_unreadable_checkpoints_give_a_clear_error(tmp_path):
         p = tmp_path / name
         if content is not None:
             p.write_bytes(content)
-        with pytest.raises(vae.CheckpointError):
-            vae.load_checkpoint(p)
+        with pytest.raises(checkpoint.CheckpointError):
+            checkpoint.load_checkpoint(p)
 
 
 def test_foreign_and_old_checkpoints_are_named(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
-    with pytest.raises(vae.CheckpointError, match="missing format_version"):
-        vae.load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="missing format_version"):
+        checkpoint.load_checkpoint(tmp_path / "foreign.pt")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    with pytest.raises(vae.CheckpointError, match="not a checkpoint dict"):
-        vae.load_checkpoint(tmp_path / "tensor.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint dict"):
+        checkpoint.load_checkpoint(tmp_path / "tensor.pt")
     model = vae.BetaVAE(vae.VAEConfig(latent_dim=3))
-    vae.save_checkpoint(tmp_path / "old.pt", model, None, 1, 0, {}, [], extra={"format_version": 0})
-    with pytest.raises(vae.CheckpointError, match="format 0"):
-        vae.load_checkpoint(tmp_path / "old.pt")
+    checkpoint.save_checkpoint(tmp_path / "old.pt", model, None, 1, 0, {}, [], extra={"format_version": 0})
+    with pytest.raises(checkpoint.CheckpointError, match="format 0"):
+        checkpoint.load_checkpoint(tmp_path / "old.pt")
     ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
-    ckpt["format_version"] = vae.CHECKPOINT_FORMAT
+    ckpt["format_version"] = checkpoint.CHECKPOINT_FORMAT
     ckpt["model_args"]["latent_dim"] = 5  # weights for 3 dims, config for 5
     torch.save(ckpt, tmp_path / "mismatch.pt")
-    with pytest.raises(vae.CheckpointError, match="does not match this model"):
-        vae.load_checkpoint(tmp_path / "mismatch.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="does not match this model"):
+        checkpoint.load_checkpoint(tmp_path / "mismatch.pt")
 
 
 class _Exploit:
@@ -165,8 +165,8 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
     with open(tmp_path / "evil.pkl", "wb") as f:  # a plain pickle too, not only torch's zip format
         pickle.dump(_Exploit(str(target)), f)
     for path in (p, tmp_path / "evil.pkl"):
-        with pytest.raises(vae.CheckpointError):
-            vae.load_checkpoint(path)
+        with pytest.raises(checkpoint.CheckpointError):
+            checkpoint.load_checkpoint(path)
     assert not target.exists()
 
 
@@ -283,7 +283,7 @@ def test_two_runs_in_one_folder_do_not_corrupt_each_other(reference_run, tmp_pat
     finally:
         first.kill()
         first.communicate()
-    vae.load_checkpoint(out / "checkpoint.pt")
+    checkpoint.load_checkpoint(out / "checkpoint.pt")
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+import checkpoint
 import fileio
 import onnx_check
 import sample
@@ -148,7 +149,7 @@ def test_a_request_too_large_for_memory_is_refused_before_decoding(tmp_path, mon
     import vae
     torch.manual_seed(0)
     ckpt, path = str(tmp_path / "wide.pt"), str(tmp_path / "wide.onnx")
-    vae.save_checkpoint(ckpt, vae.BetaVAE(vae.VAEConfig(latent_dim=4096)), None, 0, 0, {}, [])
+    checkpoint.save_checkpoint(ckpt, vae.BetaVAE(vae.VAEConfig(latent_dim=4096)), None, 0, 0, {}, [])
     with contextlib.redirect_stdout(io.StringIO()):
         export_onnx.main(["--checkpoint", ckpt, "--out", path, "--encoder", str(tmp_path / "wide_encoder.onnx")])
     # the largest files the exporter writes (latent 4096; the encoder is the larger) pass, well within MAX_BYTES

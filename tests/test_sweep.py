@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import evaluate
 import export_onnx
 import sample
 import sweep
 import sweep_summary
 import train
-import vae
 from conftest import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,7 +199,7 @@ def test_tc_model_trains_resumes_evaluates_exports_and_samples(tmp_path):
     first = (run / "metrics.jsonl").read_text()
     with in_process() as err:
         assert train.main(["--resume", "--epochs", "2", *common]) == 0, err.getvalue()
-    model, ckpt = vae.load_checkpoint(run / "checkpoint.pt")
+    model, ckpt = checkpoint.load_checkpoint(run / "checkpoint.pt")
     assert ckpt["epoch"] == 2 and (run / "metrics.jsonl").read_text().startswith(first)
     assert (ckpt["model_args"]["objective"], ckpt["model_args"]["beta"], ckpt["model_args"]["alpha"],
             ckpt["model_args"]["gamma"], ckpt["model_args"]["dataset_size"]) == ("tc", 6.0, 0.5, 1.0, 256)

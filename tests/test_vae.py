@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint
 import vae
 
 
@@ -108,8 +109,8 @@ def test_checkpoint_round_trip_rebuilds_same_model(tmp_path):
     path = tmp_path / "c.pt"
     record = {"recon": 250.0, "kl": 6.0, "total": 274.0, "kl_per_dim": [1.0] * 6}
     history = [{"epoch": 3, "step": 30, "train": record, "test": record, "img_per_s": 1000.0}]
-    vae.save_checkpoint(path, model, opt, epoch=3, seed=7, train_args={"lr": 1e-3}, metrics=history)
-    loaded, ckpt = vae.load_checkpoint(path)
+    checkpoint.save_checkpoint(path, model, opt, epoch=3, seed=7, train_args={"lr": 1e-3}, metrics=history)
+    loaded, ckpt = checkpoint.load_checkpoint(path)
     assert loaded.config == model.config and ckpt["epoch"] == 3 and ckpt["seed"] == 7
     assert ckpt["metrics"] == history
     for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
