@@ -1,5 +1,6 @@
 """explore.py: the site it builds (torch-free), the server (127.0.0.1, nothing outside the folder), refusals, and the
-page itself in a real headless Chromium: decode and encode equal onnxruntime in Python, sliders, scatter, drawing."""
+page itself in a real headless Chromium: decode and encode equal onnxruntime in Python, sliders, scatter (pointer and
+keys), drawing, files chosen or dropped. Without web/node_modules the site and server tests build from a stand-in."""
 import contextlib
 import http.client
 import io
@@ -24,9 +25,7 @@ from conftest import KL, run_without_torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPLORE = os.path.join(ROOT, "explore.py")
 POINTS = 100
-NO_RUNTIME = f"onnxruntime-web in web/node_modules: {explore.INSTALL}"
-needs_runtime = pytest.mark.skipif(not os.path.isdir(os.path.join(explore.WEB, "node_modules", "onnxruntime-web")),
-                                   reason=f"needs {NO_RUNTIME}")
+HAS_RUNTIME = os.path.isdir(os.path.join(explore.WEB, "node_modules", "onnxruntime-web"))
 
 
 def ort_run(path, feeds):
@@ -49,12 +48,43 @@ def one_error_line(proc, needle):
 
 
 @pytest.fixture(scope="module")
-def site(kl_exported, tmp_path_factory):
+def web(tmp_path_factory):
+    """The web/ folder explore.py builds from: the real one when `npm ci --prefix web` has filled web/node_modules,
+    else a stand-in holding the page, package.json and placeholder runtime files of the pinned version. The stand-in
+    is enough to build and serve a site (what the site and server tests need), not to run it: the browser tests skip
+    without the real runtime (browser.missing() says so). explore.runtime() checks the stand-in as it checks the real
+    folder; only where it looks moves."""
+    if HAS_RUNTIME:
+        return explore.WEB
+    fake = tmp_path_factory.mktemp("web")
+    for name in (*explore.PAGE, "package.json"):
+        shutil.copyfile(os.path.join(explore.WEB, name), fake / name)
+    pinned = json.load(open(fake / "package.json"))["dependencies"]["onnxruntime-web"]
+    dist = fake / "node_modules" / "onnxruntime-web" / "dist"
+    dist.mkdir(parents=True)
+    (dist.parent / "package.json").write_text(json.dumps({"name": "onnxruntime-web", "version": pinned}))
+    for name in explore.RUNTIME:
+        (dist / name).write_bytes(b"// a stand-in: the tests without web/node_modules never run it")
+    return str(fake)
+
+
+def explore_script(web, folder):
+    """explore.py, or with the stand-in web/ a script beside `folder` that runs explore.py's main() on it."""
+    if web == explore.WEB:
+        return EXPLORE
+    script = os.path.join(folder, "explore_stand_in.py")
+    with open(script, "w") as f:
+        f.write(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport explore\nexplore.WEB = {web!r}\n"
+                "sys.exit(explore.main())\n")
+    return script
+
+
+@pytest.fixture(scope="module")
+def site(kl_exported, web, tmp_path_factory):
     """One site for the module, built by explore.py in a process where torch cannot be imported."""
-    if not os.path.isdir(os.path.join(explore.WEB, "node_modules", "onnxruntime-web")):
-        pytest.skip(f"needs {NO_RUNTIME}")
     folder = tmp_path_factory.mktemp("explore")
-    proc = run_without_torch(EXPLORE, "--onnx", kl_exported["decoder"], "--encoder", kl_exported["encoder"],
+    proc = run_without_torch(explore_script(web, folder), "--onnx", kl_exported["decoder"], "--encoder",
+                             kl_exported["encoder"],
                              "--data-dir", kl_exported["data_dir"], "--points", POINTS, "--out", folder / "site",
                              cwd=folder)
     assert proc.returncode == 0, proc.stderr
@@ -116,8 +146,8 @@ def test_the_scatter_holds_the_encoders_posterior_means_of_the_test_images(site,
     assert np.array_equal(np.frombuffer(blob[POINTS * 17:], np.uint8).reshape(-1, 28, 28), images[:POINTS])
 
 
-@needs_runtime
-def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, tmp_path):
+def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, web, tmp_path, monkeypatch):
+    monkeypatch.setattr(explore, "WEB", web)
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     stale = tmp_path / f".site.{proc.pid}-{fileio._host()}.abc_1234.tmp"  # a build killed half-way, its process gone
@@ -135,7 +165,6 @@ def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, tmp
     assert meta["encoder"] is None and meta["points"] is None
 
 
-@needs_runtime
 @pytest.mark.parametrize("case, needle", [
     ("out_holds_input", "is inside --out"),
     ("out_is_input", "is the same file as --onnx"),
@@ -149,7 +178,9 @@ def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, tmp
     ("bad_points", "--points 0 is out of range"),
     ("port_taken", "Address already in use"),
 ])
-def test_refusals_are_one_line_and_touch_nothing(kl_exported, tiny_checkpoint, tmp_path, case, needle, monkeypatch):
+def test_refusals_are_one_line_and_touch_nothing(kl_exported, tiny_checkpoint, web, tmp_path, case, needle,
+                                                monkeypatch):
+    monkeypatch.setattr(explore, "WEB", web)
     shutil.copy(kl_exported["decoder"], tmp_path / "decoder.onnx")
     args, out = ["--onnx", str(tmp_path / "decoder.onnx")], tmp_path / "site"
     if case == "out_holds_input":
@@ -223,6 +254,20 @@ def test_nothing_outside_the_folder_is_served(server, path):
     assert status == 404 and b"not for the page" not in body and b"hidden" not in body
 
 
+def test_links_inside_the_site_that_lead_out_of_it_are_not_served(server):
+    outside = os.path.join(os.path.dirname(server.root), "outside")
+    os.makedirs(outside, exist_ok=True)
+    with open(os.path.join(outside, "secret.txt"), "w") as f:
+        f.write("not for the page")
+    for name, target in (("linked.txt", os.path.join(outside, "secret.txt")), ("linked", outside)):
+        if not os.path.lexists(os.path.join(server.root, name)):
+            os.symlink(target, os.path.join(server.root, name))
+    for path in ("/linked.txt", "/linked/secret.txt", "/linked/", "/linked"):
+        status, _, body = get(server, path)
+        assert status == 404 and b"not for the page" not in body, path
+    assert get(server, "/model.json")[0] == 200  # the folder's own files still are
+
+
 def test_the_server_serves_the_site_on_loopback_only(server):
     assert server.server_address[0] == "127.0.0.1"
     status, kind, body = get(server, "/")
@@ -232,11 +277,10 @@ def test_the_server_serves_the_site_on_loopback_only(server):
     assert get(server, "/", host="evil.example:80")[0] == 404  # DNS rebinding gets nothing
 
 
-def test_serve_prints_the_url_and_stops_cleanly(kl_exported, tmp_path):
-    if not os.path.isdir(os.path.join(explore.WEB, "node_modules", "onnxruntime-web")):
-        pytest.skip(f"needs {NO_RUNTIME}")
-    proc = subprocess.Popen([sys.executable, EXPLORE, "--onnx", kl_exported["decoder"], "--out", tmp_path / "s",
-                             "--serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_serve_prints_the_url_and_stops_cleanly(kl_exported, web, tmp_path):
+    proc = subprocess.Popen([sys.executable, explore_script(web, tmp_path), "--onnx", kl_exported["decoder"], "--out",
+                             tmp_path / "s", "--serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         line = ""
         while "serving" not in line:
@@ -349,21 +393,128 @@ def test_moving_a_slider_redraws_the_image_of_the_changed_z(page, kl_exported):
     assert not np.array_equal(on_canvas, np.round(decode(kl_exported, start).ravel() * 255))
 
 
-def test_hovering_the_scatter_decodes_the_point_under_the_pointer(page, site, kl_exported):
+def reload(page):
+    """The page as it first comes up: no point hovered, nothing drawn on the pad."""
+    page.refresh()
+    browser.call(page, "await window.betaVAE.ready; await window.betaVAE.idle();")
+
+
+def wait_for(page, condition):
+    """Wait (up to 5 s) until the JavaScript `condition` holds in the page; the caller asserts what it needs."""
+    browser.call(page, f"for (let k = 0; k < 200 && !({condition}); k++) await new Promise(r => setTimeout(r, 25));")
+
+
+def scatter_points(page, site):
+    """(positions as fractions of the scatter, posterior means, labels) of the scatter's points."""
+    where = np.array(browser.call(page, f"return Array.from({{length: {POINTS}}}, (_, i) => "
+                                        "window.betaVAE.scatter.position(i));"))
+    blob = open(os.path.join(site, "points.bin"), "rb").read()
+    mu = np.frombuffer(blob[:POINTS * 16], "<f4").reshape(-1, 4)
+    return where, mu, np.frombuffer(blob[POINTS * 16:POINTS * 17], np.uint8)
+
+
+def loneliest(where):
+    """The point farthest from any other: nothing else can be nearer the pointer on it."""
+    gaps = np.linalg.norm(where[:, None] - where[None], axis=2) + np.eye(len(where))
+    return int(np.argmax(gaps.min(1))), gaps
+
+
+def marker_pixels(page):
+    """How many of the scatter's pixels are near black: the hover marker is the only black drawn there (the points,
+    axes, labels and the red cross are lighter, however they overlap)."""
+    return browser.call(page, "const c = document.getElementById('scatter'), d = c.getContext('2d')"
+                              ".getImageData(0, 0, c.width, c.height).data; let n = 0;"
+                              "for (let i = 0; i < d.length; i += 4) n += d[i + 3] > 100 && "
+                              "Math.max(d[i], d[i + 1], d[i + 2]) < 70;"
+                              "return n;")
+
+
+def hover_panel(page):
+    """(label, the scatter's data-hover, whether either hover canvas holds anything)"""
+    shown = browser.call(page, "return ['hover-original', 'hover-decoded'].some((id) => { const c = "
+                               "document.getElementById(id); return c.getContext('2d').getImageData(0, 0, c.width, "
+                               "c.height).data.some((v) => v > 0); });")
+    return (page.find_element("id", "hover-label").text,
+            page.find_element("id", "scatter").get_attribute("data-hover"), shown)
+
+
+def hover_point(page, where, i):
     from selenium.webdriver import ActionChains
     canvas = page.find_element("id", "scatter")
-    where = np.array(browser.call(page, f"return Array.from({{length: {POINTS}}}, (_, i) => "
-                                        "window.betaVAE.scatter.position(i));"))  # fractions of the canvas
-    gaps = np.linalg.norm(where[:, None] - where[None], axis=2) + np.eye(POINTS)
-    i = int(np.argmax(gaps.min(1)))  # the point farthest from any other: nothing else can be nearer the pointer
     size = np.array([canvas.size["width"], canvas.size["height"]])
-    assert gaps[i].min() * size.min() > 3
     ActionChains(page, duration=20).move_to_element_with_offset(canvas, *((where[i] - 0.5) * size)).perform()
     browser.call(page, "await window.betaVAE.scatter.settled();")
+    return size
+
+
+def test_no_point_is_marked_until_the_pointer_or_a_key_picks_one(page):
+    reload(page)
+    assert marker_pixels(page) == 0
+    assert hover_panel(page) == ("", None, False)
+
+
+def test_hovering_the_scatter_decodes_the_point_under_the_pointer(page, site, kl_exported):
+    where, mu, _ = scatter_points(page, site)
+    i, gaps = loneliest(where)
+    size = hover_point(page, where, i)
+    assert gaps[i].min() * size.min() > 3
     assert page.find_element("id", "hover-label").text.endswith(f"test image {i}")
-    mu = np.frombuffer(open(os.path.join(site, "points.bin"), "rb").read()[:POINTS * 16], "<f4").reshape(-1, 4)
+    assert page.find_element("id", "scatter").get_attribute("data-hover") == str(i)
+    assert marker_pixels(page) > 0
     assert np.max(np.abs(canvas_pixels(page, "hover-decoded").astype(int) -
                          np.round(decode(kl_exported, mu[i]).ravel() * 255))) <= 1
+
+
+def test_hiding_a_class_clears_the_marker_and_panel_on_it(page, site):
+    where, _, labels = scatter_points(page, site)
+    i = loneliest(where)[0]
+    hover_point(page, where, i)
+    legend = page.find_elements("css selector", "#legend li")
+    other = (int(labels[i]) + 1) % 10
+    legend[other].click()  # another class: the marker stays
+    assert marker_pixels(page) > 0 and page.find_element("id", "hover-label").text.endswith(f"test image {i}")
+    legend[labels[i]].click()  # its own class
+    assert marker_pixels(page) == 0
+    assert hover_panel(page) == ("", None, False)
+    for c in (other, labels[i]):  # every class shown again
+        legend[c].click()
+    assert page.find_elements("css selector", "#legend li.hidden") == []
+
+
+def step(where, i, key):
+    """What the page's arrow keys do: the nearest point within 45 degrees of the arrow's direction, or stay."""
+    ux, uy = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}[key]
+    delta = where - where[i]
+    along, across = delta[:, 0] * ux + delta[:, 1] * uy, delta[:, 0] * uy - delta[:, 1] * ux
+    ok = (along > 0) & (np.abs(across) <= along)
+    return int(np.argmin(np.where(ok, along ** 2 + across ** 2, np.inf))) if ok.any() else i
+
+
+def test_arrow_keys_step_through_the_scatter_and_enter_loads_the_point(page, site):
+    from selenium.webdriver.common.keys import Keys
+    reload(page)
+    where, mu, _ = scatter_points(page, site)
+    k = loneliest(where)[0]
+    browser.call(page, "await window.betaVAE.setLatent(args[0]);", mu[k].tolist())  # the red cross on point k
+    canvas = page.find_element("id", "scatter")
+    assert canvas.get_attribute("tabindex") == "0"
+    canvas.send_keys(Keys.ARROW_RIGHT)  # the first press picks the point nearest the cross
+    browser.call(page, "await window.betaVAE.scatter.settled();")
+    assert page.switch_to.active_element == canvas
+    assert canvas.get_attribute("data-hover") == str(k) and marker_pixels(page) > 0
+    i, seen = k, {k}
+    for key in ["right", "right", "up", "left", "down", "down", "left", "up"]:
+        canvas.send_keys(getattr(Keys, f"ARROW_{key.upper()}"))
+        browser.call(page, "await window.betaVAE.scatter.settled();")
+        i = step(where, i, key)
+        seen.add(i)
+        assert canvas.get_attribute("data-hover") == str(i), key
+        assert page.find_element("id", "hover-label").text.endswith(f"test image {i}")
+    assert len(seen) > 3  # the walk went somewhere
+    canvas.send_keys(Keys.ENTER)
+    browser.call(page, "await window.betaVAE.idle();")
+    assert np.array_equal(np.array(browser.call(page, "return Array.from(window.betaVAE.getLatent());"),
+                                   np.float32), mu[i])
 
 
 def test_drawing_jumps_the_sliders_to_the_posterior_mean(page, kl_exported):
@@ -380,6 +531,77 @@ def test_drawing_jumps_the_sliders_to_the_posterior_mean(page, kl_exported):
     for d in range(4):
         slider = page.find_element("css selector", f"input[data-dim='{d}']")
         assert float(slider.get_attribute("value")) == pytest.approx(np.clip(mu[d], -3, 3), abs=0.006)
+
+
+def drop_file(page, selector, path):
+    """A real drop of the file at `path` on the middle of an element, through Chromium's own drag input (CDP)."""
+    x, y = page.execute_script("const e = document.querySelector(arguments[0]); e.scrollIntoView({block: 'center'});"
+                               "const r = e.getBoundingClientRect(); return [r.left + r.width / 2, r.top + "
+                               "r.height / 2];", selector)
+    data = {"items": [], "files": [str(path)], "dragOperationsMask": 1}  # 1: copy
+    for kind in ("dragEnter", "dragOver", "drop"):
+        page.execute_cdp_cmd("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+
+
+def give_file(page, how, path):
+    if how == "file input":  # what choosing it in the "image file…" dialog does
+        page.find_element("id", "file").send_keys(str(path))
+    else:
+        drop_file(page, "#pad", path)
+
+
+def picture(path):
+    """A dark shirt-like shape on a white background, as a photo of one might be: the pad inverts it."""
+    img = np.full((60, 50, 3), 250, np.uint8)
+    img[10:50, 15:35] = (40, 30, 90)
+    img[10:20, 5:45] = (40, 30, 90)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def pad_jumped(page, kl_exported):
+    """The sliders hold the encoder's posterior mean of what the pad shows, and the pad holds a picture."""
+    browser.call(page, "await window.betaVAE.padIdle(); await window.betaVAE.idle();")
+    pixels = np.array(browser.call(page, "return Array.from(window.betaVAE.padPixels());"), np.float32)
+    z = np.array(browser.call(page, "return Array.from(window.betaVAE.getLatent());"))
+    return pixels.max() > 0.5 and np.max(np.abs(z - encode(kl_exported, pixels)[0].ravel())) <= 1e-5
+
+
+@pytest.mark.parametrize("how", ["file input", "drop on the pad"])
+def test_a_file_that_is_not_an_image_says_so_on_the_page(page, kl_exported, tmp_path, how):
+    reload(page)
+    browser.console_errors(page)  # only what this test causes
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    z = browser.call(page, "return Array.from(window.betaVAE.getLatent());")
+    give_file(page, how, notes)
+    wait_for(page, "!document.getElementById('problem').hidden")
+    problem = page.find_element("id", "problem")
+    assert problem.is_displayed()
+    assert problem.text == "notes.txt is not an image the browser can read: choose a PNG or JPEG"
+    assert browser.console_errors(page) == []  # no uncaught DOMException
+    assert browser.call(page, "return Array.from(window.betaVAE.getLatent());") == z  # nothing else moved
+    give_file(page, how, picture(tmp_path / "shirt.png"))  # a picture then works, and the line goes
+    wait_for(page, "document.getElementById('problem').hidden")
+    assert not problem.is_displayed()
+    assert pad_jumped(page, kl_exported)
+    assert browser.console_errors(page) == []
+
+
+def test_a_file_dropped_outside_the_pad_goes_to_the_pad_not_to_a_new_page(page, kl_exported, tmp_path):
+    reload(page)
+    url = page.current_url
+    browser.call(page, "window.dropWatch = {seen: [], stop: new AbortController()};"  # runs after the page's own
+                       "for (const type of ['dragover', 'drop']) window.addEventListener(type, (e) => "
+                       "window.dropWatch.seen.push([type, e.defaultPrevented]), "
+                       "{signal: window.dropWatch.stop.signal});")
+    drop_file(page, "header", picture(tmp_path / "shirt.png"))
+    wait_for(page, "window.betaVAE.padPixels().some((v) => v > 0.5)")
+    seen = browser.call(page, "window.dropWatch.stop.abort(); return window.dropWatch.seen;")
+    assert ["drop", True] in seen and all(prevented for _, prevented in seen)  # the browser's own drop is off
+    assert page.current_url == url
+    assert pad_jumped(page, kl_exported)
+    assert browser.console_errors(page) == []
 
 
 def test_a_screenshot_is_not_blank_and_no_errors_were_logged(page, tmp_path):

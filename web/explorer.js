@@ -22,9 +22,25 @@ function latest(job) {  // run job now, or once more after the running one: neve
 }
 const api = { timings };
 window.betaVAE = api;
+
+// A file dropped anywhere on the page goes to the drawing pad (with an encoder) or nowhere: never does the browser
+// leave the page to show it, as it does with a drop that no handler takes.
+let dropTarget = null;
+window.addEventListener("dragover", (e) => {
+  e.preventDefault();
+  e.dataTransfer.dropEffect = dropTarget ? "copy" : "none";
+});
+window.addEventListener("drop", (e) => {
+  e.preventDefault();
+  if (dropTarget && e.dataTransfer.files[0]) dropTarget(e.dataTransfer.files[0]);
+});
+
+function problem(text) {  // the page's one line about what went wrong, or none
+  $("problem").hidden = !text;
+  $("problem").textContent = text || "";
+}
 api.ready = start().then(() => api, (err) => {
-  $("problem").hidden = false;
-  $("problem").textContent = `The explorer could not start: ${err.message || err}`;
+  problem(`The explorer could not start: ${err.message || err}`);
   console.error(err);
   throw err;
 });
@@ -220,6 +236,7 @@ function setupPad(model, setLatent, H, W) {
     return [((e.clientX - r.left) / r.width) * canvas.width, ((e.clientY - r.top) / r.height) * canvas.height];
   };
   canvas.addEventListener("pointerdown", (e) => {
+    unreadable(null);  // drawing instead
     drawing = true;
     last = at(e);
     canvas.setPointerCapture(e.pointerId);
@@ -238,8 +255,21 @@ function setupPad(model, setLatent, H, W) {
   });
   $("clear").onclick = () => { clear(); schedule(); };
 
+  let told = false;
+  function unreadable(file) {  // say that a file is no picture, or take back only that (never the page's other lines)
+    if (file || told) problem(file && `${file.name} is not an image the browser can read: choose a PNG or JPEG`);
+    told = !!file;
+  }
+
   async function useFile(file) {  // fit the picture on a black square; a light background is inverted to black
-    const bitmap = await createImageBitmap(file);
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(file);
+    } catch {  // a text file, a PDF, a broken or unsupported picture: say so instead of an uncaught error
+      unreadable(file);
+      return;
+    }
+    unreadable(null);
     const s = Math.min(W / bitmap.width, H / bitmap.height), w = bitmap.width * s, h = bitmap.height * s;
     sctx.fillStyle = "#fff";
     sctx.fillRect(0, 0, W, H);
@@ -260,12 +290,11 @@ function setupPad(model, setLatent, H, W) {
     ctx.drawImage(small, 0, 0, canvas.width, canvas.height);
     schedule();
   }
-  $("file").onchange = (e) => e.target.files[0] && useFile(e.target.files[0]);
-  canvas.addEventListener("dragover", (e) => e.preventDefault());
-  canvas.addEventListener("drop", (e) => {
-    e.preventDefault();
-    if (e.dataTransfer.files[0]) useFile(e.dataTransfer.files[0]);
-  });
+  $("file").onchange = (e) => {
+    if (e.target.files[0]) useFile(e.target.files[0]);
+    e.target.value = "";  // choosing the same file again is a change too
+  };
+  dropTarget = useFile;  // a drop on the pad, or anywhere else on the page
   $("encoder-card").hidden = false;
   return { pixels, idle: () => busy };
 }
@@ -291,7 +320,12 @@ async function setupScatter(model, meta, z, setLatent, paint) {
     const li = document.createElement("li");
     li.innerHTML = `<i style="background:${COLORS[c]}"></i>${name}`;
     li.title = "click to hide or show";
-    li.onclick = () => { hidden.has(c) ? hidden.delete(c) : hidden.add(c); li.classList.toggle("hidden"); draw(); };
+    li.onclick = () => {
+      hidden.has(c) ? hidden.delete(c) : hidden.add(c);
+      li.classList.toggle("hidden");
+      if (hover >= 0 && hidden.has(labels[hover])) unshow();  // no marker or panel on a point that is not drawn
+      draw();
+    };
     legend.append(li);
   });
 
@@ -350,6 +384,7 @@ async function setupScatter(model, meta, z, setLatent, paint) {
   let showing = Promise.resolve();
   function show(i) {  // the test image under the pointer, and its posterior mean decoded
     hover = i;
+    canvas.dataset.hover = i;
     draw();
     paint($("hover-original"), Float32Array.from(images.subarray(i * 784, (i + 1) * 784), (v) => v / 255), 1, 1);
     $("hover-label").textContent = `${classes[labels[i]]}, test image ${i}`;
@@ -357,14 +392,59 @@ async function setupScatter(model, meta, z, setLatent, paint) {
       .then((image) => { if (hover === i) paint($("hover-decoded"), image, 1, 1); });
     return showing;
   }
+  function unshow() {  // no point marked, an empty panel
+    hover = -1;
+    delete canvas.dataset.hover;
+    for (const c of [$("hover-original"), $("hover-decoded")]) c.getContext("2d").clearRect(0, 0, c.width, c.height);
+    $("hover-label").textContent = "";
+  }
+
+  function step(key) {  // the nearest shown point in the arrow's direction (within 45° of it), or none
+    const [ux, uy] = { ArrowRight: [1, 0], ArrowLeft: [-1, 0], ArrowDown: [0, 1], ArrowUp: [0, -1] }[key];
+    const [x0, y0] = px(hover);
+    let best = -1, bestD = Infinity;
+    for (let i = 0; i < count; i++) {
+      if (i === hover || hidden.has(labels[i])) continue;
+      const [x, y] = px(i), along = (x - x0) * ux + (y - y0) * uy, across = (x - x0) * uy - (y - y0) * ux;
+      const dist = along ** 2 + across ** 2;
+      if (along > 0 && Math.abs(across) <= along && dist < bestD) { best = i; bestD = dist; }
+    }
+    return best;
+  }
+
+  function nearestToSliders() {  // the shown point nearest the red cross
+    const cx = size / 2 + z[ax] * scale, cy = size / 2 - z[ay] * scale;
+    let best = -1, bestD = Infinity;
+    for (let i = 0; i < count; i++) {
+      if (hidden.has(labels[i])) continue;
+      const [x, y] = px(i), dist = (x - cx) ** 2 + (y - cy) ** 2;
+      if (dist < bestD) { best = i; bestD = dist; }
+    }
+    return best;
+  }
+
+  const load = (i) => setLatent(mu.subarray(i * d, (i + 1) * d));
   canvas.addEventListener("pointermove", (e) => { const i = nearest(e); if (i >= 0 && i !== hover) show(i); });
   canvas.addEventListener("click", (e) => {
     const i = nearest(e);
-    if (i >= 0) setLatent(mu.subarray(i * d, (i + 1) * d));
+    if (i >= 0) load(i);
+  });
+  canvas.addEventListener("keydown", (e) => {  // arrows step from point to point (the first press picks the one
+    // nearest the sliders' cross), Enter or space loads it; Alt+Left and the like stay the browser's
+    if (e.altKey || e.ctrlKey || e.metaKey) return;
+    if (e.key.startsWith("Arrow")) {
+      const i = hover < 0 ? nearestToSliders() : step(e.key);
+      if (i >= 0) show(i);
+    } else if ((e.key === "Enter" || e.key === " ") && hover >= 0) {
+      load(hover);
+    } else {
+      return;
+    }
+    e.preventDefault();  // the page does not scroll
   });
   canvas.dataset.points = count;
   $("scatter-card").hidden = false;
   fit();
-  show(0);
+  draw();
   return { count, draw, show, settled: () => showing, position: (i) => px(i).map((v) => v / size) };
 }
