@@ -65,6 +65,22 @@ def test_loss_matches_hand_computation():
     assert t.total.item() == pytest.approx(recon + 3.0 * sum(kl_dims), rel=1e-6)
 
 
+def test_bce_with_logits_is_torchs_in_value_and_gradient():
+    x = torch.cat([torch.randn(500, dtype=torch.float64) * 10, torch.tensor([0.0, 30.0, -30.0, 100.0, -100.0],
+                                                                          dtype=torch.float64)])
+    t = torch.rand(x.shape, dtype=torch.float64)
+    t[:50] = torch.randint(0, 2, (50,)).double()   # hard 0/1 targets too
+    want = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
+    assert torch.allclose(vae.bce_with_logits(x, t), want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(vae.bce_with_logits, (x[:40].clone().requires_grad_(), t[:40].clone().requires_grad_()))
+    a = x.clone().requires_grad_()
+    vae.bce_with_logits(a, t).sum().backward()
+    assert torch.allclose(a.grad, torch.sigmoid(x) - t, rtol=0, atol=1e-15)   # exact, also at x = 0
+    inf = torch.tensor([float("inf"), -float("inf")])
+    assert torch.isinf(vae.bce_with_logits(inf, torch.tensor([0.5, 0.5]))).all()   # as torch: +inf, not NaN
+    assert torch.isnan(vae.bce_with_logits(torch.tensor([float("nan")]), torch.tensor([0.5]))).all()
+
+
 def test_kl_is_zero_at_the_prior():
     cfg = vae.VAEConfig(latent_dim=4)
     z = torch.zeros(3, 4)
