@@ -5,10 +5,11 @@ $ python bench.py --data-dir data --quick          # a smoke run, under a minute
 $ python bench.py --data-dir data --device cuda
 
 1. training at batch 64: the course project's loop (train.py --loop seed), train.py's eager step and its compiled
-   step, each in a process of its own, epochs interleaved; images/s of training, and seconds of a whole epoch
-   (train.py's includes its test pass);
-2. evaluation: evaluate.py on a 10,000-image test split (the data's test images repeated when it has fewer), after a
-   warm-up run that caches the FID classifier; the wall time and each part's time;
+   step, each in a process of its own, epochs interleaved, on a data set of the full Fashion-MNIST's size (60,000
+   training and 10,000 test images: the data's own images, repeated where it has fewer; --train-images and
+   --test-images change it); images/s of training, and seconds of a whole epoch (train.py's includes its test pass);
+2. evaluation: evaluate.py on a test split of --test-images (10,000) images, after a warm-up run that caches the FID
+   classifier; the wall time and each part's time;
 3. sampling: a cold `python sample.py --onnx ... --n 64` vs the same 64 images made with torch from the checkpoint;
 4. decoder throughput: onnxruntime vs torch eager at batch sizes 1, 64, 1024;
 5. browser (when Chromium, chromedriver, selenium and web/node_modules are there): the explorer page that explore.py
@@ -38,7 +39,7 @@ import idx
 import training
 import vae
 from cli import ArgumentParser, UsageError, check_int
-from fileio import atomic_write
+from fileio import atomic_write, clashes, clean_stale_temps_for
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,14 +86,16 @@ class Contender:
         self.proc.wait()
 
 
-def bench_train(args, device, repeats, say):
-    """The seed loop, train.py's eager step and its compiled step, interleaved epoch by epoch at batch 64."""
-    n_train, n_test = (len(data.load_split(args.data_dir, s, download=False)[1]) for s in ("train", "test"))
+def bench_train(args, device, work, repeats, say):
+    """The seed loop, train.py's eager step and its compiled step, interleaved epoch by epoch at batch 64, on a data
+    folder of --train-images and --test-images."""
+    data_dir, distinct = sized_data(args.data_dir, work, "train-data", {"train": args.train_images,
+                                                                       "test": args.test_images})
     # where train.py's --compile auto would not compile (a GPU), bench still measures the compiled step: it is what
     # --compile on gives there
     compiled = args.compile != "off" and not args.quick and (device.type != "cpu" or training.has_cxx())
     names = ["seed", "eager"] + (["compiled"] if compiled else [])
-    loops = {name: Contender(args.data_dir, device, settings(args.data_dir, 64, "seed" if name == "seed" else "fast"),
+    loops = {name: Contender(data_dir, device, settings(data_dir, 64, "seed" if name == "seed" else "fast"),
                              name == "compiled") for name in names}
     try:
         for name, t in loops.items():  # warm-up epoch (includes compilation)
@@ -111,7 +114,8 @@ def bench_train(args, device, repeats, say):
     best = names[-1]
     img_s = {k: [r[0] for r in v] for k, v in runs.items()}
     secs = {k: [r[1] for r in v] for k, v in runs.items()}
-    out = {"images_per_epoch": n_train, "test_images": n_test, "step": best,
+    out = {"images_per_epoch": args.train_images, "test_images": args.test_images,
+           "distinct_images": distinct, "step": best,
            "reference_img_s": stats(img_s["seed"]), "img_s": stats(img_s[best]), "eager_img_s": stats(img_s["eager"]),
            "epoch_s": {k: stats(v) for k, v in secs.items()},
            "epoch_speedup_bs64": statistics.median(s / b for s, b in zip(secs["seed"], secs[best])),
@@ -226,31 +230,42 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=("on", "off"), default="on",
                    help="also measure the compiled training step where a compiler exists; --quick skips it "
                         "(default: on)")
-    p.add_argument("--eval-images", "--eval_images", dest="eval_images", type=int, default=10_000,
-                   help="size of the test split evaluated (default: 10000, the full Fashion-MNIST test split)")
+    p.add_argument("--train-images", "--train_images", dest="train_images", type=int, default=None,
+                   help="images of a training epoch (default: 60000, the full Fashion-MNIST training split, the data's "
+                        "own images repeated where it has fewer; with --quick, the data's own)")
+    p.add_argument("--test-images", "--test_images", "--eval-images", "--eval_images", dest="test_images", type=int,
+                   default=10_000, help="images of the test split that training's test pass and evaluate.py go "
+                                        "through (default: 10000, the full Fashion-MNIST test split)")
     p.add_argument("--only", default="train,evaluate,sample,decoder,browser",
                    help="comma-separated sections to run (default: all five; browser runs where Chromium is)")
     p.add_argument("--out", default="bench.json", help="JSON file to write (default: bench.json)")
     return p.parse_args(argv)
 
 
-def sized_test_split(data_dir, work, n):
-    """A data folder whose test split has exactly n images (the data's own, repeated if it has fewer) and whose
-    train files are the data's own (symlinked, so the FID classifier's cache key stays the same)."""
+def sized_data(data_dir, work, name, sizes):
+    """A data folder work/name whose splits have the sizes asked for ({split: n}): a split of that size already is
+    the data's own (symlinked, so the FID classifier's cache key stays the same), any other is the data's images
+    repeated (or cut) to n. Returns (folder, {split: distinct images})."""
     import metrics
-    raw = os.path.join(work, "data", "FashionMNIST", "raw")
+    folder = os.path.join(work, name)
+    raw = os.path.join(folder, "FashionMNIST", "raw")
     os.makedirs(raw)
-    for name in data.FILES["train"]:
-        src = data.find(data_dir, name)
-        os.symlink(os.path.abspath(src), os.path.join(raw, os.path.basename(src)))
-    images, labels = idx.read_split(data_dir, "test")
-    reps = math.ceil(n / len(images))
-    idx.write_idx(os.path.join(raw, data.FILES["test"][0]), np.tile(images, (reps, 1, 1))[:n])
-    idx.write_idx(os.path.join(raw, data.FILES["test"][1]), np.tile(labels, reps)[:n])
-    cached, target = metrics.classifier_cache_path(data_dir), metrics.classifier_cache_path(os.path.join(work, "data"))
+    distinct = {}
+    for split, n in sizes.items():
+        images, labels = idx.read_split(data_dir, split)
+        distinct[split] = min(n, len(images))
+        if n == len(images):
+            for file in data.FILES[split]:
+                src = data.find(data_dir, file)
+                os.symlink(os.path.abspath(src), os.path.join(raw, os.path.basename(src)))
+            continue
+        reps = math.ceil(n / len(images))
+        idx.write_idx(os.path.join(raw, data.FILES[split][0]), np.tile(images, (reps, 1, 1))[:n])
+        idx.write_idx(os.path.join(raw, data.FILES[split][1]), np.tile(labels, reps)[:n])
+    cached, target = metrics.classifier_cache_path(data_dir), metrics.classifier_cache_path(folder)
     if os.path.isfile(cached) and not os.path.exists(target):
         shutil.copy2(cached, target)
-    return os.path.join(work, "data"), len(images)
+    return folder, distinct
 
 
 def script(*argv):
@@ -262,7 +277,8 @@ def script(*argv):
 
 
 def bench_evaluate(ckpt_path, data_dir, work, device, repeats, n_images, say):
-    eval_dir, n_real = sized_test_split(data_dir, work, n_images)
+    train_n = len(idx.read_split(data_dir, "train")[1])
+    eval_dir, distinct = sized_data(data_dir, work, "eval-data", {"train": train_n, "test": n_images})
     runs = []
     for r in range(repeats + 1):  # the first run is the warm-up; it trains and caches the classifier if needed
         script("evaluate.py", "--checkpoint", ckpt_path, "--data-dir", eval_dir, "--out-dir", os.path.join(work, "eval"),
@@ -272,7 +288,7 @@ def bench_evaluate(ckpt_path, data_dir, work, device, repeats, n_images, say):
         if r:
             runs.append(timings)
         say(f"  evaluate {'warm-up' if not r else f'repeat {r}/{repeats}'}: {timings['total']:.1f} s")
-    return {"test_images": n_images, "distinct_test_images": min(n_real, n_images),
+    return {"test_images": n_images, "distinct_test_images": distinct["test"],
             "seconds": stats([r["total"] for r in runs]), "parts": {k: stats([r[k] for r in runs]) for k in runs[0]}}
 
 
@@ -286,7 +302,8 @@ def table(result):
         if tr["step"] == "compiled":
             rows.append(("train, train.py compiled step, batch 64", f"{tr['img_s']['median']:,.0f} img/s",
                          f"{tr['speedup_bs64']:.1f}x the seed loop"))
-        rows.append((f"epoch, train.py {tr['step']} step + test pass", f"{tr['epoch_s'][tr['step']]['median']:.2f} s",
+        rows.append((f"epoch of {tr['images_per_epoch']:,} images, {tr['step']} step + test pass of "
+                     f"{tr['test_images']:,}", f"{tr['epoch_s'][tr['step']]['median']:.2f} s",
                      f"{tr['epoch_speedup_bs64']:.1f}x the seed loop's epoch ({tr['epoch_s']['seed']['median']:.2f} s)"))
     ev = result.get("evaluate")
     if ev:
@@ -311,16 +328,35 @@ def table(result):
     return "\n".join(f"{a:<{w}}  {b:>24}  {c}" for a, b, c in rows)
 
 
+def check_out(out, data_dir):
+    """Refuse an --out that cannot be written or would replace a data file, before minutes of measuring."""
+    if not out or os.path.isdir(out):
+        raise UsageError(f"--out {out!r} must name a file to write, not a folder: pass e.g. --out bench.json")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {out}: its folder {parent} does not exist or cannot be written: pass another --out")
+    inputs = {f"--data-dir file {name}": data.find(data_dir, name) for split in data.FILES
+              for name in data.FILES[split]}
+    clash = clashes(inputs, {"--out": out})
+    if clash:
+        raise UsageError(f"{clash}: pass another --out")
+    clean_stale_temps_for([out])
+
+
 def main(argv=None):
     args = parse_args(argv)
     sections = set(args.only.split(","))
     try:
         if not sections <= {"train", "evaluate", "sample", "decoder", "browser"}:
             raise UsageError(f"--only {args.only}: choose from train,evaluate,sample,decoder,browser")
-        check_int("--eval-images", args.eval_images, 2, 1_000_000)
+        if args.train_images is None:
+            args.train_images = len(idx.read_split(args.data_dir, "train")[1]) if args.quick else 60_000
+        check_int("--train-images", args.train_images, 64, 1_000_000)
+        check_int("--test-images", args.test_images, 2, 1_000_000)
         check_int("--repeats", args.repeats, 1, 1000)
         device = vae.pick_device(args.device)
         data.ensure_files(args.data_dir)
+        check_out(args.out, args.data_dir)
     except (ValueError, UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -339,13 +375,13 @@ def main(argv=None):
     try:
         if "train" in sections:
             say("training ...")
-            result["train"] = bench_train(args, device, repeats, say)
+            result["train"] = bench_train(args, device, work, repeats, say)
         ckpt_path = os.path.join(work, "checkpoint.pt")
         model = vae.BetaVAE(vae.VAEConfig())  # timings do not depend on what the weights learned
         checkpoint.save_checkpoint(ckpt_path, model, None, 0, 0, {}, [])
         if "evaluate" in sections:
             say("evaluation ...")
-            result["evaluate"] = bench_evaluate(ckpt_path, args.data_dir, work, device, repeats, args.eval_images, say)
+            result["evaluate"] = bench_evaluate(ckpt_path, args.data_dir, work, device, repeats, args.test_images, say)
         if sections & {"sample", "decoder", "browser"}:
             onnx_path = os.path.join(work, "decoder.onnx")
             script("export_onnx.py", "--checkpoint", ckpt_path, "--out", onnx_path)

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_bench_writes_every_key(tiny_data, tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--data-dir", tiny_data, "--eval-images", "300",
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--data-dir", tiny_data, "--test-images", "300",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -19,6 +19,8 @@ def test_quick_bench_writes_every_key(tiny_data, tmp_path):
     t = r["train"]
     assert t["reference_img_s"]["median"] > 0 and t["img_s"]["median"] > 0 and t["speedup_bs64"] > 0
     assert t["epoch_s"]["seed"]["median"] > 0 and t["epoch_speedup_bs64"] > 0
+    # --quick trains on the data's own 256 images; the test pass goes through 300 (its 128 repeated)
+    assert (t["images_per_epoch"], t["test_images"], t["distinct_images"]) == (256, 300, {"train": 256, "test": 128})
     e = r["evaluate"]
     assert e["test_images"] == 300 and e["seconds"]["median"] > 0
     assert {"load", "elbo_iwae", "encode", "probe", "classifier", "decode", "fid_pixels",
@@ -36,3 +38,18 @@ def test_quick_bench_writes_every_key(tiny_data, tmp_path):
         assert "explorer: betaVAE.decode, 1 image" in proc.stdout
     else:
         assert b["skipped"].startswith("needs ")
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_measuring(tiny_data, tmp_path):
+    label_file = os.path.join(tiny_data, "FashionMNIST", "raw", "train-labels-idx1-ubyte")
+    os.link(label_file, tmp_path / "bench.json")   # a hard link to a data file
+    before = open(label_file, "rb").read()
+    for out, says in ((tmp_path / "bench.json", "is the same file as --data-dir file train-labels-idx1-ubyte"),
+                      (tmp_path, "must name a file to write, not a folder"),
+                      (tmp_path / "missing" / "b.json", "does not exist or cannot be written")):
+        proc = subprocess.run([sys.executable, "bench.py", "--data-dir", tiny_data, "--out", str(out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], \
+            proc.stderr
+    assert open(label_file, "rb").read() == before and not (tmp_path / "missing").exists()
