@@ -5,15 +5,24 @@ never run code when loaded.
 """
 import dataclasses
 import io
+import math
 import os
 import warnings
+import zipfile
 
 import torch
 
+from cli import shown
 from fileio import atomic_write
 from vae import BetaVAE, VAEConfig
 
 CHECKPOINT_FORMAT = 1
+# What torch.load may unpack. torch allocates each record at the size the zip archive declares, so a 3 MB file can
+# declare gigabytes of zeros stored compressed. The largest model (vae.LIMITS: latent 4096) saves 19 MiB (weights and
+# Adam's two moments, measured), a history of 10,000 epochs at latent 10 about 4 MiB more.
+MAX_ARCHIVE_BYTES = 128 * 2**20
+MAX_EPOCHS, MAX_SEED = 1_000_000, 2**32 - 1  # train.py's ranges of --epochs and --seed
+MAX_DATASET = 10**9  # images a run can have trained on (the data's readers stop far below)
 
 
 class CheckpointError(Exception):
@@ -48,6 +57,7 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"no checkpoint at {path}: pass the checkpoint.pt that train.py wrote")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty: it is not a checkpoint; train again or pick another file")
+    check_archive(path, MAX_ARCHIVE_BYTES)
     try:
         with warnings.catch_warnings():  # torch warns about odd pickles before refusing them; our error says it all
             warnings.simplefilter("ignore")
@@ -69,12 +79,35 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is not a checkpoint of this project's format (missing {', '.join(missing)}); "
                               "retrain with train.py")
     if ckpt["format_version"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {ckpt['format_version']!r}, this code reads "
+        raise CheckpointError(f"{path} has checkpoint format {_brief(ckpt['format_version'])}, this code reads "
                               f"{CHECKPOINT_FORMAT}; use the matching version of the project or retrain")
     problem = _field_problem(ckpt)
     if problem:
         raise CheckpointError(f"{path} is damaged: {problem}; retrain, or resume from a backup of the run folder")
     return ckpt
+
+
+def check_archive(path, limit):
+    """Refuse, before torch.load reads it, a file that is not a zip archive (torch's older formats allocate each
+    tensor at the size the file declares) or whose records declare more than `limit` bytes unpacked."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            declared = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"{path} is not a readable checkpoint (not a zip archive as torch.save writes: "
+                              f"{reason}); pass a checkpoint.pt written by train.py") from None
+    if declared > limit:
+        raise CheckpointError(f"{path} is not a readable checkpoint (it declares {declared / 2**20:,.0f} MiB of data "
+                              f"unpacked, more than the {limit / 2**20:.0f} MiB a checkpoint of the largest model "
+                              "needs); pass a checkpoint.pt written by train.py")
+
+
+def _brief(v):
+    """repr(v) made safe to print: an integer of 5,000 digits is not printed (nor can it be, past 4,300)."""
+    if _is_int(v) and abs(v) >= 10**30:
+        return f"an integer of {v.bit_length()} bits"
+    return shown(repr(v), 60)
 
 
 def _is_int(v):
@@ -83,6 +116,52 @@ def _is_int(v):
 
 def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_finite(v):
+    return _is_number(v) and math.isfinite(v)
+
+
+def _hyperparameter_problem(group):
+    """What is wrong with one Adam parameter group's numbers, or None: NaN or inf there would only show later, as a
+    loss that "became nan" and a hint to lower --lr."""
+    betas = group.get("betas")
+    if not (_is_finite(group.get("lr")) and group["lr"] > 0):
+        return f"lr {_brief(group.get('lr'))}"
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_finite(b) and 0 <= b < 1 for b in betas)):
+        return f"betas {_brief(betas)}"
+    for key in ("eps", "weight_decay"):
+        if not (_is_finite(group.get(key)) and group[key] >= 0):
+            return f"{key} {_brief(group.get(key))}"
+    if not (isinstance(group.get("params"), list) and all(_is_int(i) for i in group["params"])):
+        return "params that are not a list of parameter numbers"
+    return None
+
+
+def _optimizer_problem(opt):
+    """What is wrong with the structure of saved Adam state (a dict of per-parameter dicts of tensors, a list of
+    parameter-group dicts), or None. {} is a checkpoint saved without an optimizer."""
+    if not opt:
+        return None
+    if set(opt) != {"state", "param_groups"}:
+        return "optimizer is not an optimizer's state (it needs exactly state and param_groups)"
+    if not isinstance(opt["state"], dict) or not isinstance(opt["param_groups"], list):
+        return (f"optimizer state is a {type(opt['state']).__name__} and its param_groups a "
+                f"{type(opt['param_groups']).__name__}, not a dict and a list")
+    for i, group in enumerate(opt["param_groups"]):
+        problem = _hyperparameter_problem(group) if isinstance(group, dict) else "not a dict"
+        if problem:
+            return f"optimizer parameter group {i} has {problem}"
+    for key, st in opt["state"].items():
+        if not _is_int(key) or not isinstance(st, dict) or not all(isinstance(k, str) for k in st):
+            return f"optimizer state entry {_brief(key)} is not a parameter's state"
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                if v.is_complex() or not (v.is_floating_point() and torch.isfinite(v).all()):
+                    return f"optimizer state {name} of parameter {_brief(key)} is not finite real numbers"
+            elif not _is_finite(v):
+                return f"optimizer state {name} of parameter {key} is {_brief(v)}"
+    return None
 
 
 def _summary_problem(m):
@@ -99,24 +178,33 @@ def _field_problem(ckpt):
                       ("metrics", list)):
         if not isinstance(ckpt[key], kind):
             return f"{key} is a {type(ckpt[key]).__name__}, not a {kind.__name__}"
-    if not _is_int(ckpt["epoch"]) or ckpt["epoch"] < 0:
-        return f"epoch is {ckpt['epoch']!r}, not a count of epochs"
-    if not _is_int(ckpt["seed"]):
-        return f"seed is {ckpt['seed']!r}, not an integer"
+    # the ranges train.py accepts: export_onnx.py copies these into metadata that sample.py checks
+    if not _is_int(ckpt["epoch"]) or not 0 <= ckpt["epoch"] <= MAX_EPOCHS:
+        return f"epoch is {_brief(ckpt['epoch'])}, not a count of epochs"
+    if not _is_int(ckpt["seed"]) or not 0 <= ckpt["seed"] <= MAX_SEED:
+        return f"seed is {_brief(ckpt['seed'])}, not a seed from 0 to {MAX_SEED}"
+    size = ckpt["model_args"].get("dataset_size")
+    if size is not None and (not _is_int(size) or not 0 < size <= MAX_DATASET):
+        return f"model_args dataset_size is {_brief(size)}"
     try:
         VAEConfig(**ckpt["model_args"])
     except (TypeError, ValueError) as e:
         return f"model_args do not describe a model ({(str(e).splitlines() or [''])[0][:120]})"
     args = ckpt["train_args"]
-    for key, ok in (("batch_size", lambda v: _is_int(v) and v >= 1), ("seed", _is_int),
-                    ("epochs", lambda v: _is_int(v) and v >= 0), ("lr", lambda v: _is_number(v) and v > 0),
+    for key, ok in (("batch_size", lambda v: _is_int(v) and v >= 1), ("seed", lambda v: _is_int(v) and v >= 0),
+                    ("epochs", lambda v: _is_int(v) and 0 <= v <= MAX_EPOCHS),
+                    ("lr", lambda v: _is_finite(v) and v > 0),
                     ("loop", lambda v: v in ("fast", "seed")), ("data_dir", lambda v: isinstance(v, str))):
         if key in args and not ok(args[key]):
-            return f"train_args[{key!r}] is {args[key]!r}"
+            return f"train_args[{key!r}] is {_brief(args[key])}"
     if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in ckpt["model"].items()):
         return "model holds entries that are not named tensors"
+    problem = _optimizer_problem(ckpt["optimizer"])
+    if problem:
+        return problem
     for i, m in enumerate(ckpt["metrics"]):
-        if not isinstance(m, dict) or not _is_int(m.get("epoch")) or not _is_number(m.get("img_per_s", 0)) \
+        if not isinstance(m, dict) or not (_is_int(m.get("epoch")) and 0 < m["epoch"] <= MAX_EPOCHS) \
+                or not _is_number(m.get("img_per_s", 0)) \
                 or not (_is_int(m.get("step", 0)) and m.get("step", 0) >= 0):
             return f"metrics entry {i} is not an epoch record"
         for split in ("train", "test"):
@@ -175,6 +263,9 @@ def model_from_checkpoint(ckpt, source="the checkpoint"):
     """Build the model a checkpoint dict describes and load its weights (train mode)."""
     try:
         model = BetaVAE(VAEConfig(**ckpt["model_args"]))
+        problem = _weights_problem(model.state_dict(), ckpt["model"])
+        if problem:
+            raise CheckpointError(f"{source} is damaged: {problem}; use an earlier checkpoint or retrain")
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
@@ -184,6 +275,18 @@ def model_from_checkpoint(ckpt, source="the checkpoint"):
         raise CheckpointError(f"{source} holds NaN or infinite weights ({bad[0]}); use an earlier checkpoint or "
                               "retrain")
     return model
+
+
+def _weights_problem(mine, theirs):
+    """Saved tensors of another dtype than the model's (load_state_dict would cast complex to float with a warning
+    and keep the real part), or BatchNorm variances below 0 (their square root is NaN in every forward pass)."""
+    for name, t in theirs.items():
+        if name in mine and t.dtype != mine[name].dtype:
+            got, want = (str(d).replace("torch.", "") for d in (t.dtype, mine[name].dtype))
+            return f"{shown(name, 80)} holds {got} values, not {want}"
+        if name.endswith("running_var") and t.is_floating_point() and (t < 0).any():
+            return f"{shown(name, 80)} holds negative variances"
+    return None
 
 
 def load_checkpoint(path, device="cpu"):

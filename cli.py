@@ -18,6 +18,29 @@ class ArgumentParser(argparse.ArgumentParser):
         print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, refusing an empty value: `--out-dir ""` names no folder, and `x or default` would quietly
+        use the default (or the current folder) instead."""
+        parsed = super().parse_args(args, namespace)
+        for action in self._actions:
+            value = getattr(parsed, action.dest, None) if action.option_strings else None
+            if value == "" or (isinstance(value, list) and "" in value):
+                self.error(f"argument {'/'.join(action.option_strings)}: an empty value names nothing: give one, or "
+                           "leave the flag out for its default")
+        return parsed
+
+
+# The ranges of the run flags every script that takes them checks alike (train.py, and sweep.py before passing them
+# on); the model's own are vae.LIMITS.
+RANGES = {"batch_size": (1, 1_000_000), "epochs": (1, 1_000_000), "seed": (0, 2**32 - 1), "lr": (1e-12, 10.0),
+          "iwae_k": (1, 100_000)}
+
+
+def check_range(name, value):
+    """value within RANGES[name], named as its flag (--batch-size) in the message."""
+    low, high = RANGES[name]
+    (check_int if isinstance(low, int) else check_float)("--" + name.replace("_", "-"), value, low, high)
+
 
 def check_int(flag, value, low, high):
     if not low <= value <= high:

@@ -8,6 +8,7 @@ The same --seed gives the same numbers; only the timings change.
 """
 import ctypes
 import json
+import math
 import os
 import sys
 import tempfile
@@ -21,7 +22,7 @@ import data
 import figures
 import metrics
 import vae
-from cli import ArgumentParser, UsageError, check_int, safe_streams
+from cli import ArgumentParser, UsageError, check_int, check_range, safe_streams
 from fileio import atomic_write, clashes, clean_stale_temps
 
 FIGURES = ("reconstructions.png", "samples.png", "traversals.png", "interpolations.png")
@@ -50,16 +51,17 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    check_int("--iwae-k", args.iwae_k, 1, 100_000)
-    check_int("--batch-size", args.batch_size, 1, 1_000_000)
+    check_range("iwae_k", args.iwae_k)
+    check_range("batch_size", args.batch_size)
     check_int("--n-show", args.n_show, 1, 32)
-    check_int("--seed", args.seed, 0, 2**32 - 1)
+    check_range("seed", args.seed)
 
 
 def prepare_out_dir(out_dir, inputs):
     problem = clashes(inputs, {f"--out-dir {name}": os.path.join(out_dir, name) for name in ("report.json",) + FIGURES})
     if problem:
         raise UsageError(f"{problem}: pass another --out-dir")
+    created = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):  # the only sure test of writability (root passes os.access)
@@ -67,6 +69,28 @@ def prepare_out_dir(out_dir, inputs):
     except OSError as e:
         raise UsageError(f"cannot write to the output folder {out_dir} ({e.strerror}); pass a writable --out-dir")
     clean_stale_temps(out_dir, ("report.json",) + FIGURES)  # half-written files of an evaluation that was killed
+    return created
+
+
+def refuse_non_finite(args, numbers):
+    """Finite weights can still overflow (a log-variance of 200 makes exp() infinite): such numbers are no result."""
+    found = first_non_finite(numbers)
+    if found:
+        raise UsageError(f"the evaluation of {args.checkpoint} gave {found[0]} = {found[1]}: its weights are finite "
+                         "but overflow on this data; nothing was written: use an earlier checkpoint or retrain")
+
+
+def first_non_finite(value, where=""):
+    """(where, value) of the first NaN or infinite number in a nest of dicts and lists, or None. json.dumps would
+    write them as NaN and Infinity, which are not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, v in items:
+        found = first_non_finite(v, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -80,7 +104,6 @@ def evaluate(args):
         device = vae.pick_device(args.device)
     except ValueError as e:
         raise UsageError(str(e))
-    print(f"device: {device}", file=sys.stderr)
     model, ckpt = checkpoint.load_checkpoint(args.checkpoint, device)
     data.ensure_files(args.data_dir)   # both splits at once: one message names every missing file
     train = data.load(args.data_dir, "train", device)
@@ -92,7 +115,21 @@ def evaluate(args):
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     inputs = {"--checkpoint": args.checkpoint}
     inputs.update({f"data file {n}": data.find(args.data_dir, n) for s in data.FILES.values() for n in s})
-    prepare_out_dir(out_dir, inputs)  # only once every input is known good: a failed run leaves no new folder
+    created = prepare_out_dir(out_dir, inputs)  # only once every input is known good
+    print(f"device: {device}", flush=True)  # stdout, and only now: a failing run's stderr is its error line alone
+    try:
+        return out_dir, measure(args, model, ckpt, train, test, device, out_dir, timings, t_start)
+    except BaseException:
+        if created:  # a failed run leaves no new folder
+            try:
+                os.rmdir(out_dir)
+            except OSError:  # not empty: a figure was written before the failure
+                pass
+        raise
+
+
+def measure(args, model, ckpt, train, test, device, out_dir, timings, t_start):
+    """Every number of the report, checked finite, then the figures. Returns the report."""
     torch.manual_seed(args.seed)
     gen_iwae, gen_prior, gen_pairs = (torch.Generator().manual_seed(args.seed + i) for i in range(3))
     timings["load"] = time.perf_counter() - t_start
@@ -100,6 +137,7 @@ def evaluate(args):
     t = time.perf_counter()
     bounds = metrics.likelihood_bounds(model, test, k=args.iwae_k, generator=gen_iwae, progress=True)
     timings["elbo_iwae"] = time.perf_counter() - t   # one pass: the ELBO averages the same k samples
+    refuse_non_finite(args, {"test": bounds})  # at once: the rest would take minutes to end the same way
 
     t = time.perf_counter()
     mu_test, logvar_test, y_test = metrics.encode_split(model, test, args.batch_size)
@@ -134,6 +172,8 @@ def evaluate(args):
                          features=EXTRACTOR_NAMES[name])
         timings[f"fid_{name}"] = time.perf_counter() - t
 
+    refuse_non_finite(args, {"test": bounds, "decomposition": decomposition, "linear_probe_acc": probe_acc,
+                             "mu_variance_per_dim": mu_variance, "fid": fid})
     t = time.perf_counter()
     cfg = ckpt["model_args"]
     caption = (f"{os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}: latent {cfg['latent_dim']}, "
@@ -146,7 +186,7 @@ def evaluate(args):
 
     test_report = {key: bounds[key] for key in ("recon", "kl", "neg_elbo", "iwae_nll")}
     test_report.update(n_images=n, iwae_k=args.iwae_k, units="nats per image")
-    return out_dir, {
+    return {
         "checkpoint": os.path.abspath(args.checkpoint),
         "model_args": cfg,
         "epoch": ckpt["epoch"],
@@ -227,7 +267,12 @@ def main(argv=None):
     report["warnings"] = sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)})
     for message in report["warnings"]:
         print(f"warning: {message}", file=sys.stderr)
-    text = json.dumps(report, indent=2) + "\n"
+    found = first_non_finite(report)
+    if found:  # measure() checks the numbers before the figures; this keeps NaN out of report.json whatever changes
+        print(f"error: the evaluation gave {found[0]} = {found[1]}; report.json was not written: use an earlier "
+              "checkpoint or retrain", file=sys.stderr)
+        sys.exit(2)
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     try:
         atomic_write(os.path.join(out_dir, "report.json"), lambda f: f.write(text.encode()))
     except OSError as e:

@@ -13,7 +13,6 @@ works with no network. Opened as a file:// URL the browser refuses to load its J
 import http.server
 import json
 import os
-import shutil
 import sys
 import threading
 import urllib.parse
@@ -178,12 +177,14 @@ def build(args):
     points = scatter_points(args, enc, sessions["encoder"]) if args.data_dir else None
     meta = site_meta(dec, enc, points, version)
 
+    sources = {name: read_source(os.path.join(WEB, name)) for name in PAGE}  # read first: a write error is then ours
+    sources |= {f"ort/{os.path.basename(path)}": read_source(path) for path in runtime_files}
+
     def write(folder):
-        for name in PAGE:
-            shutil.copyfile(os.path.join(WEB, name), os.path.join(folder, name))
         os.mkdir(os.path.join(folder, "ort"))
-        for path in runtime_files:
-            shutil.copyfile(path, os.path.join(folder, "ort", os.path.basename(path)))
+        for name, content in sources.items():
+            with open(os.path.join(folder, *name.split("/")), "wb") as f:
+                f.write(content)
         for model, name in ((dec, "decoder.onnx"), (enc, "encoder.onnx")):
             if model is not None:  # the checked bytes, not the path again: what was checked is what is served
                 with open(os.path.join(folder, name), "wb") as f:
@@ -195,8 +196,21 @@ def build(args):
             json.dump(meta, f, indent=1)
 
     clean_stale_temps_for([args.out])
-    replace_dir(args.out, write)
+    try:
+        replace_dir(args.out, write)
+    except OSError as e:  # name the destination: the folder being built is a temporary one beside it
+        raise UsageError(f"cannot write the site {args.out} ({e.strerror or e}); nothing was changed: free some "
+                         "space or choose another --out") from None
     return meta
+
+
+def read_source(path):
+    """The bytes of a page or runtime file this site copies; a read error says which and how to restore it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror or e}): restore web/ (git) and run `{INSTALL}`") from None
 
 
 def site_file(root, request_path):
@@ -271,7 +285,12 @@ def screenshot(folder, path):
     if errors:
         raise UsageError(f"the page logged errors in Chromium ({errors[0][:200]}): see the browser console with "
                          "--serve")
-    atomic_write(path, lambda f: f.write(png))
+    clean_stale_temps_for([path])  # half-written screenshots of a process that was killed
+    try:
+        atomic_write(path, lambda f: f.write(png))
+    except OSError as e:
+        raise UsageError(f"cannot write --screenshot {path} ({e.strerror or e}): free some space or choose another "
+                         "path") from None
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 import checkpoint
 import vae
-from cli import ArgumentParser, UsageError, safe_streams
+from cli import ArgumentParser, UsageError, safe_streams, shown
 from fileio import atomic_write_all, clashes, clean_stale_temps_for
 
 FORMAT_VERSION = 1
@@ -138,7 +138,8 @@ def metadata(kind, ckpt, checkpoint_path, pixel_range, kl):
             "latent_dim": str(args["latent_dim"]), "image_shape": ",".join(map(str, vae.IMAGE_SHAPE)),
             "pixel_range": pixel_range, "beta": str(args["beta"]), "objective": str(args["objective"]),
             "epochs": str(ckpt["epoch"]), "seed": str(ckpt["seed"]), "model_args": json.dumps(args, sort_keys=True),
-            "source_checkpoint": os.path.normpath(checkpoint_path), "checkpoint_sha256": digest,
+            # escaped and cut short, as printed: protobuf takes UTF-8 only; sample.py, values of 4096 characters at most
+            "source_checkpoint": shown(os.path.normpath(checkpoint_path), 400), "checkpoint_sha256": digest,
             "torch_version": torch.__version__, "batchnorm": "folded"}
     if kl[0] is not None:  # test-split KL of each dimension at the last epoch: sample.py and explore.py rank by it
         meta |= {"kl_per_dim": json.dumps(kl[0]), "kl_epoch": str(kl[1])}

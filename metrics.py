@@ -19,6 +19,7 @@ import checkpoint
 import data
 import vae
 from fast_decoder import fast_copy
+from fileio import clean_stale_temps
 
 PROJECT = "beta-vae-fashion-mnist"
 # Importance samples per image for −log p(x). On the subset, k = 64 already closes 85-95% of the gap between the
@@ -211,6 +212,7 @@ def load_classifier(data_dir, device, train=None, test=None, epochs=CLASSIFIER_E
     path = classifier_cache_path(data_dir, epochs, max_train, seed)
     if os.path.isfile(path):
         try:
+            checkpoint.check_archive(path, checkpoint.MAX_ARCHIVE_BYTES)  # nor make torch.load allocate gigabytes
             saved = torch.load(path, map_location="cpu", weights_only=True)  # a cache file can never run code
             if saved.get("version") == CLASSIFIER_VERSION:
                 net = FeatureNet()
@@ -225,6 +227,7 @@ def load_classifier(data_dir, device, train=None, test=None, epochs=CLASSIFIER_E
              "test_acc": acc, "epochs": epochs, "max_train": -1 if max_train is None else int(max_train), "seed": seed}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        clean_stale_temps(os.path.dirname(path), [os.path.basename(path)])  # left by an evaluation that was killed
         checkpoint.save_torch(path, saved)
     except OSError as e:  # no cache is slower next time, never wrong
         warnings.warn(f"could not cache the FID classifier at {path} ({e.strerror}); it will be trained again")

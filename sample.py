@@ -18,8 +18,8 @@ import numpy as np
 
 import onnx_check
 from cli import ArgumentParser, UsageError, check_float, check_int, fail, safe_streams, shown
-from fileio import atomic_write, clashes, clean_stale_temps_for
-from images import labelled_grid, save_image
+from fileio import atomic_write_all, clashes, clean_stale_temps_for
+from images import labelled_grid
 
 MAX_OUTPUT_BYTES = 2**30  # what the requested images and their grid may take in memory, estimated before decoding
 TRAVERSE = 3.0            # --traverse sweeps each dimension from -3 to 3 (prior standard deviations)
@@ -141,13 +141,14 @@ def main(argv=None):
             f"{args.temperature:g}\n{what}"
     grid = labelled_grid(strips, row_labels, title, col_labels, scale=args.scale)
     clean_stale_temps_for([args.out, args.npy])
-    try:
-        save_image(grid, args.out)
-        if args.npy:
-            atomic_write(args.npy, lambda f: np.save(f, images))
+    writes = [(args.out, lambda f: grid.save(f, format="PNG"))] + \
+        ([(args.npy, lambda f: np.save(f, images))] if args.npy else [])
+    try:  # the grid and its arrays as one pair: a failure leaves both files as they were
+        atomic_write_all(writes)
     except OSError as e:
-        where = args.out + (f" or {args.npy}" if args.npy else "")
-        fail(f"cannot write {where} ({e.strerror}): choose another --out/--npy path")
+        where = args.out + (f" and {args.npy}" if args.npy else "")
+        fail(f"cannot write {where} ({e.strerror or e}); nothing was changed: choose another --out/--npy path "
+             "or free some space")
     print(f"wrote {args.out}: {len(images)} images, {len(strips)} x {ncol} grid, {grid.width} x {grid.height} px"
           + (f"; {args.npy}" if args.npy else ""))
 

@@ -23,7 +23,8 @@ import threading
 import time
 
 import sweep_summary
-from cli import ArgumentParser, UsageError, check_float, check_int
+from cli import RANGES, ArgumentParser, UsageError, check_float, check_int, check_range, safe_streams
+from fileio import clashes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OBJECTIVES = ("beta", "tc")  # the capacity objective ignores β: a β grid of it would train one model many times
@@ -64,24 +65,56 @@ def parse_args(argv=None):
 
 
 def check_args(a):
-    for beta in a.beta:
-        check_float("--beta", beta, 0.0, 1e6)
-    for seed in a.seeds:
-        check_int("--seeds", seed, 0, 2**32 - 1)
+    """Every flag in the range of the script it is passed to (train.py's, evaluate.py's), before any run folder is
+    made: a value they refuse would otherwise fail each run, one by one."""
+    import vae  # the model's ranges (torch is imported once, here)
+    for flag, values, (low, high) in (("--beta", a.beta, vae.LIMITS["beta"]), ("--seeds", a.seeds, RANGES["seed"])):
+        for value in values:
+            (check_int if isinstance(low, int) else check_float)(flag, value, low, high)
     for flag, values in (("--beta", a.beta), ("--seeds", a.seeds), ("--objective", a.objective)):
         if len(set(values)) != len(values):
             raise UsageError(f"{flag} lists a value twice: give each once")
-    if a.epochs is not None:
-        check_int("--epochs", a.epochs, 1, 100_000)
     check_int("--jobs", a.jobs, 1, 256)
-    for flag, value in (("--latent-dim", a.latent_dim), ("--batch-size", a.batch_size), ("--iwae-k", a.iwae_k)):
-        if value is not None:
-            check_int(flag, value, 1, 100_000)
-    for flag, value in (("--lr", a.lr), ("--alpha", a.alpha), ("--gamma", a.gamma)):
-        if value is not None:
-            check_float(flag, value, 1e-12 if flag == "--lr" else 0.0, 1e6)
-    if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
-        raise UsageError(f"--out-dir {a.out_dir} is a file: pass a folder")
+    for name in ("epochs", "batch_size", "lr", "iwae_k"):
+        if getattr(a, name) is not None:
+            check_range(name, getattr(a, name))
+    for name in ("latent_dim", "alpha", "gamma"):
+        low, high = vae.LIMITS[name]
+        if getattr(a, name) is not None:
+            (check_int if isinstance(low, int) else check_float)("--" + name.replace("_", "-"), getattr(a, name),
+                                                                  low, high)
+    if a.device is not None and not a.print_commands:  # printed commands may run on another machine
+        try:
+            vae.pick_device(a.device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    for flag, path in (("--out-dir", a.out_dir), ("--data-dir", a.data_dir)):
+        blocked = not_a_folder(path)
+        if blocked:
+            raise UsageError(f"{flag} {path}: {blocked} is a file, not a folder: pass a folder")
+
+
+def not_a_folder(path):
+    """The part of `path` that exists and is not a folder (the path itself, or a file it goes through), or None."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None if os.path.isdir(path) else path
+
+
+def check_logs(todo, a):
+    """sweep.log is appended to in place: refuse a run folder where it is the same file as the data or the run's
+    own checkpoint or report (a hard link, a symlinked folder), which would be written into."""
+    import data
+    inputs = {f"data file {n}": data.find(a.data_dir, n) for names in data.FILES.values() for n in names}
+    for run in todo:
+        mine = {f"{run['name']}'s {n}": os.path.join(run["dir"], n) for n in ("checkpoint.pt", "eval/report.json")}
+        clash = clashes(dict(inputs, **mine), {f"{run['name']}'s sweep.log": os.path.join(run["dir"], "sweep.log")})
+        if clash:
+            raise UsageError(f"{clash}: pass another --out-dir; nothing was run")
 
 
 # ------------------------------------------------------------------------------------------------ the runs
@@ -248,6 +281,7 @@ def fetch_data(data_dir):
 
 
 def main(argv=None):
+    safe_streams()  # a path whose bytes are not UTF-8 is printed escaped, not a UnicodeEncodeError
     a = parse_args(argv)
     try:
         check_args(a)
@@ -263,6 +297,7 @@ def main(argv=None):
             print(f"{len(runs)} runs in {a.out_dir}: {len(runs) - len(todo)} finished already, skipped", flush=True)
             if todo:
                 fetch_data(a.data_dir)
+                check_logs(todo, a)
                 failed, stopped = run_all(todo, a)
         try:
             written = sweep_summary.write(a.out_dir, require=a.aggregate)

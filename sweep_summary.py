@@ -12,7 +12,7 @@ import sys
 import statistics
 
 from cli import UsageError
-from fileio import atomic_write
+from fileio import atomic_write, clean_stale_temps
 
 NAMES = {"beta": "β-VAE", "tc": "β-TCVAE"}
 MARKERS = {"beta": "o", "tc": "^"}
@@ -28,6 +28,7 @@ COLUMNS = (("recon", "test.recon", 1), ("KL", "test.kl", 2), ("−ELBO", "test.n
            ("MI", "decomposition.mutual_info", 2), ("TC", "decomposition.total_correlation", 2),
            ("dim-wise KL", "decomposition.dimwise_kl", 2))
 FIGURES = ("rate_distortion.png", "decomposition.png", "units_probe.png", "traversals.png")
+OUTPUTS = ("sweep.csv", "summary.md", *FIGURES)
 
 
 def flatten(d, prefix=""):
@@ -267,7 +268,11 @@ def write(out_dir, require=False):
                              "or pass the --out-dir it wrote to")
         return []
     grouped = groups(rows)
-    atomic_write(os.path.join(out_dir, "sweep.csv"), lambda f: f.write(csv_text(rows).encode()))
-    atomic_write(os.path.join(out_dir, "summary.md"), lambda f: f.write(summary_text(rows, grouped).encode()))
+    clean_stale_temps(out_dir, OUTPUTS)  # half-written files of a sweep that was killed
+    # a path or run name whose bytes are not UTF-8 is written escaped (\udcff), as the scripts print and log it
+    atomic_write(os.path.join(out_dir, "sweep.csv"),
+                 lambda f: f.write(csv_text(rows).encode("utf-8", "backslashreplace")))
+    atomic_write(os.path.join(out_dir, "summary.md"),
+                 lambda f: f.write(summary_text(rows, grouped).encode("utf-8", "backslashreplace")))
     figures(out_dir, rows, grouped)
     return ["sweep.csv", "summary.md", *FIGURES]

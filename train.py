@@ -25,8 +25,8 @@ import data
 import figures
 import training
 import vae
-from cli import ArgumentParser, UsageError, check_float, check_int, safe_streams
-from fileio import atomic_write, clean_stale_temps
+from cli import ArgumentParser, UsageError, check_float, check_int, check_range, safe_streams
+from fileio import atomic_write, clashes, clean_stale_temps
 
 MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig) if f.name != "dataset_size")  # data, not a flag
 RUN_FLAGS = ("batch_size", "lr", "seed")  # must match the checkpoint when resuming, or the run is not one run
@@ -93,10 +93,8 @@ def check_settings(s, args):
     for name, (low, high) in vae.LIMITS.items():
         flag = "--" + name.replace("_", "-")
         (check_int if isinstance(low, int) else check_float)(flag, s[name], low, high)
-    check_int("--batch-size", s["batch_size"], 1, 1_000_000)
-    check_int("--epochs", s["epochs"], 1, 1_000_000)
-    check_int("--seed", s["seed"], 0, 2**32 - 1)
-    check_float("--lr", s["lr"], 1e-12, 10.0)
+    for name in ("batch_size", "epochs", "seed", "lr"):
+        check_range(name, s[name])
     check_int("--num-generation-samples", args.n_samples, 1, 10_000)
     check_int("--num-reconstruction-samples", args.n_recon, 1, 1_000)
     if args.loop == "seed" and s["objective"] != "beta":
@@ -154,6 +152,20 @@ def setup_logging(out_dir):
     for h in (logging.StreamHandler(sys.stdout), file_handler):
         h.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(h)
+
+
+def check_outputs(s, resuming):
+    """Refuse an --out-dir whose files are the data or, but for checkpoint.pt itself, the checkpoint (a hard link, a
+    symlinked folder): train.log is appended to in place and .lock opened there, so such a link would be written
+    into. Renamed outputs only break a link, but a run folder that is another file's name is never a run's own."""
+    data_files = {f"data file {n}": data.find(s["data_dir"], n) for names in data.FILES.values() for n in names}
+    ck = os.path.join(s["out_dir"], "checkpoint.pt")
+    others = {f"--out-dir {n}": os.path.join(s["out_dir"], n) for n in OUTPUTS + ("train.log", ".lock")
+              if n != "checkpoint.pt"}
+    clash = clashes(data_files, {"--out-dir checkpoint.pt": ck}) or \
+        clashes(dict(data_files, **{"its checkpoint.pt": ck if resuming else None}), others)
+    if clash:
+        raise UsageError(f"{clash}: pass another --out-dir; nothing was changed")
 
 
 def open_out_dir(out_dir):
@@ -242,6 +254,7 @@ def train(s, ckpt, args):
                          f"{s['out_dir']} trained on {trained_on:,}: pass the --data-dir it trained on, or start a new "
                          "--out-dir")
     config = model.config
+    check_outputs(s, ckpt is not None)
     lock = open_out_dir(s["out_dir"])  # noqa: F841 (held until exit)
     if ckpt is None and os.path.exists(os.path.join(s["out_dir"], "checkpoint.pt")):
         raise UsageError(f"{s['out_dir']} now holds a run (checkpoint.pt) that another train.py finished while "
@@ -289,7 +302,8 @@ def run_epochs(model, opt, step, train_data, test_data, s, args, history, start,
     for epoch in range(start, s["epochs"]):
         means, losses, img_s = training.epoch_loop(model, step, train_data, s, epoch, state)
         step_losses += losses
-        test = training.test_metrics(model, test_data, config, s["seed"], state["step"], s["batch_size"])
+        test = training.test_metrics(model, test_data, config, s["seed"], state["step"], s["batch_size"],
+                                     fast=getattr(step, "test_sums", None))
         if not all(math.isfinite(v) for v in test[:3]):  # the epoch's last update broke the weights: never save them
             raise training.NonFinite(f"the weights became NaN or infinite at the end of epoch {epoch + 1}")
         history.append({"epoch": epoch + 1, "step": state["step"], "train": training_summary(means),
