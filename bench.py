@@ -1,7 +1,7 @@
 """Measure speed side by side in one run, print a table and write bench.json.
 
 $ python bench.py --data-dir data
-$ python bench.py --data-dir data --quick          # a smoke run, under a minute
+$ python bench.py --data-dir data --quick          # a smoke run: one repeat each, no warm-up runs
 $ python bench.py --data-dir data --device cuda
 
 1. training at batch 64: the course project's loop (train.py --loop seed), train.py's eager step and its compiled
@@ -276,11 +276,11 @@ def script(*argv):
     return proc.stdout
 
 
-def bench_evaluate(ckpt_path, data_dir, work, device, repeats, n_images, say):
+def bench_evaluate(ckpt_path, data_dir, work, device, repeats, n_images, say, warmup=True):
     train_n = len(idx.read_split(data_dir, "train")[1])
     eval_dir, distinct = sized_data(data_dir, work, "eval-data", {"train": train_n, "test": n_images})
     runs = []
-    for r in range(repeats + 1):  # the first run is the warm-up; it trains and caches the classifier if needed
+    for r in range(not warmup, repeats + 1):  # run 0, the warm-up, trains and caches the classifier if needed
         script("evaluate.py", "--checkpoint", ckpt_path, "--data-dir", eval_dir, "--out-dir", os.path.join(work, "eval"),
                "--device", str(device))
         with open(os.path.join(work, "eval", "report.json")) as f:
@@ -381,13 +381,14 @@ def main(argv=None):
         checkpoint.save_checkpoint(ckpt_path, model, None, 0, 0, {}, [])
         if "evaluate" in sections:
             say("evaluation ...")
-            result["evaluate"] = bench_evaluate(ckpt_path, args.data_dir, work, device, repeats, args.test_images, say)
+            result["evaluate"] = bench_evaluate(ckpt_path, args.data_dir, work, device, repeats, args.test_images, say,
+                                                warmup=not args.quick)
         if sections & {"sample", "decoder", "browser"}:
             onnx_path = os.path.join(work, "decoder.onnx")
             script("export_onnx.py", "--checkpoint", ckpt_path, "--out", onnx_path)
             if "sample" in sections:
                 say("sampling cold starts ...")
-                result["sample"] = bench_sample(ckpt_path, onnx_path, work, 3 if args.quick else 2 * repeats + 1)
+                result["sample"] = bench_sample(ckpt_path, onnx_path, work, 1 if args.quick else 2 * repeats + 1)
             if "decoder" in sections:
                 say("decoder throughput ...")
                 result["decoder"] = {"by_batch_size": bench_decoder(ckpt_path, onnx_path, repeats)}

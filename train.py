@@ -275,7 +275,8 @@ def train(s, ckpt, args):
         use_compile = training.want_compile(args.compile, device, s["epochs"] * len(train_data))
         step = training.make_train_step(model, opt, config, compile=use_compile, log=log.info)
         if use_compile:
-            log.info("compiling the training step on its first batch, 7-30 s (--compile off skips this)")
+            log.info("compiling the training step (first batch) and the test pass (end of epoch 1): 6-40 s, once "
+                     "(--compile off skips this)")
     stop = StopFlag()
     try:
         return run_epochs(model, opt, step, train_data, test_data, s, args, history, start, stop, config)

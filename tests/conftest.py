@@ -2,6 +2,8 @@
 
 Tests never read the real data set; every image here is made by the test run itself.
 """
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -143,3 +145,16 @@ def offline(monkeypatch):
     """In-process: every Fashion-MNIST mirror is a closed local port."""
     from torchvision.datasets import FashionMNIST
     monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+
+
+def run_main(module, argv):
+    """(exit status, stderr) of a script's main(argv) run in this process: for refusals decided from the flags alone,
+    without a second torch start-up (1.5-3 s each). What a script prints at start-up is checked in a subprocess
+    elsewhere (e.g. test_a_wrongly_typed_flag_is_one_line)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = module.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()

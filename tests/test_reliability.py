@@ -13,8 +13,9 @@ import torch
 import checkpoint
 import data
 import idx
+import train
 import vae
-from conftest import make_images, run_offline, write_dataset
+from conftest import make_images, run_main, run_offline, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,6 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_script(script, *args, timeout=300):
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def in_process(module, *args):
+    """run_main as a finished process (returncode, stderr), for assert_clean_error."""
+    code, err = run_main(module, args)
+    return subprocess.CompletedProcess(args, code, "", err)
 
 
 def assert_clean_error(proc, *needles):
@@ -101,14 +108,13 @@ def test_fuzzed_idx_files_end_in_a_clear_error(tmp_path):
     (["--device", "tpu"], "unknown device"),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(tmp_path, flags, needle):
-    proc = run_script("train.py", *flags, "--data-dir", tmp_path, "--out-dir", tmp_path / "run")
-    assert_clean_error(proc, needle)
+    assert_clean_error(in_process(train, *flags, "--data-dir", tmp_path, "--out-dir", tmp_path / "run"), needle)
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_without_cuda(tiny_data, tmp_path):
-    proc = run_script("train.py", "--device", "cuda", "--data-dir", tiny_data, "--out-dir", tmp_path / "run")
+    proc = in_process(train, "--device", "cuda", "--data-dir", tiny_data, "--out-dir", tmp_path / "run")
     assert_clean_error(proc, "CUDA is not available", "--device cpu")
     assert not (tmp_path / "run").exists()
 
