@@ -120,7 +120,10 @@ def bench_train(args, device, work, repeats, say):
            "epoch_s": {k: stats(v) for k, v in secs.items()},
            "epoch_speedup_bs64": statistics.median(s / b for s, b in zip(secs["seed"], secs[best])),
            "speedup_bs64": statistics.median(f / r for f, r in zip(img_s[best], img_s["seed"])),
-           "eager_speedup_bs64": statistics.median(f / r for f, r in zip(img_s["eager"], img_s["seed"]))}
+           "eager_speedup_bs64": statistics.median(f / r for f, r in zip(img_s["eager"], img_s["seed"])),
+           # every repeat, in order: on a shared machine the spread says as much as the median
+           "epoch_ratios": [round(s / b, 2) for s, b in zip(secs["seed"], secs[best])],
+           "repeats": {k: [{"img_s": round(i), "epoch_s": round(t, 3)} for i, t in v] for k, v in runs.items()}}
     return out
 
 

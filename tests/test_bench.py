@@ -21,6 +21,8 @@ def test_quick_bench_writes_every_key(tiny_data, tmp_path):
     assert t["epoch_s"]["seed"]["median"] > 0 and t["epoch_speedup_bs64"] > 0
     # --quick trains on the data's own 256 images; the test pass goes through 300 (its 128 repeated)
     assert (t["images_per_epoch"], t["test_images"], t["distinct_images"]) == (256, 300, {"train": 256, "test": 128})
+    assert len(t["epoch_ratios"]) == 1 and set(t["repeats"]) == {"seed", "eager"}   # --quick: no compiled step
+    assert all(len(v) == 1 and v[0]["epoch_s"] > 0 for v in t["repeats"].values())
     e = r["evaluate"]
     assert e["test_images"] == 300 and e["seconds"]["median"] > 0
     assert {"load", "elbo_iwae", "encode", "probe", "classifier", "decode", "fid_pixels",
