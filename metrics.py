@@ -24,7 +24,7 @@ from fileio import clean_stale_temps
 PROJECT = "beta-vae-fashion-mnist"
 # Importance samples per image for −log p(x). On the subset, k = 64 already closes 85-95% of the gap between the
 # ELBO and the k = 1024 bound (β = 1 and β = 4 models, 300 test images), and it keeps a full 10,000-image evaluation
-# well under 30 s on a 2-core CPU: the IWAE pass is 8.6 s of 12.6 s (docs/speed.md).
+# well under 30 s on a 2-core CPU: the IWAE pass is 6.5 s of 10.1 s (docs/speed.md).
 IWAE_K = 64
 SAMPLES_PER_PASS = 2048    # decoded images per IWAE pass (k × images): the fastest size on a 2-core CPU
 DECOMPOSITION_BATCH = 64   # images whose z meet all N posteriors per pass: (64, N) blocks stay in the CPU's cache
