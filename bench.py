@@ -354,7 +354,7 @@ def main(argv=None):
             raise UsageError(f"--only {args.only}: choose from train,evaluate,sample,decoder,browser")
         if args.train_images is None:
             args.train_images = len(idx.read_split(args.data_dir, "train")[1]) if args.quick else 60_000
-        check_int("--train-images", args.train_images, 64, 1_000_000)
+        check_int("--train-images", args.train_images, 1, 1_000_000)
         check_int("--test-images", args.test_images, 2, 1_000_000)
         check_int("--repeats", args.repeats, 1, 1000)
         device = vae.pick_device(args.device)

@@ -17,10 +17,6 @@ from fileio import atomic_write
 from vae import BetaVAE, VAEConfig
 
 CHECKPOINT_FORMAT = 1
-# What torch.load may unpack. torch allocates each record at the size the zip archive declares, so a 3 MB file can
-# declare gigabytes of zeros stored compressed. The largest model (vae.LIMITS: latent 4096) saves 19 MiB (weights and
-# Adam's two moments, measured), a history of 10,000 epochs at latent 10 about 4 MiB more.
-MAX_ARCHIVE_BYTES = 128 * 2**20
 MAX_EPOCHS, MAX_SEED = 1_000_000, 2**32 - 1  # train.py's ranges of --epochs and --seed
 MAX_DATASET = 10**9  # images a run can have trained on (the data's readers stop far below)
 
@@ -57,7 +53,7 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"no checkpoint at {path}: pass the checkpoint.pt that train.py wrote")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty: it is not a checkpoint; train again or pick another file")
-    check_archive(path, MAX_ARCHIVE_BYTES)
+    check_archive(path)
     try:
         with warnings.catch_warnings():  # torch warns about odd pickles before refusing them; our error says it all
             warnings.simplefilter("ignore")
@@ -87,20 +83,28 @@ def read_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def check_archive(path, limit):
-    """Refuse, before torch.load reads it, a file that is not a zip archive (torch's older formats allocate each
-    tensor at the size the file declares) or whose records declare more than `limit` bytes unpacked."""
+def check_archive(path):
+    """Refuse, before torch.load reads it, a file that could make it allocate more than the file holds: one that is
+    not a zip archive (torch's older formats allocate each tensor at the size the file declares), or whose records
+    are compressed (torch.save stores them as they are, so a small compressed file can unpack to gigabytes) or
+    declare more bytes than the file has. What torch.load unpacks is then bounded by the file's own size."""
     try:
         with zipfile.ZipFile(path) as z:
-            declared = sum(info.file_size for info in z.infolist())
+            records = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise CheckpointError(f"{path} is not a readable checkpoint (not a zip archive as torch.save writes: "
                               f"{reason}); pass a checkpoint.pt written by train.py") from None
-    if declared > limit:
-        raise CheckpointError(f"{path} is not a readable checkpoint (it declares {declared / 2**20:,.0f} MiB of data "
-                              f"unpacked, more than the {limit / 2**20:.0f} MiB a checkpoint of the largest model "
-                              "needs); pass a checkpoint.pt written by train.py")
+    size = os.path.getsize(path)
+    for info in records:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise CheckpointError(f"{path} is not a readable checkpoint (its record {shown(info.filename, 80)} is "
+                                  "compressed, which torch.save never does, so its size says nothing of what it "
+                                  "unpacks to); pass a checkpoint.pt written by train.py")
+    declared = sum(info.file_size for info in records)
+    if declared > size:
+        raise CheckpointError(f"{path} is not a readable checkpoint (its records declare {declared:,} bytes, more "
+                              f"than its {size:,}); pass a checkpoint.pt written by train.py")
 
 
 def _brief(v):
@@ -157,7 +161,10 @@ def _optimizer_problem(opt):
             return f"optimizer state entry {_brief(key)} is not a parameter's state"
         for name, v in st.items():
             if isinstance(v, torch.Tensor):
-                if v.is_complex() or not (v.is_floating_point() and torch.isfinite(v).all()):
+                # a squared gradient beyond float range leaves exp_avg_sq at +inf and Adam's update at 0: a state
+                # train.py can save with finite weights, so it is allowed there
+                ok = (~torch.isnan(v) & (v >= 0)).all() if name == "exp_avg_sq" else torch.isfinite(v).all()
+                if v.is_complex() or not v.is_floating_point() or not ok:
                     return f"optimizer state {name} of parameter {_brief(key)} is not finite real numbers"
             elif not _is_finite(v):
                 return f"optimizer state {name} of parameter {key} is {_brief(v)}"

@@ -192,6 +192,20 @@ class Plan:
         self.decoder_fc, flat = _layer_ops(dec.fc, "decoder.fc", flat=True)
         self.decoder, _ = _layer_ops(dec.deconv, "decoder.deconv", flat=False)
         self.unflat = tuple(dec.unflat)
+        self.settings = self.settings_of(model)
+        if not all(same_mode for _, _, same_mode in self.settings):
+            raise Unsupported("a BatchNorm2d is in another mode (train or eval) than the model")
+
+    @staticmethod
+    def settings_of(model):
+        """What a plan takes from the layers besides their tensors and may change after it was built: each
+        BatchNorm's momentum and eps, and whether it is in the model's mode (train or eval)."""
+        return tuple((m.momentum, m.eps, m.training == model.training) for m in model.modules()
+                     if isinstance(m, nn.BatchNorm2d))
+
+    def matches(self, model):
+        """Whether the model's layers still have the settings this plan was built with."""
+        return self.settings_of(model) == self.settings
 
     @staticmethod
     def inputs(x, target):

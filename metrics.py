@@ -212,7 +212,7 @@ def load_classifier(data_dir, device, train=None, test=None, epochs=CLASSIFIER_E
     path = classifier_cache_path(data_dir, epochs, max_train, seed)
     if os.path.isfile(path):
         try:
-            checkpoint.check_archive(path, checkpoint.MAX_ARCHIVE_BYTES)  # nor make torch.load allocate gigabytes
+            checkpoint.check_archive(path)  # nor make torch.load allocate gigabytes
             saved = torch.load(path, map_location="cpu", weights_only=True)  # a cache file can never run code
             if saved.get("version") == CLASSIFIER_VERSION:
                 net = FeatureNet()

@@ -316,7 +316,7 @@ def run_epochs(model, opt, step, train_data, test_data, s, args, history, start,
             raise UsageError(f"cannot save epoch {epoch + 1} in {s['out_dir']} ({e.strerror or e}); {kept}: fix "
                              "that (free space?) and run the same command with --resume") from None
         write_metrics(s["out_dir"], history)
-        note = " (incl. compiling)" if epoch == start and hasattr(step, "compiled") else ""
+        note = " (incl. compiling)" if epoch == start and hasattr(step, "built") else ""
         log.info(f"epoch {epoch + 1:3d}/{s['epochs']} | train recon {means[0]:7.2f} kl {means[1]:6.2f} "
                  f"total {means[2]:7.2f} | test recon {test[0]:7.2f} kl {test[1]:6.2f} total {test[2]:7.2f} "
                  f"| {img_s:,.0f} img/s{note}")

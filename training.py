@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -78,17 +79,17 @@ def _adam_supported(model, optimizer):
     return [id(p) for p in g["params"]] == [id(p) for p in model.parameters()]
 
 
+def _same(live, kept):
+    """Whether an iterable of tensors is exactly the list kept: the same objects, as many."""
+    live = list(live)
+    return len(live) == len(kept) and all(a is b for a, b in zip(live, kept))
+
+
 class FlatState:
     """The model's parameters and Adam's state as views of flat tensors p, m, v (and per-parameter steps)."""
 
     def __init__(self, model, optimizer):
         self.model, self.optimizer = model, optimizer
-        self.params = list(model.parameters())
-        self.names = [n for n, _ in model.named_parameters()]
-        self.shapes = [p.shape for p in self.params]
-        self.offsets = [0]
-        for p in self.params:
-            self.offsets.append(self.offsets[-1] + p.numel())
         self.adopt()
 
     def views(self, flat):
@@ -96,6 +97,12 @@ class FlatState:
 
     def adopt(self):
         """Copy the current parameters and Adam state into new flat tensors and point both at views of them."""
+        self.params = list(self.model.parameters())   # the optimizer's own (_adam_supported checks it first)
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.shapes = [p.shape for p in self.params]
+        self.offsets = [0]
+        for p in self.params:
+            self.offsets.append(self.offsets[-1] + p.numel())
         params, state = self.params, self.optimizer.state
         self.p = torch.cat([p.detach().reshape(-1) for p in params])
         torch.nn.utils.vector_to_parameters(self.p, params)   # each parameter's data: a view of self.p
@@ -116,12 +123,66 @@ class FlatState:
                       for p in params]
 
     def intact(self):
-        """Whether everything is still a view of the flat tensors (load_state_dict replaces the optimizer's state)."""
+        """Whether the model still has these parameters and buffers and everything is still a view of the flat
+        tensors (load_state_dict replaces the optimizer's state, a replaced layer brings new parameters)."""
         state = self.optimizer.state
         return state is self.state_ref and self.optimizer.param_groups[0] is self.group and all(
             p.data_ptr() == ptr and state[p]["exp_avg"] is m and state[p]["exp_avg_sq"] is v and state[p]["step"] is s
-            for p, ptr, m, v, s in self.check) and all(a is b for a, b in zip(self.model.buffers(), self.buffers))
+            for p, ptr, m, v, s in self.check) and _same(self.model.parameters(), self.params) \
+            and _same(self.model.buffers(), self.buffers)
 
+
+
+def _loss_of(params, buffers, x, target, eps, C, config, static):   # -> (loss, sums): grad_and_value's has_aux form
+    flat, plan, bnames, model = static
+    P = dict(zip(flat.names, params))
+    if plan is not None:
+        logits, mu, logvar = plan.forward(P, dict(zip(bnames, buffers)), x, eps)
+        target = plan.target(target)
+    else:
+        P.update(zip(bnames, buffers))
+        logits, mu, logvar = torch.func.functional_call(model, P, (x,), {"eps": eps})
+    terms = vae.vae_loss(logits, target, mu, logvar, config, capacity=C)
+    return terms.total.mean(), terms.batch_sums().detach()
+
+
+_grad_and_loss = torch.func.grad_and_value(_loss_of, has_aux=True)
+
+
+def _step_graph(static, fp, fm, fv, steps, buffers, x, target, eps, C, lr, hp, config):
+    """One training step: the gradient, then torch.optim.Adam's update (foreach, not capturable) in place on the flat
+    tensors. Differentiated with respect to each parameter's view, then concatenated: with respect to fp itself, the
+    gradient is a sum of one zero-padded slice per parameter, which inductor evaluates for every element of the 90k
+    (masked loads from 26 sources): that kernel alone was 1/8 of the step."""
+    grads, (_, sums) = _grad_and_loss(static[0].views(fp), buffers, x, target, eps, C, config, static)
+    g = torch.cat([gi.reshape(-1) for gi in grads])
+    beta1, beta2, adam_eps, weight_decay = hp   # Python floats: dynamo guards on each, a change recompiles
+    with torch.no_grad():
+        if weight_decay != 0:
+            g = g + weight_decay * fp
+        steps.add_(1)
+        t = steps[0]
+        fm.lerp_(g, 1 - beta1)
+        fv.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (fv.sqrt() / (1 - beta2 ** t).sqrt()).add_(adam_eps)
+        fp.sub_(lr / (1 - beta1 ** t) * fm / denom)
+    return sums
+
+
+def _test_graph(static, fp, buffers, x, target, eps, C, config):
+    """The test pass's batch sums in eval mode, from the plan."""
+    flat, plan, bnames, _ = static
+    P, Bf = dict(zip(flat.names, flat.views(fp))), dict(zip(bnames, buffers))
+    logits, mu, logvar = plan.forward(P, Bf, x, eps, training=False)
+    return vae.vae_loss(logits, plan.target(target), mu, logvar, config, capacity=C).batch_sums()
+
+
+def _compiled(fn, device, plan):
+    """torch.compile of fn with a code object of its own. Dynamo keeps compiled graphs, their guards and its recompile
+    limit on the code object, so without this every step built in a process would share one cache, and with the
+    guards _drop_static_guards drops, a step could run a graph another step traced for another plan."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(own, dynamic=False, fullgraph=True, options=_options(device, plan))
 
 
 def make_train_step(model, optimizer, config, compile=False, formulation="auto", log=None):
@@ -130,6 +191,7 @@ def make_train_step(model, optimizer, config, compile=False, formulation="auto",
     reparameterization noise comes from the global RNG as model.forward draws it, so a seed gives the same run
     compiled or not (up to float rounding). formulation: "auto" (CHWN on a CPU, module layers elsewhere), "chwn" or
     "modules" (tests force each). log(message) receives the one-line notes (fallbacks, formulation); default print.
+    With a plan, step.test_sums is the compiled test pass (test_metrics' fast=).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
 
@@ -148,53 +210,22 @@ def make_train_step(model, optimizer, config, compile=False, formulation="auto",
         log("note: the compiled step reproduces plain single-group Adam only; training with the eager step")
         return eager_step
     device = next(model.parameters()).device
-    plan = None
-    if formulation == "chwn" or (formulation == "auto" and device.type == "cpu"):
-        try:
-            plan = chwn_forward.Plan(model)
-        except chwn_forward.Unsupported as e:
-            if formulation == "chwn":
-                raise
-            log(f"note: the compiled step uses the module's own layers, slower on a CPU ({e})")
     flat = FlatState(model, optimizer)
-    names = flat.names
-    bnames = [n for n, _ in model.named_buffers()]
+    built = {}   # the plan (a snapshot of the layers' settings), `static` and the compiled step: rebuilt on a change
 
-    def loss_of(params, buffers, x, target, eps, C, config):   # -> (loss, sums): grad_and_value's has_aux form
-        P = dict(zip(names, params))
-        if plan is not None:
-            logits, mu, logvar = plan.forward(P, dict(zip(bnames, buffers)), x, eps)
-            target = plan.target(target)
-        else:
-            P.update(zip(bnames, buffers))
-            logits, mu, logvar = torch.func.functional_call(model, P, (x,), {"eps": eps})
-        terms = vae.vae_loss(logits, target, mu, logvar, config, capacity=C)
-        return terms.total.mean(), terms.batch_sums().detach()
+    def build():
+        plan = None
+        if formulation == "chwn" or (formulation == "auto" and device.type == "cpu"):
+            try:
+                plan = chwn_forward.Plan(model)
+            except chwn_forward.Unsupported as e:
+                if formulation == "chwn":
+                    raise
+                log(f"note: the compiled step uses the module's own layers, slower on a CPU ({e})")
+        static = (flat, plan, [n for n, _ in model.named_buffers()], model)   # see _drop_static_guards
+        built.update(plan=plan, static=static, compiled=_compiled(_step_graph, device, plan))
 
-    grad_and_loss = torch.func.grad_and_value(loss_of, has_aux=True)
-
-    static = (flat, grad_and_loss)   # built once, never changed: see _drop_static_guards
-
-    def graph(static, fp, fm, fv, steps, buffers, x, target, eps, C, lr, hp, config):
-        flat, grad_and_loss = static
-        # Differentiated with respect to each parameter's view, then concatenated: with respect to fp itself, the
-        # gradient is a sum of one zero-padded slice per parameter, which inductor evaluates for every element of
-        # the 90k (masked loads from 26 sources): that kernel alone was 1/8 of the step
-        grads, (_, sums) = grad_and_loss(flat.views(fp), buffers, x, target, eps, C, config)
-        g = torch.cat([gi.reshape(-1) for gi in grads])
-        beta1, beta2, adam_eps, weight_decay = hp   # Python floats: dynamo guards on each, a change recompiles
-        with torch.no_grad():   # torch.optim.Adam (foreach, not capturable), in place on the flat tensors
-            if weight_decay != 0:
-                g = g + weight_decay * fp
-            steps.add_(1)
-            t = steps[0]
-            fm.lerp_(g, 1 - beta1)
-            fv.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (fv.sqrt() / (1 - beta2 ** t).sqrt()).add_(adam_eps)
-            fp.sub_(lr / (1 - beta1 ** t) * fm / denom)
-        return sums
-
-    compiled = torch.compile(graph, dynamic=False, fullgraph=True, options=_options(device, plan))
+    build()
     state = {"batch": None, "ok": False, "off": False}
 
     def step(x, target, step_idx):
@@ -206,8 +237,12 @@ def make_train_step(model, optimizer, config, compile=False, formulation="auto",
             if not _adam_supported(model, optimizer):
                 return eager_step(x, target, step_idx)
             flat.adopt()
+            build()
+        elif built["plan"] is not None and not built["plan"].matches(model):   # a BatchNorm's settings or mode
+            build()
         if not flat.uniform:
             return eager_step(x, target, step_idx)
+        plan, static = built["plan"], built["static"]
         eps = torch.randn(x.shape[0], config.latent_dim, device=x.device, dtype=x.dtype)   # = randn_like(mu)
         C = torch.tensor(vae.capacity_at(step_idx, config) if config.objective == "capacity" else 0.0)
         group = optimizer.param_groups[0]   # read every step: a scheduler or load_state_dict may change it
@@ -218,7 +253,8 @@ def make_train_step(model, optimizer, config, compile=False, formulation="auto",
         saved = None if state["ok"] else [t.clone() for t in (flat.p, flat.m, flat.v, flat.steps, *flat.buffers)]
         try:
             xi, ti = plan.inputs(x, target) if plan is not None else (x, target)
-            out = compiled(static, flat.p, flat.m, flat.v, flat.steps, flat.buffers, xi, ti, eps, C, lr, hp, config)
+            out = built["compiled"](static, flat.p, flat.m, flat.v, flat.steps, flat.buffers, xi, ti, eps, C, lr, hp,
+                                    config)
         except Exception as e:   # a compiler or toolchain failure must not end the run
             if saved is None:
                 raise
@@ -233,11 +269,11 @@ def make_train_step(model, optimizer, config, compile=False, formulation="auto",
         return out
 
     step.eager_step = eager_step
-    step.compiled = compiled
     step.flat = flat
-    step.plan = plan
-    if plan is not None:
-        step.test_sums = _compiled_test_sums(plan, flat, config, log, usable=lambda: not state["off"])
+    step.built = built
+    step.plan = built["plan"]
+    if built["plan"] is not None:
+        step.test_sums = _compiled_test_sums(built, flat, model, config, log, usable=lambda: not state["off"])
     return step
 
 
@@ -256,40 +292,37 @@ _STATIC = re.compile(r"(\w+\()*static\b")   # a guard's source: static[0].shapes
 def _drop_static_guards(entries):
     """A guard_filter_fn (torch.compile's documented control of guards, like torch.compiler.skip_guard_on_globals_unsafe):
     keep the guards on the call's own arguments and on global state (grad mode and the like), drop those on what
-    never changes while training runs: the graph's first argument, `static` (the plan, a snapshot of the layers'
-    settings; the flat state's offsets, shapes and names; the functorch transform), and module globals (torch's and
-    this project's functions and constants, which nothing rebinds). Dynamo would check each list entry, closure cell
-    and default argument of those on every call: 679 guards, 37 kept; the step got 4-6% faster (measured). Every
-    tensor, VAEConfig (β and the rest) and Adam's settings stay guarded, so a change to any of them still recompiles.
-    The module formulation (functional_call over the model) keeps all its guards: a swapped layer must recompile."""
+    does not change while a compiled function lives: its `static` argument (the flat state's offsets, shapes and
+    names, and the plan, a snapshot of the layers' settings that step() compares with the model before every call,
+    rebuilding plan and compiled function on a difference), and module globals (torch's and this project's functions
+    and constants: rebinding one after the first call, as a test's monkeypatch would, is not seen). Dynamo would
+    check each list entry, closure cell and default argument of those on every call: 679 guards, 37 kept; the step
+    got 4-6% faster (measured). Every tensor, VAEConfig (β and the rest) and Adam's settings stay guarded, so a
+    change to any of them still recompiles. The module formulation (functional_call over the model) keeps all its
+    guards: a swapped layer must recompile."""
     return [not (entry.is_global or entry.name.startswith("__import__(") or _STATIC.match(entry.name))
             for entry in entries]
 
 
-def _compiled_test_sums(plan, flat, config, log, usable):
+def _compiled_test_sums(built, flat, model, config, log, usable):
     """test_sums(x, target, eps, step_idx) -> the batch's sums (LossTerms.batch_sums) in eval mode, as the module
-    gives them, from a compiled graph of the plan's forward pass; None for a batch of another size than the first
-    (no recompiles for a split's short last batch), and once compiling it or the step (usable()) has failed."""
-    bnames = [n for n, _ in flat.model.named_buffers()]
-    static = (plan, flat, bnames)
-
-    def graph(static, fp, buffers, x, target, eps, C, config):
-        plan, flat, bnames = static
-        P, Bf = dict(zip(flat.names, flat.views(fp))), dict(zip(bnames, buffers))
-        logits, mu, logvar = plan.forward(P, Bf, x, eps, training=False)
-        return vae.vae_loss(logits, plan.target(target), mu, logvar, config, capacity=C).batch_sums()
-
-    compiled = torch.compile(graph, dynamic=False, fullgraph=True, options=_options(flat.p.device, plan))
-    state = {"batch": None, "off": False}
+    gives them, from a compiled graph of the plan's forward pass (compiled again when the step rebuilds its plan);
+    None for a batch of another size than the first (no recompiles for a split's short last batch), when the model
+    no longer matches the plan, and once compiling it or the step (usable()) has failed."""
+    state = {"batch": None, "off": False, "plan": None, "compiled": None}
 
     def test_sums(x, target, eps, step_idx):
         if state["batch"] is None:
             state["batch"] = x.shape[0]
-        if state["off"] or not usable() or x.shape[0] != state["batch"] or not flat.intact():
+        plan = built["plan"]
+        if state["off"] or not usable() or x.shape[0] != state["batch"] or plan is None or not flat.intact() \
+                or not plan.matches(model):
             return None
+        if state["plan"] is not plan:
+            state.update(plan=plan, compiled=_compiled(_test_graph, flat.p.device, plan))
         C = torch.tensor(vae.capacity_at(step_idx, config) if config.objective == "capacity" else 0.0)
         try:
-            return compiled(static, flat.p, flat.buffers, *plan.inputs(x, target), eps, C, config)
+            return state["compiled"](built["static"], flat.p, flat.buffers, *plan.inputs(x, target), eps, C, config)
         except Exception as e:   # a compiler or toolchain failure must not end the run
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             log(f"warning: compiling the test pass failed ({type(e).__name__}: {reason}); it goes on uncompiled")
