@@ -192,20 +192,20 @@ class Plan:
         self.decoder_fc, flat = _layer_ops(dec.fc, "decoder.fc", flat=True)
         self.decoder, _ = _layer_ops(dec.deconv, "decoder.deconv", flat=False)
         self.unflat = tuple(dec.unflat)
-        self.settings = self.settings_of(model)
+        # What a plan takes from the layers besides their tensors and may change after it was built: each
+        # BatchNorm's momentum and eps, and whether it is in the model's mode (train or eval). A replaced layer brings
+        # new tensors, which the training step notices (FlatState.intact) before it asks matches().
+        self.norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.settings = self._settings(model)
         if not all(same_mode for _, _, same_mode in self.settings):
             raise Unsupported("a BatchNorm2d is in another mode (train or eval) than the model")
 
-    @staticmethod
-    def settings_of(model):
-        """What a plan takes from the layers besides their tensors and may change after it was built: each
-        BatchNorm's momentum and eps, and whether it is in the model's mode (train or eval)."""
-        return tuple((m.momentum, m.eps, m.training == model.training) for m in model.modules()
-                     if isinstance(m, nn.BatchNorm2d))
+    def _settings(self, model):
+        return tuple((m.momentum, m.eps, m.training == model.training) for m in self.norms)
 
     def matches(self, model):
-        """Whether the model's layers still have the settings this plan was built with."""
-        return self.settings_of(model) == self.settings
+        """Whether the model's BatchNorms still have the settings this plan was built with."""
+        return self._settings(model) == self.settings
 
     @staticmethod
     def inputs(x, target):
