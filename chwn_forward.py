@@ -1,4 +1,4 @@
-"""The model's forward pass rewritten for the compiled CPU step (training.py), layer for layer, batch innermost.
+"""The model's forward pass rewritten for the compiled CPU step (compiled_step.py), layer for layer, batch innermost.
 
 Plan(model) walks the model's layers and turns each into an op on CHWN tensors (channels, height, width, batch);
 Plan.forward(P, Bf, xt, eps), with (xt, tt) = Plan.inputs(x, target), then computes what model(x, eps=eps) computes,
