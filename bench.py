@@ -249,7 +249,7 @@ def sized_data(data_dir, work, name, sizes):
     """A data folder work/name whose splits have the sizes asked for ({split: n}): a split of that size already is
     the data's own (symlinked, so the FID classifier's cache key stays the same), any other is the data's images
     repeated (or cut) to n. Returns (folder, {split: distinct images})."""
-    import metrics
+    import fid_classifier
     folder = os.path.join(work, name)
     raw = os.path.join(folder, "FashionMNIST", "raw")
     os.makedirs(raw)
@@ -265,7 +265,7 @@ def sized_data(data_dir, work, name, sizes):
         reps = math.ceil(n / len(images))
         idx.write_idx(os.path.join(raw, data.FILES[split][0]), np.tile(images, (reps, 1, 1))[:n])
         idx.write_idx(os.path.join(raw, data.FILES[split][1]), np.tile(labels, reps)[:n])
-    cached, target = metrics.classifier_cache_path(data_dir), metrics.classifier_cache_path(folder)
+    cached, target = fid_classifier.classifier_cache_path(data_dir), fid_classifier.classifier_cache_path(folder)
     if os.path.isfile(cached) and not os.path.exists(target):
         shutil.copy2(cached, target)
     return folder, distinct

@@ -19,6 +19,7 @@ import torch
 
 import checkpoint
 import data
+import fid_classifier
 import figures
 import metrics
 import vae
@@ -152,7 +153,7 @@ def measure(args, model, ckpt, train, test, device, out_dir, timings, t_start):
     timings["decomposition"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    classifier, cls_info = metrics.load_classifier(args.data_dir, device, train, test, progress=True)
+    classifier, cls_info = fid_classifier.load_classifier(args.data_dir, device, train, test, progress=True)
     timings["classifier"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -163,7 +164,7 @@ def measure(args, model, ckpt, train, test, device, out_dir, timings, t_start):
     timings["decode"] = time.perf_counter() - t
     fid = {}
     for name, extract in (("pixels", metrics.pixel_features),
-                          ("classifier", lambda im: metrics.classifier_features(classifier, im, args.batch_size))):
+                          ("classifier", lambda im: fid_classifier.classifier_features(classifier, im, args.batch_size))):
         t = time.perf_counter()
         real_stats = metrics.feature_stats(extract(real))
         fid[name] = {part: metrics.frechet_distance(*real_stats, *metrics.feature_stats(extract(images)))

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,7 +19,7 @@ import evaluate
 import explore
 import export_onnx
 import fileio
-import metrics
+import fid_classifier
 import sample
 import sweep
 import train
@@ -354,11 +353,11 @@ def dead_pid():
 
 def test_the_classifier_cache_folder_is_cleaned_of_killed_writes(tmp_path):
     data_dir = write_dataset(tmp_path / "data", n_train=64, n_test=32)
-    path = metrics.classifier_cache_path(data_dir, epochs=1, max_train=64)
+    path = fid_classifier.classifier_cache_path(data_dir, epochs=1, max_train=64)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     stale = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{dead_pid()}-{fileio._host()}.k1ll3d_x.tmp")
     open(stale, "wb").close()
-    metrics.load_classifier(data_dir, "cpu", epochs=1, max_train=64)
+    fid_classifier.load_classifier(data_dir, "cpu", epochs=1, max_train=64)
     assert os.path.isfile(path) and not os.path.exists(stale)
 
 

@@ -11,6 +11,7 @@ import torch
 import checkpoint
 import data
 import fast_decoder
+import fid_classifier
 import metrics
 import vae
 from conftest import write_dataset
@@ -217,45 +218,45 @@ def test_linear_probe_scores_100_percent_on_separable_latents_and_chance_on_nois
 # ------------------------------------------------------------------------------------------ classifier features
 
 def test_classifier_is_cached_deterministic_and_retrained_when_the_data_changes(tiny_data):
-    net, info = metrics.load_classifier(tiny_data, "cpu", epochs=2)
+    net, info = fid_classifier.load_classifier(tiny_data, "cpu", epochs=2)
     assert not info["from_cache"] and os.path.isfile(info["path"])
     assert os.path.dirname(info["path"]) == os.path.join(tiny_data, "FashionMNIST")  # beside the data: writable
     assert 0.0 <= info["test_acc"] <= 1.0
     images = data.load(tiny_data, "test", "cpu").images.float() / 255.0
-    features = metrics.classifier_features(net, images)
-    assert features.shape == (len(images), metrics.FEATURE_DIM)
+    features = fid_classifier.classifier_features(net, images)
+    assert features.shape == (len(images), fid_classifier.FEATURE_DIM)
 
-    again, info_again = metrics.load_classifier(tiny_data, "cpu", epochs=2)
+    again, info_again = fid_classifier.load_classifier(tiny_data, "cpu", epochs=2)
     assert info_again["from_cache"] and info_again["path"] == info["path"]
     assert info_again["test_acc"] == info["test_acc"]
-    assert torch.equal(metrics.classifier_features(again, images), features)
-    assert torch.equal(metrics.classifier_features(again, images), metrics.classifier_features(again, images))
+    assert torch.equal(fid_classifier.classifier_features(again, images), features)
+    assert torch.equal(fid_classifier.classifier_features(again, images), fid_classifier.classifier_features(again, images))
 
     write_dataset(tiny_data, n_train=200, seed=7)  # other training data (and test data) in the same folder
-    changed, info_changed = metrics.load_classifier(tiny_data, "cpu", epochs=2)
+    changed, info_changed = fid_classifier.load_classifier(tiny_data, "cpu", epochs=2)
     assert not info_changed["from_cache"] and info_changed["path"] != info["path"]
-    assert not torch.equal(metrics.classifier_features(changed, images), features)
+    assert not torch.equal(fid_classifier.classifier_features(changed, images), features)
     assert len(glob.glob(os.path.join(tiny_data, "FashionMNIST", "classifier-*.pt"))) == 2
 
 
 def test_classifier_training_is_reproducible_from_its_seed(tiny_data):
     train, test = data.load(tiny_data, "train", "cpu"), data.load(tiny_data, "test", "cpu")
-    a, acc_a = metrics.train_classifier(train, test, "cpu", epochs=1)
-    b, acc_b = metrics.train_classifier(train, test, "cpu", epochs=1)
-    c, _ = metrics.train_classifier(train, test, "cpu", epochs=1, seed=1)
+    a, acc_a = fid_classifier.train_classifier(train, test, "cpu", epochs=1)
+    b, acc_b = fid_classifier.train_classifier(train, test, "cpu", epochs=1)
+    c, _ = fid_classifier.train_classifier(train, test, "cpu", epochs=1, seed=1)
     images = test.images.float() / 255.0
     assert acc_a == acc_b
-    assert torch.allclose(metrics.classifier_features(a, images), metrics.classifier_features(b, images), atol=1e-5)
-    assert not torch.allclose(metrics.classifier_features(a, images), metrics.classifier_features(c, images))
+    assert torch.allclose(fid_classifier.classifier_features(a, images), fid_classifier.classifier_features(b, images), atol=1e-5)
+    assert not torch.allclose(fid_classifier.classifier_features(a, images), fid_classifier.classifier_features(c, images))
 
 
 def test_damaged_classifier_cache_is_rebuilt(tiny_data):
-    path = metrics.classifier_cache_path(tiny_data, epochs=1)
+    path = fid_classifier.classifier_cache_path(tiny_data, epochs=1)
     with open(path, "wb") as f:
         f.write(b"not a checkpoint")
-    net, info = metrics.load_classifier(tiny_data, "cpu", epochs=1)
+    net, info = fid_classifier.load_classifier(tiny_data, "cpu", epochs=1)
     assert not info["from_cache"] and info["path"] == path
-    assert metrics.load_classifier(tiny_data, "cpu", epochs=1)[1]["from_cache"]
+    assert fid_classifier.load_classifier(tiny_data, "cpu", epochs=1)[1]["from_cache"]
 
 
 def test_classifier_cache_falls_back_to_the_user_cache_when_the_data_folder_is_read_only(tiny_data, tmp_path,
@@ -264,9 +265,9 @@ def test_classifier_cache_falls_back_to_the_user_cache_when_the_data_folder_is_r
     folder = os.path.join(tiny_data, "FashionMNIST")
     os.chmod(folder, 0o555)  # a shared, read-only data set (root would pass os.access: the mode bits decide)
     try:
-        path = metrics.classifier_cache_path(tiny_data, epochs=1)
-        assert path.startswith(str(tmp_path / "cache" / metrics.PROJECT) + os.sep)
-        _, info = metrics.load_classifier(tiny_data, "cpu", epochs=1)
+        path = fid_classifier.classifier_cache_path(tiny_data, epochs=1)
+        assert path.startswith(str(tmp_path / "cache" / fid_classifier.PROJECT) + os.sep)
+        _, info = fid_classifier.load_classifier(tiny_data, "cpu", epochs=1)
         assert os.path.isfile(path) and info["path"] == path
         assert not glob.glob(os.path.join(folder, "classifier-*.pt"))
     finally:
