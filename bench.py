@@ -20,7 +20,6 @@ runs them, in their own processes; bench.py imports only modules.
 """
 import dataclasses
 import json
-import math
 import os
 import platform
 import shutil
@@ -54,38 +53,6 @@ def settings(data_dir, batch_size, loop):
             "batch_size": batch_size, "epochs": 1, "data_dir": data_dir, "loop": loop}
 
 
-SERVE_EPOCHS = """
-import json, sys
-sys.path.insert(0, {root!r})
-import torch, training
-trainer = training.Trainer(sys.argv[1], torch.device(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] == "1")
-for line in sys.stdin:   # one epoch per line, its (images/s, seconds) back as one line
-    print(json.dumps(trainer.epoch()), flush=True)
-"""
-
-
-class Contender:
-    """A Trainer in a python process of its own, as each loop runs for its user: sharing one process slowed the
-    compiled step by up to 1.7x (measured). Its epochs still run one at a time, interleaved by the caller."""
-
-    def __init__(self, data_dir, device, s, compile_mode):
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVE_EPOCHS.format(root=ROOT), data_dir, str(device),
-                                      json.dumps(s), "1" if compile_mode else "0"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-    def epoch(self):
-        self.proc.stdin.write("epoch\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"a training process of bench.py ended (exit status {self.proc.wait()})")
-        return tuple(json.loads(line))
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()
-
-
 def bench_train(args, device, work, repeats, say):
     """The seed loop, train.py's eager step and its compiled step, interleaved epoch by epoch at batch 64, on a data
     folder of --train-images and --test-images."""
@@ -95,7 +62,7 @@ def bench_train(args, device, work, repeats, say):
     # --compile on gives there
     compiled = args.compile != "off" and not args.quick and (device.type != "cpu" or training.has_cxx())
     names = ["seed", "eager"] + (["compiled"] if compiled else [])
-    loops = {name: Contender(data_dir, device, settings(data_dir, 64, "seed" if name == "seed" else "fast"),
+    loops = {name: training.TrainerProcess(data_dir, device, settings(data_dir, 64, "seed" if name == "seed" else "fast"),
                              name == "compiled") for name in names}
     try:
         for name, t in loops.items():  # warm-up epoch (includes compilation)
@@ -246,25 +213,11 @@ def parse_args(argv=None):
 
 
 def sized_data(data_dir, work, name, sizes):
-    """A data folder work/name whose splits have the sizes asked for ({split: n}): a split of that size already is
-    the data's own (symlinked, so the FID classifier's cache key stays the same), any other is the data's images
-    repeated (or cut) to n. Returns (folder, {split: distinct images})."""
+    """A data folder work/name with splits of the sizes asked for (idx.write_sized), and the FID classifier's cache
+    beside it when the data has one (its key is the training files', which a symlinked split keeps)."""
     import fid_classifier
     folder = os.path.join(work, name)
-    raw = os.path.join(folder, "FashionMNIST", "raw")
-    os.makedirs(raw)
-    distinct = {}
-    for split, n in sizes.items():
-        images, labels = idx.read_split(data_dir, split)
-        distinct[split] = min(n, len(images))
-        if n == len(images):
-            for file in data.FILES[split]:
-                src = data.find(data_dir, file)
-                os.symlink(os.path.abspath(src), os.path.join(raw, os.path.basename(src)))
-            continue
-        reps = math.ceil(n / len(images))
-        idx.write_idx(os.path.join(raw, data.FILES[split][0]), np.tile(images, (reps, 1, 1))[:n])
-        idx.write_idx(os.path.join(raw, data.FILES[split][1]), np.tile(labels, reps)[:n])
+    distinct = idx.write_sized(data_dir, folder, sizes)
     cached, target = fid_classifier.classifier_cache_path(data_dir), fid_classifier.classifier_cache_path(folder)
     if os.path.isfile(cached) and not os.path.exists(target):
         shutil.copy2(cached, target)

@@ -110,3 +110,24 @@ def write_idx(path, array):
         f.write(struct.pack(">HBB", 0, IDX_UBYTE, array.ndim))
         f.write(struct.pack(">" + "I" * array.ndim, *array.shape))
         f.write(array.tobytes())
+
+
+def write_sized(data_dir, folder, sizes):
+    """A data folder with splits of the sizes asked for ({split: n}), for measuring at a data set's full size: a split
+    of that size already is the data's own (symlinked), any other is the data's images repeated (or cut) to n.
+    Returns {split: distinct images}."""
+    raw = raw_dir(folder)
+    os.makedirs(raw)
+    distinct = {}
+    for split, n in sizes.items():
+        images, labels = read_split(data_dir, split)
+        distinct[split] = min(n, len(images))
+        if n == len(images):
+            for name in FILES[split]:
+                src = find(data_dir, name)
+                os.symlink(os.path.abspath(src), os.path.join(raw, os.path.basename(src)))
+            continue
+        reps = math.ceil(n / len(images))
+        write_idx(os.path.join(raw, FILES[split][0]), np.tile(images, (reps, 1, 1))[:n])
+        write_idx(os.path.join(raw, FILES[split][1]), np.tile(labels, reps)[:n])
+    return distinct

@@ -6,9 +6,11 @@ compiled step of compiled_step.py (and its compiled test pass, step.test_sums); 
 (make_seed_step, seed_batches) is here too, for --loop seed and bench.py.
 """
 import dataclasses
+import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -207,3 +209,35 @@ class Trainer:
                          fast=getattr(self.step, "test_sums", None))
         self.n += 1
         return img_s, time.perf_counter() - t
+
+
+SERVE_EPOCHS = """
+import json, sys
+sys.path.insert(0, {root!r})
+import torch, training
+trainer = training.Trainer(sys.argv[1], torch.device(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] == "1")
+for line in sys.stdin:   # one epoch per line, its (images/s, seconds) back as one line
+    print(json.dumps(trainer.epoch()), flush=True)
+"""
+
+
+class TrainerProcess:
+    """A Trainer in a python process of its own, as each loop runs for its user (bench.py): sharing one process
+    slowed the compiled step by up to 1.7x (measured). Its epochs run one at a time, interleaved by the caller."""
+
+    def __init__(self, data_dir, device, s, compile_mode):
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVE_EPOCHS.format(root=os.path.dirname(os.path.abspath(__file__))), data_dir, str(device),
+                                      json.dumps(s), "1" if compile_mode else "0"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def epoch(self):
+        self.proc.stdin.write("epoch\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a training process ended (exit status {self.proc.wait()})")
+        return tuple(json.loads(line))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
