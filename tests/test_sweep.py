@@ -21,7 +21,7 @@ import sample
 import sweep
 import sweep_summary
 import train
-from conftest import write_dataset
+from conftest import run_main, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = ["--beta", "1", "4", "--seeds", "0", "--epochs", "2", "--latent-dim", "3", "--iwae-k", "2", "--compile", "off"]
@@ -157,16 +157,6 @@ def test_summary_statistics_are_mean_and_sample_std():
             for s, v in ((0, 1.0), (1, 2.0), (2, 6.0))]
     text = sweep_summary.summary_text(rows, sweep_summary.groups(rows))
     assert "| β-VAE | 2 | 0,1,2 | 3.0 ± 2.6 | 3.00 ± 2.65 |" in text  # mean 3, sample std √7
-
-
-def run_main(module, argv):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = module.main(argv)
-        except SystemExit as e:
-            code = e.code
-    return code, err.getvalue()
 
 
 @pytest.mark.parametrize("argv,expected", [(["--beta", "-1"], "--beta -1.0 is out of range"),
