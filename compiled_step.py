@@ -25,6 +25,7 @@ import torch
 import chwn_forward
 import vae
 
+
 def adam_supported(model, optimizer):
     if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
         return False
@@ -55,7 +56,7 @@ class FlatState:
 
     def adopt(self):
         """Copy the current parameters and Adam state into new flat tensors and point both at views of them."""
-        self.params = list(self.model.parameters())   # the optimizer's own (_adam_supported checks it first)
+        self.params = list(self.model.parameters())   # the optimizer's own (adam_supported checks it first)
         self.names = [n for n, _ in self.model.named_parameters()]
         self.shapes = [p.shape for p in self.params]
         self.offsets = [0]
@@ -88,7 +89,6 @@ class FlatState:
             p.data_ptr() == ptr and state[p]["exp_avg"] is m and state[p]["exp_avg_sq"] is v and state[p]["step"] is s
             for p, ptr, m, v, s in self.check) and _same(self.model.parameters(), self.params) \
             and _same(self.model.buffers(), self.buffers)
-
 
 
 def _loss_of(params, buffers, x, target, eps, C, config, static):   # -> (loss, sums): grad_and_value's has_aux form
@@ -181,7 +181,7 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
             return eager_step(x, target, step_idx)
         plan, static = built["plan"], built["static"]
         eps = torch.randn(x.shape[0], config.latent_dim, device=x.device, dtype=x.dtype)   # = randn_like(mu)
-        C = torch.tensor(vae.capacity_at(step_idx, config) if config.objective == "capacity" else 0.0)
+        C = _capacity(config, step_idx)
         group = optimizer.param_groups[0]   # read every step: a scheduler or load_state_dict may change it
         lr = torch.tensor(float(group["lr"]), dtype=torch.float64)
         hp = (*map(float, group["betas"]), float(group["eps"]), float(group["weight_decay"]))
@@ -197,8 +197,7 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
                 raise
             for dst, src in zip((flat.p, flat.m, flat.v, flat.steps, *flat.buffers), saved):
                 dst.copy_(src)
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            log(f"warning: compiling the training step failed ({type(e).__name__}: {reason}); "
+            log(f"warning: compiling the training step failed ({_reason(e)}); "
                 "training goes on with the eager step (--compile off skips the attempt)")
             state["off"] = True
             return eager_step(x, target, step_idx, eps)   # the noise already drawn: the run stays the eager run
@@ -207,11 +206,21 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
 
     step.eager_step = eager_step
     step.flat = flat
-    step.built = built
-    step.plan = built["plan"]
+    step.built = built   # built["plan"]: None when the step uses the module's own layers
     if built["plan"] is not None:
         step.test_sums = _compiled_test_sums(built, flat, model, config, log, usable=lambda: not state["off"])
     return step
+
+
+def _capacity(config, step_idx):
+    """C(step) of the capacity objective as a tensor (a Python float would be a constant of the graph: a recompile
+    every step); 0 for the others, which do not read it."""
+    return torch.tensor(vae.capacity_at(step_idx, config) if config.objective == "capacity" else 0.0)
+
+
+def _reason(e):
+    """An exception in one short line, for the one warning a failed compile gives."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def _options(device, plan):
@@ -257,12 +266,11 @@ def _compiled_test_sums(built, flat, model, config, log, usable):
             return None
         if state["plan"] is not plan:
             state.update(plan=plan, compiled=_compiled(_test_graph, flat.p.device, plan))
-        C = torch.tensor(vae.capacity_at(step_idx, config) if config.objective == "capacity" else 0.0)
+        C = _capacity(config, step_idx)
         try:
             return state["compiled"](built["static"], flat.p, flat.buffers, *plan.inputs(x, target), eps, C, config)
         except Exception as e:   # a compiler or toolchain failure must not end the run
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            log(f"warning: compiling the test pass failed ({type(e).__name__}: {reason}); it goes on uncompiled")
+            log(f"warning: compiling the test pass failed ({_reason(e)}); it goes on uncompiled")
             state["off"] = True
             return None
     return test_sums

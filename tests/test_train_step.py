@@ -74,7 +74,7 @@ def test_compiled_step_matches_eager_and_follows_changes(tiny_data):
     bs = batches(tiny_data, [32] * 7 + [7])
     model, opt = fresh(config)
     step = training.make_train_step(model, opt, config, compile=True)
-    assert step.plan is not None                                     # the CHWN formulation on a CPU
+    assert step.built["plan"] is not None                                     # the CHWN formulation on a CPU
     for i, b in enumerate(bs[:4] + bs[7:]):                           # 4 full batches, then a short one (eager)
         check_step(step, model, opt, config, b, i)
     assert all(opt.state[p]["step"].item() == 5 for p in model.parameters())
@@ -181,7 +181,7 @@ def test_module_formulation_matches_eager_with_the_capacity_objective(tiny_data)
     config = vae.VAEConfig(latent_dim=4, objective="capacity", gamma=10.0, capacity_max=5.0, capacity_steps=4)
     model, opt = fresh(config)
     step = training.make_train_step(model, opt, config, compile=True, formulation="modules")
-    assert step.plan is None
+    assert step.built["plan"] is None
     for i, b in enumerate(batches(tiny_data, [32] * 4)):             # C changes every step
         check_step(step, model, opt, config, b, i)
 
@@ -252,7 +252,7 @@ def test_an_architecture_the_rewrite_does_not_reproduce_is_named_and_trained_wit
     notes = []
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     step = training.make_train_step(model, opt, config, compile=True, log=notes.append)
-    assert step.plan is None and len(notes) == 1 and "module's own layers" in notes[0] and "deconv.3" in notes[0]
+    assert step.built["plan"] is None and len(notes) == 1 and "module's own layers" in notes[0] and "deconv.3" in notes[0]
 
 
 def test_auto_compiles_only_on_a_cpu():
