@@ -209,8 +209,9 @@ class Plan:
 
     @staticmethod
     def inputs(x, target):
-        """(x, target) as the batch arrives, (B, 1, H, W) each, -> (pixels, B) contiguous copies for forward() and
-        target(). Done outside the compiled graph: fused into its first gather or into the loss, a transposed read is
+        """(x, target) as the batch arrives, (B, 1, H, W) each, -> (pixels, B) contiguous tensors for forward() and
+        target(): views when the batch is laid out that way already (DeviceData.batches(batch_innermost=True)), else
+        copies. Done outside the compiled graph: fused into its first gather or into the loss, a transposed read is
         scalar (the loss kernel alone took 5 µs an image)."""
         B = x.shape[0]
         return x.reshape(B, -1).t().contiguous(), target.reshape(B, -1).t().contiguous()

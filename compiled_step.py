@@ -207,6 +207,7 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
     step.eager_step = eager_step
     step.flat = flat
     step.built = built   # built["plan"]: None when the step uses the module's own layers
+    step.batch_innermost = built["plan"] is not None   # the batch layout it takes without a copy (DeviceData.batches)
     if built["plan"] is not None:
         step.test_sums = _compiled_test_sums(built, flat, model, config, log, usable=lambda: not state["off"])
     return step

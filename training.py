@@ -133,7 +133,8 @@ def epoch_loop(model, step, train, s, epoch, state, progress=True):
     if s.get("loop", "fast") == "seed":
         batches = seed_batches(s["data_dir"], s["batch_size"], train.device)
     else:
-        batches = train.batches(s["batch_size"], shuffle=True, generator=g)
+        batches = train.batches(s["batch_size"], shuffle=True, generator=g,
+                                batch_innermost=getattr(step, "batch_innermost", False))
     for i, (x, target, _) in enumerate(batches):
         hist[i] = step(x, target, state["step"])
         sizes[i] = len(x)
@@ -173,7 +174,8 @@ def test_metrics(model, test, config, seed, step_idx, batch_size=64, fast=None):
     model.eval()
     g = torch.Generator(device=test.device).manual_seed(seed)
     sums = torch.zeros(3 + config.latent_dim, device=test.device)
-    for x, target, _ in test.batches(batch_size if config.objective == "tc" else TEST_BATCH):
+    for x, target, _ in test.batches(batch_size if config.objective == "tc" else TEST_BATCH,
+                                     batch_innermost=fast is not None):
         # the noise model.forward_with_z(x, generator=g) would draw
         eps = torch.randn((x.shape[0], config.latent_dim), device=x.device, dtype=x.dtype, generator=g)
         batch = fast(x, target, eps, step_idx) if fast is not None else None

@@ -39,6 +39,18 @@ def test_batches_are_scaled_for_encoder_and_bce():
     assert x.flatten()[:3].tolist() == pytest.approx([-1.0, -0.6, 1.0])
 
 
+def test_batch_innermost_batches_hold_the_same_values_in_the_compiled_steps_layout(tiny_data):
+    images, _ = data.load_split(tiny_data, "train")
+    d = data.DeviceData(images, torch.arange(len(images)), "cpu")
+    for shuffle in (False, True):
+        plain = d.batches(50, shuffle, torch.Generator().manual_seed(3))
+        inner = d.batches(50, shuffle, torch.Generator().manual_seed(3), batch_innermost=True)
+        for (x, t, y), (xi, ti, yi) in zip(plain, inner, strict=True):
+            assert torch.equal(x, xi) and torch.equal(t, ti) and torch.equal(y, yi)
+            B = len(x)
+            assert xi.reshape(B, -1).t().is_contiguous() and ti.reshape(B, -1).t().is_contiguous()   # (pixels, B)
+
+
 def test_shuffling_covers_every_image_once_and_follows_the_generator(tiny_data):
     images, _ = data.load_split(tiny_data, "train")
     d = data.DeviceData(images, torch.arange(len(images)), "cpu")  # image indices as labels: duplicates would show
