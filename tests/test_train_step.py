@@ -136,6 +136,25 @@ def test_a_replaced_layer_is_trained_as_eager_trains_it(tiny_data):
 
 
 @needs_compiler
+def test_the_step_notices_a_tensor_assigned_to_its_model_and_only_that(tiny_data):
+    config = vae.VAEConfig(latent_dim=4)
+    bs = batches(tiny_data, [32] * 3)
+    model, opt = fresh(config)
+    step = training.make_train_step(model, opt, config, compile=True)
+    check_step(step, model, opt, config, bs[0], 0)
+    compiled = step.built["compiled"]
+    vae.BetaVAE(config)                          # modules assigned elsewhere: this model is intact, nothing rebuilt
+    assert step.flat.intact()
+    check_step(step, model, opt, config, bs[1], 1)
+    assert step.built["compiled"] is compiled
+    bn = model.decoder.deconv[2]
+    bn.running_mean = torch.full_like(bn.running_mean, 0.5)   # a new buffer: the step must update this one
+    assert not step.flat.intact()
+    check_step(step, model, opt, config, bs[2], 2)
+    assert step.built["compiled"] is not compiled
+
+
+@needs_compiler
 def test_compiled_test_pass_is_the_modules(tiny_data):
     # capacity objective: C(step) enters the total; 2,300 images: full test batches and a short one (eager)
     config = vae.VAEConfig(latent_dim=4, objective="capacity", gamma=10.0, capacity_max=5.0, capacity_steps=4)
