@@ -78,46 +78,17 @@ class FlatState:
         self.uniform = bool((self.steps == self.steps[0]).all())
         self.buffers = list(self.model.buffers())
         self.state_ref, self.group = state, self.optimizer.param_groups[0]
-        self.check = [(p, p.data_ptr(), state[p], state[p]["exp_avg"], state[p]["exp_avg_sq"], state[p]["step"])
+        self.check = [(p, p.data_ptr(), state[p]["exp_avg"], state[p]["exp_avg_sq"], state[p]["step"])
                       for p in params]
-        _watch_registrations()
-        self.registrations = _registrations["count"]
 
     def intact(self):
         """Whether the model still has these parameters and buffers and everything is still a view of the flat
-        tensors (load_state_dict replaces the optimizer's state, a replaced layer brings new parameters). Called
-        before every step: walking the model's tree (45 µs, 3% of a step) waits until something was assigned to a
-        module somewhere in the process (_watch_registrations)."""
+        tensors (load_state_dict replaces the optimizer's state, a replaced layer brings new parameters)."""
         state = self.optimizer.state
-        if state is not self.state_ref or self.optimizer.param_groups[0] is not self.group or not all(
-                p.data_ptr() == ptr and state[p] is st and st["exp_avg"] is m and st["exp_avg_sq"] is v
-                and st["step"] is s for p, ptr, st, m, v, s in self.check):
-            return False
-        if _registrations["count"] != self.registrations:
-            if not (_same(self.model.parameters(), self.params) and _same(self.model.buffers(), self.buffers)):
-                return False
-            self.registrations = _registrations["count"]   # assignments elsewhere (another model): this one is unchanged
-        return True
-
-
-# parameters, buffers and submodules assigned to any module in this process, counted once _watch_registrations ran
-_registrations = {"count": 0, "watched": False}
-
-
-def _count_registration(module, name, value):
-    _registrations["count"] += 1
-
-
-def _watch_registrations():
-    """Count every assignment of a parameter, buffer or submodule to any module (torch.nn's global registration
-    hooks: setattr, register_*, Sequential's item assignment and load_state_dict(assign=True) all go through them),
-    so that FlatState.intact walks the model's tree only after one. Registered once per process."""
-    if not _registrations["watched"]:
-        hooks = torch.nn.modules.module
-        for register in (hooks.register_module_parameter_registration_hook,
-                          hooks.register_module_buffer_registration_hook, hooks.register_module_module_registration_hook):
-            register(_count_registration)
-        _registrations["watched"] = True
+        return state is self.state_ref and self.optimizer.param_groups[0] is self.group and all(
+            p.data_ptr() == ptr and state[p]["exp_avg"] is m and state[p]["exp_avg_sq"] is v and state[p]["step"] is s
+            for p, ptr, m, v, s in self.check) and _same(self.model.parameters(), self.params) \
+            and _same(self.model.buffers(), self.buffers)
 
 
 def _loss_of(params, buffers, x, target, eps, C, config, static):   # -> (loss, sums): grad_and_value's has_aux form
@@ -236,7 +207,8 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
     step.eager_step = eager_step
     step.flat = flat
     step.built = built   # built["plan"]: None when the step uses the module's own layers
-    step.batch_innermost = built["plan"] is not None   # the batch layout it takes without a copy (DeviceData.batches)
+    # whether the step takes DeviceData.batches(batch_innermost=True) as it is (read per epoch: a rebuild may change it)
+    step.batch_innermost = lambda: built["plan"] is not None
     if built["plan"] is not None:
         step.test_sums = _compiled_test_sums(built, flat, model, config, log, usable=lambda: not state["off"])
     return step

@@ -33,7 +33,7 @@ class RunConfig:
 
 RUN_DEFAULTS = RunConfig()
 # Compiling (the step, then the test pass) costs ~6 s with a warm inductor cache and ~35 s cold on a 2-core CPU and
-# makes an epoch 2.7-3.1x faster than the eager step's there (bench.py): it pays for itself within about a million
+# makes an epoch 2.1-2.7x faster than the eager step's there (bench.py): it pays for itself within about a million
 # images even with a cold cache, e.g. the default 20 epochs of the full 60,000. CUDA and MPS: the compiled step has
 # not run on a GPU yet, so `auto` never compiles there.
 COMPILE_AUTO_MIN_IMAGES = 1_000_000
