@@ -133,8 +133,8 @@ def epoch_loop(model, step, train, s, epoch, state, progress=True):
     if s.get("loop", "fast") == "seed":
         batches = seed_batches(s["data_dir"], s["batch_size"], train.device)
     else:
-        batches = train.batches(s["batch_size"], shuffle=True, generator=g,
-                                batch_innermost=getattr(step, "batch_innermost", False))
+        layout = getattr(step, "batch_innermost", None)   # the compiled step's preference, asked each epoch
+        batches = train.batches(s["batch_size"], shuffle=True, generator=g, batch_innermost=bool(layout and layout()))
     for i, (x, target, _) in enumerate(batches):
         hist[i] = step(x, target, state["step"])
         sizes[i] = len(x)
