@@ -152,7 +152,7 @@ def test_the_step_notices_a_tensor_assigned_to_its_model_and_only_that(tiny_data
     assert not step.flat.intact()
     check_step(step, model, opt, config, bs[2], 2)
     assert step.built["compiled"] is not compiled
-    # removals register nothing with torch.nn's hooks, yet the step must see them too
+    # removals too (none of them goes through torch.nn's registration hooks, so a shortcut on those would miss them)
     for remove in (lambda m: setattr(m.decoder.deconv[0], "bias", None), lambda m: m.decoder.deconv.pop(2),
                    lambda m: delattr(m.decoder.deconv[2], "running_var"), lambda m: delattr(m.encoder.fc_mu, "bias")):
         changed = copy.deepcopy(model)
