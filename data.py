@@ -116,19 +116,21 @@ class DeviceData:
         return len(self.images)
 
     @staticmethod
-    def scale(batch_u8):
-        """uint8 -> (encoder input in [-1, 1] as the seed's Normalize(0.5, 0.5), BCE target in [0, 1])."""
-        target = batch_u8.float().mul_(1.0 / 255.0)
-        return target * 2.0 - 1.0, target
-
-    @staticmethod
-    def scale_batch_innermost(batch_u8):
-        """scale()'s values, each a (B, 1, 28, 28) view of a (pixels, B) tensor: the transposing copy is made once, on
-        the uint8 batch's way to float (about half the time of scale() and then two float transposes)."""
-        B = batch_u8.shape[0]
-        target = torch.empty(batch_u8[0].numel(), B, dtype=torch.float32, device=batch_u8.device)
-        target.copy_(batch_u8.reshape(B, -1).t()).mul_(1.0 / 255.0)
-        return (target * 2.0 - 1.0).t().view(batch_u8.shape), target.t().view(batch_u8.shape)
+    def scale(batch_u8, batch_innermost=False):
+        """uint8 -> (encoder input in [-1, 1] as the seed's Normalize(0.5, 0.5), BCE target in [0, 1]).
+        batch_innermost: the same values, each a (B, 1, 28, 28) view of a (pixels, B) tensor; the transposing copy is
+        made once, on the uint8 batch's way to float (about half the time of scale() and then two float transposes)."""
+        if batch_innermost:
+            B = batch_u8.shape[0]
+            pixels = torch.empty(batch_u8[0].numel(), B, dtype=torch.float32, device=batch_u8.device)
+            pixels.copy_(batch_u8.reshape(B, -1).t())
+        else:
+            pixels = batch_u8.float()
+        target = pixels.mul_(1.0 / 255.0)
+        x = target * 2.0 - 1.0
+        if batch_innermost:
+            return x.t().view(batch_u8.shape), target.t().view(batch_u8.shape)
+        return x, target
 
     def batches(self, batch_size, shuffle=False, generator=None, batch_innermost=False):
         """Yield (x in [-1, 1], target in [0, 1], labels). Shuffles indices on the device; the last batch may be short.
@@ -143,7 +145,7 @@ class DeviceData:
                 u8, y = self.images.index_select(0, idx), self.labels.index_select(0, idx)   # 6x faster than [idx]
             else:
                 u8, y = self.images[start:start + batch_size], self.labels[start:start + batch_size]
-            x, target = self.scale_batch_innermost(u8) if batch_innermost else self.scale(u8)
+            x, target = self.scale(u8, batch_innermost)
             yield x, target, y
 
 
