@@ -147,6 +147,8 @@ def resolve_args(args):
 
 def setup_logging(out_dir):
     log.setLevel(logging.INFO)
+    for h in log.handlers:   # a previous run's, in a process that runs main() again (the tests)
+        h.close()
     log.handlers.clear()
     file_handler = logging.FileHandler(os.path.join(out_dir, "train.log"), encoding="utf-8", errors="backslashreplace")
     for h in (logging.StreamHandler(sys.stdout), file_handler):
@@ -255,33 +257,33 @@ def train(s, ckpt, args):
                          "--out-dir")
     config = model.config
     check_outputs(s, ckpt is not None)
-    lock = open_out_dir(s["out_dir"])  # noqa: F841 (held until exit)
-    if ckpt is None and os.path.exists(os.path.join(s["out_dir"], "checkpoint.pt")):
-        raise UsageError(f"{s['out_dir']} now holds a run (checkpoint.pt) that another train.py finished while "
-                         "this one started: pass --resume to continue it, or --out-dir NEW; nothing was changed")
-    setup_logging(s["out_dir"])
-    log.info(f"device {device} | train {len(train_data)} test {len(test_data)} images | {vae.param_count(model):,} "
-             f"parameters | {config} | out {s['out_dir']}")
-    if start:
-        log.info(f"resuming after epoch {start} of {s['epochs']}")
-        write_metrics(s["out_dir"], history)   # the checkpoint's history is the truth
-    elif args.resume:
-        log.info(f"note: --resume found no checkpoint in {s['out_dir']}, so this is a NEW run (if you meant to "
-                 "continue one, check --out-dir)")
-    if args.loop == "seed":
-        step = training.make_seed_step(model, opt, config)
-    else:
-        # decided from the whole run, not what is left of it: a resumed run takes the same path, bit for bit
-        use_compile = training.want_compile(args.compile, device, s["epochs"] * len(train_data))
-        step = training.make_train_step(model, opt, config, compile=use_compile, log=log.info)
-        if use_compile:
-            log.info("compiling the training step (first batch) and the test pass (end of epoch 1): 6-40 s, once "
-                     "(--compile off skips this)")
-    stop = StopFlag()
-    try:
-        return run_epochs(model, opt, step, train_data, test_data, s, args, history, start, stop, config)
-    finally:
-        stop.restore()
+    with open_out_dir(s["out_dir"]):  # the folder's lock, held until the run ends
+        if ckpt is None and os.path.exists(os.path.join(s["out_dir"], "checkpoint.pt")):
+            raise UsageError(f"{s['out_dir']} now holds a run (checkpoint.pt) that another train.py finished while "
+                             "this one started: pass --resume to continue it, or --out-dir NEW; nothing was changed")
+        setup_logging(s["out_dir"])
+        log.info(f"device {device} | train {len(train_data)} test {len(test_data)} images | {vae.param_count(model):,} "
+                 f"parameters | {config} | out {s['out_dir']}")
+        if start:
+            log.info(f"resuming after epoch {start} of {s['epochs']}")
+            write_metrics(s["out_dir"], history)   # the checkpoint's history is the truth
+        elif args.resume:
+            log.info(f"note: --resume found no checkpoint in {s['out_dir']}, so this is a NEW run (if you meant to "
+                     "continue one, check --out-dir)")
+        if args.loop == "seed":
+            step = training.make_seed_step(model, opt, config)
+        else:
+            # decided from the whole run, not what is left of it: a resumed run takes the same path, bit for bit
+            use_compile = training.want_compile(args.compile, device, s["epochs"] * len(train_data))
+            step = training.make_train_step(model, opt, config, compile=use_compile, log=log.info)
+            if use_compile:
+                log.info("compiling the training step (first batch) and the test pass (end of epoch 1): 6-40 s, once "
+                         "(--compile off skips this)")
+        stop = StopFlag()
+        try:
+            return run_epochs(model, opt, step, train_data, test_data, s, args, history, start, stop, config)
+        finally:
+            stop.restore()
 
 
 def write_metrics(out_dir, history):

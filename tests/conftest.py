@@ -147,14 +147,42 @@ def offline(monkeypatch):
     monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
 
 
-def run_main(module, argv):
-    """(exit status, stderr) of a script's main(argv) run in this process: for refusals decided from the flags alone,
-    without a second torch start-up (1.5-3 s each). What a script prints at start-up is checked in a subprocess
-    elsewhere (e.g. test_a_wrongly_typed_flag_is_one_line)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+@contextlib.contextmanager
+def in_process(threads=None):
+    """Run a script's main() in this process, its stdout and stderr captured (yields (stdout, stderr) StringIOs);
+    signal handlers and the thread count are put back afterwards. A torch start-up (1.5-3 s) and an optimizer's
+    first use of dynamo (about 2 s) saved per run."""
+    import signal
+    import torch
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield out, err
+    finally:
+        torch.set_num_threads(before)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def run_here(module, *args, threads=None):
+    """subprocess.run's CompletedProcess (returncode, stdout, stderr) of module.main(args), run in this process: for
+    what a script decides and writes, not for how its process starts, is signalled or exits (tested in subprocesses:
+    test_a_wrongly_typed_flag_is_one_line, test_killed_training_resumes_to_the_same_weights and others)."""
+    argv = [str(a) for a in args]
+    with in_process(threads) as (out, err):
         try:
-            code = module.main([str(a) for a in argv])
+            code = module.main(argv)
         except SystemExit as e:
             code = e.code
-    return code, err.getvalue()
+    code = 0 if code is None else code   # as sys.exit(main()) exits
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def run_main(module, argv):
+    """(exit status, stderr) of run_here: for refusals decided from the flags alone."""
+    proc = run_here(module, *argv)
+    return proc.returncode, proc.stderr

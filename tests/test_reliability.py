@@ -12,10 +12,11 @@ import torch
 
 import checkpoint
 import data
+import export_onnx
 import idx
 import train
 import vae
-from conftest import make_images, run_main, run_offline, write_dataset
+from conftest import make_images, run_here, run_offline, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,12 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_script(script, *args, timeout=300):
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def in_process(module, *args):
-    """run_main as a finished process (returncode, stderr), for assert_clean_error."""
-    code, err = run_main(module, args)
-    return subprocess.CompletedProcess(args, code, "", err)
 
 
 def assert_clean_error(proc, *needles):
@@ -108,20 +103,20 @@ def test_fuzzed_idx_files_end_in_a_clear_error(tmp_path):
     (["--device", "tpu"], "unknown device"),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(tmp_path, flags, needle):
-    assert_clean_error(in_process(train, *flags, "--data-dir", tmp_path, "--out-dir", tmp_path / "run"), needle)
+    assert_clean_error(run_here(train, *flags, "--data-dir", tmp_path, "--out-dir", tmp_path / "run"), needle)
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_without_cuda(tiny_data, tmp_path):
-    proc = in_process(train, "--device", "cuda", "--data-dir", tiny_data, "--out-dir", tmp_path / "run")
+    proc = run_here(train, "--device", "cuda", "--data-dir", tiny_data, "--out-dir", tmp_path / "run")
     assert_clean_error(proc, "CUDA is not available", "--device cpu")
     assert not (tmp_path / "run").exists()
 
 
 def test_unwritable_output_directory(tiny_data, tmp_path):
     (tmp_path / "file").write_text("x")
-    proc = run_script("train.py", "--epochs", 1, "--data-dir", tiny_data, "--out-dir", tmp_path / "file" / "run")
+    proc = run_here(train, "--epochs", 1, "--data-dir", tiny_data, "--out-dir", tmp_path / "file" / "run")
     assert_clean_error(proc, "cannot write to", "--out-dir")
 
 
@@ -179,12 +174,12 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
 def test_resume_with_contradicting_flags_is_refused(tiny_data, tmp_path):
     out = tmp_path / "run"
     common = ["--data-dir", tiny_data, "--out-dir", out, "--compile", "off", "--batch-size", 64]
-    assert run_script("train.py", "--epochs", 1, "--latent-dim", 3, *common).returncode == 0
+    assert run_here(train, "--epochs", 1, "--latent-dim", 3, *common).returncode == 0
     before = (out / "checkpoint.pt").read_bytes()
-    proc = run_script("train.py", "--resume", "--epochs", 2, "--latent-dim", 5, *common)
+    proc = run_here(train, "--resume", "--epochs", 2, "--latent-dim", 5, *common)
     assert_clean_error(proc, "--latent-dim 5 contradicts", "trained with 3")
     assert (out / "checkpoint.pt").read_bytes() == before
-    proc = run_script("train.py", "--resume", "--epochs", 2, *common)  # no contradiction: the checkpoint's values
+    proc = run_here(train, "--resume", "--epochs", 2, *common)  # no contradiction: the checkpoint's values
     assert proc.returncode == 0, proc.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=True)["model_args"]["latent_dim"] == 3
 
@@ -208,7 +203,7 @@ def test_seed_loop_without_uncompressed_files(tmp_path):
         with open(os.path.join(raw, name), "rb") as src, gzip.open(os.path.join(raw, name + ".gz"), "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.remove(os.path.join(raw, name))
-    proc = run_script("train.py", "--loop", "seed", "--data-dir", root, "--out-dir", tmp_path / "run", "--epochs", 1)
+    proc = run_here(train, "--loop", "seed", "--data-dir", root, "--out-dir", tmp_path / "run", "--epochs", 1)
     assert_clean_error(proc, "--loop seed", "gunzip", "train-images-idx3-ubyte")
     assert not (tmp_path / "run").exists()
 
@@ -216,18 +211,21 @@ def test_seed_loop_without_uncompressed_files(tmp_path):
 def test_resume_with_another_loop_is_refused(tiny_data, tmp_path):
     out = tmp_path / "run"
     common = ["--data-dir", tiny_data, "--out-dir", out, "--compile", "off", "--batch-size", 64, "--latent-dim", 3]
-    assert run_script("train.py", "--epochs", 1, *common).returncode == 0
-    proc = run_script("train.py", "--resume", "--epochs", 2, "--loop", "seed", *common)
+    assert run_here(train, "--epochs", 1, *common).returncode == 0
+    proc = run_here(train, "--resume", "--epochs", 2, "--loop", "seed", *common)
     assert_clean_error(proc, "--loop seed contradicts", "trained with --loop fast")
 
 
 # ---------------------------------------------------------------------------------------- interruptions
 
 
-def start_training(data_dir, out, epochs, *extra):
-    return subprocess.Popen([sys.executable, "train.py", "--epochs", str(epochs), "--data-dir", data_dir,
-                             "--out-dir", str(out), "--compile", "off", "--batch-size", "32", "--latent-dim", "3",
-                             "--seed", "4", *map(str, extra)],
+def training_flags(data_dir, out, epochs):
+    return ["--epochs", str(epochs), "--data-dir", data_dir, "--out-dir", str(out), "--compile", "off",
+            "--batch-size", "32", "--latent-dim", "3", "--seed", "4"]
+
+
+def start_training(data_dir, out, epochs):
+    return subprocess.Popen([sys.executable, "train.py", *training_flags(data_dir, out, epochs)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -246,9 +244,8 @@ def wait_for_epoch(out, epoch, proc, timeout=120):
 def reference_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     data_dir = write_dataset(root / "data", n_train=512, n_test=64)
-    proc = start_training(data_dir, root / "run", 6)
-    proc.communicate(timeout=300)
-    assert proc.returncode == 0
+    proc = run_here(train, *training_flags(data_dir, root / "run", 6))  # the killed runs' processes are others
+    assert proc.returncode == 0, proc.stderr
     return data_dir, torch.load(root / "run" / "checkpoint.pt", weights_only=True)
 
 
@@ -267,9 +264,7 @@ def test_killed_training_resumes_to_the_same_weights(reference_run, tmp_path, si
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # always complete and loadable
     assert 2 <= ckpt["epoch"] < 6 or sig == signal.SIGKILL
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
-    resumed = subprocess.run([sys.executable, "train.py", "--resume", "--epochs", "6", "--data-dir", data_dir,
-                              "--out-dir", str(out), "--compile", "off"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
+    resumed = run_here(train, "--resume", "--epochs", 6, "--data-dir", data_dir, "--out-dir", out, "--compile", "off")
     assert resumed.returncode == 0, resumed.stderr
     final = torch.load(out / "checkpoint.pt", weights_only=True)
     for k in reference["model"]:
@@ -282,9 +277,9 @@ def test_two_runs_in_one_folder_do_not_corrupt_each_other(reference_run, tmp_pat
     first = start_training(data_dir, out, 50)
     try:
         wait_for_epoch(out, 1, first)
-        second = run_script("train.py", "--epochs", 1, "--data-dir", data_dir, "--out-dir", out)
+        second = run_here(train, "--epochs", 1, "--data-dir", data_dir, "--out-dir", out)
         assert_clean_error(second, "already holds a run", "--resume")      # refused before the lock is tried
-        second = run_script("train.py", "--resume", "--data-dir", data_dir, "--out-dir", out)
+        second = run_here(train, "--resume", "--data-dir", data_dir, "--out-dir", out)   # flock: another process
         assert_clean_error(second, "another train.py is writing to")
     finally:
         first.kill()
@@ -295,13 +290,13 @@ def test_two_runs_in_one_folder_do_not_corrupt_each_other(reference_run, tmp_pat
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
     out = tmp_path / "run"
     common = ["--data-dir", tiny_data, "--out-dir", out, "--compile", "off"]
-    assert run_script("train.py", "--epochs", 1, *common).returncode == 0
+    assert run_here(train, "--epochs", 1, *common).returncode == 0
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     for group in ckpt["optimizer"]["param_groups"]:
         group["lr"] = 1e30  # a step this large overflows the weights in the next epoch
     torch.save(ckpt, out / "checkpoint.pt")
     good = (out / "checkpoint.pt").read_bytes()
-    proc = run_script("train.py", "--resume", "--epochs", 3, *common)
+    proc = run_here(train, "--resume", "--epochs", 3, *common)
     assert_clean_error(proc, "at epoch 2, step", "lower --lr or --beta")
     assert (out / "checkpoint.pt").read_bytes() == good
 
@@ -361,9 +356,9 @@ def test_decoder_that_loads_but_fails_to_run_and_unwritable_outputs(tmp_path, ti
     assert_clean_error(run_script("sample.py", "--onnx", bad, "--n", 1, "--out", tmp_path / "x.png"),
                        "is not an ONNX model this project can read")
     good = tmp_path / "decoder.onnx"
-    assert run_script("export_onnx.py", "--checkpoint", tiny_checkpoint["path"], "--out", good).returncode == 0
-    assert_clean_error(run_script("export_onnx.py", "--checkpoint", tiny_checkpoint["path"],
-                                  "--out", "/proc/decoder.onnx"), "cannot write /proc/decoder.onnx")
+    assert run_here(export_onnx, "--checkpoint", tiny_checkpoint["path"], "--out", good).returncode == 0
+    assert_clean_error(run_here(export_onnx, "--checkpoint", tiny_checkpoint["path"], "--out", "/proc/decoder.onnx"),
+                       "cannot write /proc/decoder.onnx")
     proc = run_script("sample.py", "--onnx", good, "--out", "/proc/x.png", "--npy", tmp_path / "x.npy")
     assert_clean_error(proc, "cannot write /proc/x.png")
     assert not (tmp_path / "x.npy").exists()  # the PNG goes first: a failed PNG leaves no half result behind

@@ -1,12 +1,8 @@
 """sweep.py end to end on tiny data (runs, a crash, resuming, the same command twice, printed commands, --aggregate),
 its bad input, and a β-TCVAE run through train (and resume), evaluate, export and sample."""
-import contextlib
-import gc
-import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -21,7 +17,7 @@ import sample
 import sweep
 import sweep_summary
 import train
-from conftest import run_main, write_dataset
+from conftest import in_process, run_main, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = ["--beta", "1", "4", "--seeds", "0", "--epochs", "2", "--latent-dim", "3", "--iwae-k", "2", "--compile", "off"]
@@ -30,23 +26,6 @@ ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # what 
 
 def sweep_cmd(*args):
     return [sys.executable, "sweep.py", *map(str, args)]
-
-
-@contextlib.contextmanager
-def in_process(threads=None):
-    """Run a script's main() here: signal handlers and the thread count are put back afterwards."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
-            yield err
-    finally:
-        gc.collect()  # train.py's folder lock is released when its file object is collected
-        torch.set_num_threads(before)
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def files_and_times(folder):
@@ -187,7 +166,7 @@ def test_tc_model_trains_resumes_evaluates_exports_and_samples(tmp_path):
     with in_process():
         assert train.main(["--objective", "tc", "--beta", "6", "--alpha", "0.5", "--epochs", "1", *common]) == 0
     first = (run / "metrics.jsonl").read_text()
-    with in_process() as err:
+    with in_process() as (_, err):
         assert train.main(["--resume", "--epochs", "2", *common]) == 0, err.getvalue()
     model, ckpt = checkpoint.load_checkpoint(run / "checkpoint.pt")
     assert ckpt["epoch"] == 2 and (run / "metrics.jsonl").read_text().startswith(first)

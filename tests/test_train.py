@@ -1,4 +1,5 @@
-"""train.py end to end in a subprocess on tiny generated data; --resume reaches the uninterrupted run's weights."""
+"""train.py end to end on tiny generated data (in a subprocess, and in this process where only what main() decides
+and writes is checked); --resume reaches the uninterrupted run's weights."""
 import json
 import os
 import subprocess
@@ -8,13 +9,19 @@ import torch
 from PIL import Image
 
 import checkpoint
+import train
+from conftest import run_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_train(*args, check=True):
-    proc = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+def run_train(*args, check=True, here=False):
+    """train.py with these flags, in a subprocess (here=False) or as main() in this process."""
+    if here:
+        proc = run_here(train, *args)
+    else:
+        proc = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -47,36 +54,34 @@ def test_one_epoch_writes_every_output(tiny_data, tmp_path):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
-def test_the_same_command_twice_never_replaces_the_first_run(tiny_data, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--epochs", "1", "--beta", "2", "--latent-dim", "3",
-           "--compile", "off", "--data-dir", tiny_data]
-    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
+def test_the_same_command_twice_never_replaces_the_first_run(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cmd = ["--epochs", "1", "--beta", "2", "--latent-dim", "3", "--compile", "off", "--data-dir", tiny_data]
+    run_train(*cmd, here=True)
     run = tmp_path / "runs" / "beta2_z3_seed0"                    # the default folder is named after the run
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    again = run_train(*cmd, check=False, here=True)
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert again.stderr.startswith("error: ") and "--resume" in again.stderr and "--out-dir" in again.stderr
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before   # not one byte changed
-    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr                 # a finished run: nothing left to train
+    run_train(*cmd, "--resume", here=True)                         # a finished run: nothing left to train
     assert (run / "checkpoint.pt").read_bytes() == before["checkpoint.pt"]
 
 
 def test_resume_without_a_checkpoint_starts_the_run(tiny_data, tmp_path):
     proc = run_train("--epochs", 1, "--latent-dim", 3, "--data-dir", tiny_data, "--out-dir", tmp_path / "new",
-                     "--compile", "off", "--resume")
+                     "--compile", "off", "--resume", here=True)
     assert "this is a NEW run" in proc.stdout
     assert torch.load(tmp_path / "new" / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path):
     common = ["--batch-size", 48, "--latent-dim", 4, "--data-dir", tiny_data, "--compile", "off", "--seed", 3]
-    run_train("--epochs", 3, "--out-dir", tmp_path / "full", *common)
-    run_train("--epochs", 1, "--out-dir", tmp_path / "split", *common)
+    run_train("--epochs", 3, "--out-dir", tmp_path / "full", *common, here=True)
+    run_train("--epochs", 1, "--out-dir", tmp_path / "split", *common, here=True)
     first = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert first["epoch"] == 1
-    run_train("--epochs", 3, "--resume", "--out-dir", tmp_path / "split", *common)
+    run_train("--epochs", 3, "--resume", "--out-dir", tmp_path / "split", *common, here=True)
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3
