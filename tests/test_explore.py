@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -278,9 +279,9 @@ def test_the_server_serves_the_site_on_loopback_only(server):
 
 
 def test_serve_prints_the_url_and_stops_cleanly(kl_exported, web, tmp_path):
-    proc = subprocess.Popen([sys.executable, explore_script(web, tmp_path), "--onnx", kl_exported["decoder"], "--out",
-                             tmp_path / "s", "--serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", explore_script(web, tmp_path), "--onnx",
+                             kl_exported["decoder"], "--out", tmp_path / "s", "--serve", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
         while "serving" not in line:
@@ -293,8 +294,13 @@ def test_serve_prints_the_url_and_stops_cleanly(kl_exported, web, tmp_path):
         conn.request("GET", "/model.json")
         assert json.loads(conn.getresponse().read())["latent_dim"] == 4
     finally:
-        proc.send_signal(2)  # Ctrl-C
-        out, err = proc.communicate(timeout=20)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:   # where it hangs: faulthandler prints every thread's stack on SIGABRT
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=20)
+            pytest.fail(f"explore.py --serve did not stop on Ctrl-C within 20 s; its stacks:\n{err[-6000:]}")
     assert proc.returncode == 0 and "stopped" in out and err == ""
 
 
