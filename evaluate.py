@@ -24,7 +24,7 @@ import figures
 import metrics
 import vae
 from cli import ArgumentParser, UsageError, check_int, check_range, safe_streams
-from fileio import atomic_write, clashes, clean_stale_temps
+from fileio import atomic_write_all, clashes, clean_stale_temps
 
 FIGURES = ("reconstructions.png", "samples.png", "traversals.png", "interpolations.png")
 EXTRACTOR_NAMES = {"pixels": "raw pixels, the course project's FID", "classifier": "Fashion-MNIST CNN features"}
@@ -98,7 +98,7 @@ def first_non_finite(value, where=""):
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
-def evaluate(args):
+def evaluate(args, caught=()):
     check_args(args)
     timings, t_start = {}, time.perf_counter()
     try:
@@ -119,18 +119,39 @@ def evaluate(args):
     created = prepare_out_dir(out_dir, inputs)  # only once every input is known good
     print(f"device: {device}", flush=True)  # stdout, and only now: a failing run's stderr is its error line alone
     try:
-        return out_dir, measure(args, model, ckpt, train, test, device, out_dir, timings, t_start)
+        report, images = measure(args, model, ckpt, train, test, device, timings, t_start)
+        # ours (few samples for a covariance, a fast path not taken) belong in the report; library deprecations not
+        report["warnings"] = sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)})
+        found = first_non_finite(report)  # measure() checks the numbers; this keeps NaN out whatever changes
+        if found:
+            raise UsageError(f"the evaluation gave {found[0]} = {found[1]}; nothing was written: use an earlier "
+                             "checkpoint or retrain")
+        write_outputs(out_dir, report, images)
     except BaseException:
         if created:  # a failed run leaves no new folder
             try:
                 os.rmdir(out_dir)
-            except OSError:  # not empty: a figure was written before the failure
+            except OSError:  # not empty (something else wrote into it meanwhile)
                 pass
         raise
+    return out_dir, report
 
 
-def measure(args, model, ckpt, train, test, device, out_dir, timings, t_start):
-    """Every number of the report, checked finite, then the figures. Returns the report."""
+def write_outputs(out_dir, report, images):
+    """report.json and the figures as one (fileio.atomic_write_all): after a failure (a full disk) every file in
+    out_dir is as it was, so a report never sits beside figures of another evaluation."""
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    items = [(os.path.join(out_dir, "report.json"), lambda f: f.write(text.encode()))]
+    items += [(os.path.join(out_dir, name), lambda f, img=images[name]: img.save(f, format="PNG")) for name in FIGURES]
+    try:
+        atomic_write_all(items)
+    except OSError as e:
+        raise UsageError(f"cannot write report.json and the figures in {out_dir} ({e.strerror or e}): free space or "
+                         "pass another --out-dir; nothing in it was changed") from None
+
+
+def measure(args, model, ckpt, train, test, device, timings, t_start):
+    """Every number of the report, checked finite, then the figures. Returns (report, {figure name: PIL image})."""
     torch.manual_seed(args.seed)
     gen_iwae, gen_prior, gen_pairs = (torch.Generator().manual_seed(args.seed + i) for i in range(3))
     timings["load"] = time.perf_counter() - t_start
@@ -180,14 +201,14 @@ def measure(args, model, ckpt, train, test, device, out_dir, timings, t_start):
     caption = (f"{os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}: latent {cfg['latent_dim']}, "
                f"β={cfg['beta']}, epoch {ckpt['epoch']} · data {args.data_dir} "
                f"({len(train):,} train / {n:,} test images)")
-    figures.evaluation_figures(out_dir, model, test, mu_test, recon_images, generated, bounds["kl_per_dim"], fid,
-                               caption, min(args.n_show, len(test)), gen_pairs)
+    images = figures.evaluation_figures(model, test, mu_test, recon_images, generated, bounds["kl_per_dim"], fid,
+                                        caption, min(args.n_show, len(test)), gen_pairs)
     timings["figures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
     test_report = {key: bounds[key] for key in ("recon", "kl", "neg_elbo", "iwae_nll")}
     test_report.update(n_images=n, iwae_k=args.iwae_k, units="nats per image")
-    return {
+    report = {
         "checkpoint": os.path.abspath(args.checkpoint),
         "model_args": cfg,
         "epoch": ckpt["epoch"],
@@ -209,6 +230,7 @@ def measure(args, model, ckpt, train, test, device, out_dir, timings, t_start):
         "figures": list(FIGURES),
         "timings_s": timings,
     }
+    return report, images
 
 
 def print_table(report):
@@ -254,32 +276,19 @@ def main(argv=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            out_dir, report = evaluate(args)
+            out_dir, report = evaluate(args, caught)
         except (UsageError, checkpoint.CheckpointError, data.DataError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except OSError as e:  # a figure could not be written: the disk filled or the folder went away
-            print(f"error: cannot write the figures ({e}); free space or pass another --out-dir", file=sys.stderr)
+        except OSError as e:  # anything else the file system refused
+            print(f"error: cannot read or write {e.filename or 'a file'} ({e.strerror or e}); nothing was written",
+                  file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
-            print("error: interrupted; report.json was not written", file=sys.stderr)
+            print("error: interrupted; report.json and the figures were not written", file=sys.stderr)
             sys.exit(130)
-    # Ours (few samples for a covariance, a fast path not taken) belong in the report; library deprecations do not.
-    report["warnings"] = sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)})
     for message in report["warnings"]:
         print(f"warning: {message}", file=sys.stderr)
-    found = first_non_finite(report)
-    if found:  # measure() checks the numbers before the figures; this keeps NaN out of report.json whatever changes
-        print(f"error: the evaluation gave {found[0]} = {found[1]}; report.json was not written: use an earlier "
-              "checkpoint or retrain", file=sys.stderr)
-        sys.exit(2)
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    try:
-        atomic_write(os.path.join(out_dir, "report.json"), lambda f: f.write(text.encode()))
-    except OSError as e:
-        print(f"error: cannot write report.json in {out_dir} ({e.strerror}); free space or pass another --out-dir",
-              file=sys.stderr)
-        sys.exit(2)
     print_table(report)
     print(f"wrote {os.path.join(out_dir, 'report.json')} and {', '.join(FIGURES)}")
 

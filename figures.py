@@ -53,19 +53,23 @@ def training_figures(model, test, s, history, step_losses, first_epoch, steps_pe
     model.train()
 
 
-def _grid(path, rows, labels, title, col_labels=None):
-    save_image(labelled_grid([r.numpy() for r in rows], labels, title, col_labels), path)
+def _grid(rows, labels, title, col_labels=None):
+    return labelled_grid([r.numpy() for r in rows], labels, title, col_labels)
 
 
-def evaluation_figures(out_dir, model, test, mu, recon_images, generated, kl_per_dim, fid, caption, n,
-                       generator):
+def evaluation_figures(model, test, mu, recon_images, generated, kl_per_dim, fid, caption, n, generator):
+    """evaluate.py's figures as {file name: PIL image}, drawn but not written: evaluate.py writes them together with
+    report.json, all or none."""
+    out = {}
     originals = test.images[:n].float().cpu() / 255.0
     fids = lambda part: "".join(f"FID {part} vs test, {fid[e]['features']}: {fid[e][part]:.2f}\n"  # noqa: E731
                                 for e in fid)
-    _grid(os.path.join(out_dir, "reconstructions.png"), [originals, recon_images[:n]], ["test image", "reconstruction"],
-          f"Test images and their reconstructions at z = posterior mean\n{fids('reconstruction')}{caption}")
-    _grid(os.path.join(out_dir, "samples.png"), [generated[i:i + n] for i in range(0, min(n * n, len(generated)), n)], None,
-          f"Samples from the prior: decoder means at z ~ N(0, I)\n{fids('generation')}{caption}")
+    out["reconstructions.png"] = _grid(
+        [originals, recon_images[:n]], ["test image", "reconstruction"],
+        f"Test images and their reconstructions at z = posterior mean\n{fids('reconstruction')}{caption}")
+    out["samples.png"] = _grid(
+        [generated[i:i + n] for i in range(0, min(n * n, len(generated)), n)], None,
+        f"Samples from the prior: decoder means at z ~ N(0, I)\n{fids('generation')}{caption}")
 
     order = sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])
     rows = []
@@ -73,10 +77,11 @@ def evaluation_figures(out_dir, model, test, mu, recon_images, generated, kl_per
         z = mu[0].repeat(len(TRAVERSAL_VALUES), 1)
         z[:, d] = torch.as_tensor(TRAVERSAL_VALUES, dtype=z.dtype)
         rows.append(metrics.decode_batched(model, z))
-    _grid(os.path.join(out_dir, "traversals.png"), rows, [f"z{d}  KL {kl_per_dim[d]:.2f}" for d in order],
-          "Latent traversals from the first test image's posterior mean: one dimension set to -3..3, the rest fixed\n"
-          "rows sorted by KL (nats per image, test split); near-zero KL = an unused dimension\n" + caption,
-          [f"{v:+.1f}" for v in TRAVERSAL_VALUES])
+    out["traversals.png"] = _grid(
+        rows, [f"z{d}  KL {kl_per_dim[d]:.2f}" for d in order],
+        "Latent traversals from the first test image's posterior mean: one dimension set to -3..3, the rest fixed\n"
+        "rows sorted by KL (nats per image, test split); near-zero KL = an unused dimension\n" + caption,
+        [f"{v:+.1f}" for v in TRAVERSAL_VALUES])
 
     pairs = torch.randperm(len(test), generator=generator)[:2 * max(1, n // 2)].view(-1, 2)
     weights = torch.linspace(0.0, 1.0, n).unsqueeze(1)
@@ -85,6 +90,8 @@ def evaluation_figures(out_dir, model, test, mu, recon_images, generated, kl_per
         path = metrics.decode_batched(model, (1 - weights) * mu[a] + weights * mu[b])
         ends = test.images[[a, b]].float().cpu() / 255.0
         rows.append(torch.cat([ends[:1, 0], path[:, 0], ends[1:, 0]]))
-    _grid(os.path.join(out_dir, "interpolations.png"), rows, [f"#{a} -> #{b}" for a, b in pairs.tolist()],
-          "Interpolations between posterior means of random test-image pairs\n"
-          f"(first and last columns: the original images; between: decoder means)\n{caption}")
+    out["interpolations.png"] = _grid(
+        rows, [f"#{a} -> #{b}" for a, b in pairs.tolist()],
+        "Interpolations between posterior means of random test-image pairs\n"
+        f"(first and last columns: the original images; between: decoder means)\n{caption}")
+    return out

@@ -303,7 +303,7 @@ def main(argv=None):
             written = sweep_summary.write(a.out_dir, require=a.aggregate)
         except OSError as e:
             raise UsageError(f"cannot write the summary in {a.out_dir} ({e.strerror or e}): free space or pass "
-                             "another --out-dir; the runs themselves are complete") from None
+                             "another --out-dir; the runs are complete, the summary files as they were") from None
         if written:
             print(f"wrote {', '.join(written)} in {a.out_dir}")
     except UsageError as e:

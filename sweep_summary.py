@@ -12,7 +12,7 @@ import sys
 import statistics
 
 from cli import UsageError
-from fileio import atomic_write, clean_stale_temps
+from fileio import atomic_write_all, clean_stale_temps
 
 NAMES = {"beta": "β-VAE", "tc": "β-TCVAE"}
 MARKERS = {"beta": "o", "tc": "^"}
@@ -135,9 +135,11 @@ def _plt():
     return plt
 
 
-def _save(fig, path):
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+def _png(fig):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     _plt().close(fig)
+    return buf.getvalue()
 
 
 def _colours(rows):
@@ -183,7 +185,9 @@ def _below_caption(image):
 
 
 def figures(out_dir, rows, grouped):
+    """The sweep's figures as {file name: PNG bytes}; traversals.png only where a run's own traversals.png reads."""
     plt = _plt()
+    out = {}
     data, colours = describe_data(rows), _colours(rows)
     epochs = ", ".join(sorted({str(r["epochs"]) for r in rows}))
 
@@ -207,7 +211,7 @@ def figures(out_dir, rows, grouped):
     ax.grid(alpha=0.3)
     ax.ticklabel_format(useOffset=False)
     fig.tight_layout()
-    _save(fig, os.path.join(out_dir, FIGURES[0]))
+    out[FIGURES[0]] = _png(fig)
 
     for name, panels in ((FIGURES[1], [("decomposition.mutual_info", "index-code mutual information I(x; z)"),
                                        ("decomposition.total_correlation", "total correlation TC(z)"),
@@ -224,7 +228,7 @@ def figures(out_dir, rows, grouped):
         fig.suptitle(f"{what} against β: mean ± s.d. over seeds, dots are runs\n{data}, test split, {epochs} epochs",
                      fontsize=10)
         fig.tight_layout()
-        _save(fig, os.path.join(out_dir, name))
+        out[name] = _png(fig)
 
     firsts, images = [], []
     for key, m in grouped:   # a panel that cannot be read is left out, with a warning: the summary still gets written
@@ -253,7 +257,8 @@ def figures(out_dir, rows, grouped):
         fig.suptitle(f"Latent traversals, one run per β — {data}, {epochs} epochs\neach row sets one dimension "
                      "from −3 to 3, the rest at a test image's posterior mean; rows sorted by KL", fontsize=11)
         fig.tight_layout()
-        _save(fig, os.path.join(out_dir, FIGURES[3]))
+        out[FIGURES[3]] = _png(fig)
+    return out
 
 
 def write(out_dir, require=False):
@@ -270,9 +275,9 @@ def write(out_dir, require=False):
     grouped = groups(rows)
     clean_stale_temps(out_dir, OUTPUTS)  # half-written files of a sweep that was killed
     # a path or run name whose bytes are not UTF-8 is written escaped (\udcff), as the scripts print and log it
-    atomic_write(os.path.join(out_dir, "sweep.csv"),
-                 lambda f: f.write(csv_text(rows).encode("utf-8", "backslashreplace")))
-    atomic_write(os.path.join(out_dir, "summary.md"),
-                 lambda f: f.write(summary_text(rows, grouped).encode("utf-8", "backslashreplace")))
-    figures(out_dir, rows, grouped)
-    return ["sweep.csv", "summary.md", *FIGURES]
+    files = {"sweep.csv": csv_text(rows).encode("utf-8", "backslashreplace"),
+             "summary.md": summary_text(rows, grouped).encode("utf-8", "backslashreplace"),
+             **figures(out_dir, rows, grouped)}
+    # as one: a full disk leaves every file as it was, never a summary beside figures of another one
+    atomic_write_all([(os.path.join(out_dir, name), lambda f, b=b: f.write(b)) for name, b in files.items()])
+    return list(files)

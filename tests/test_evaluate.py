@@ -95,6 +95,31 @@ def test_same_seed_same_report_and_out_dir_defaults_to_eval_beside_the_checkpoin
     assert first == second
 
 
+def test_a_disk_that_fills_part_way_leaves_the_previous_evaluation_whole(evaluated, tmp_path):
+    """report.json and the figures are written as one: when the disk fills at one of the figures (here a 32 KiB file
+    size limit: the report and three figures fit, traversals.png does not), every earlier file is as it was."""
+    root, data_dir, _ = evaluated
+    out = tmp_path / "eval"
+    shutil.copytree(root / "first", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before["traversals.png"]) > 32 << 10 > max(len(before[n]) for n in before if n != "traversals.png")
+
+    def small_disk():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
+
+    proc = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(root / "second" / "checkpoint.pt"),
+                           "--data-dir", data_dir, "--out-dir", str(out), "--iwae-k", "4", "--n-show", "4",
+                           "--seed", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_disk)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot write report.json and the figures in {out}")
+    assert "nothing in it was changed" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # no new file, no temp file, not one byte
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 def fails(argv, capsys):

@@ -189,6 +189,31 @@ def test_tc_model_trains_resumes_evaluates_exports_and_samples(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_disk_that_fills_part_way_leaves_the_summary_as_it_was(swept, tmp_path):
+    """sweep.csv, summary.md and the figures are written as one: when the disk fills at a figure (a file size limit
+    that the two text files fit in), every earlier summary file is as it was, though the new one differs (a run less)."""
+    import resource
+    out = tmp_path / "sweep"
+    for run in ("beta1_seed0", "beta4_seed0"):
+        shutil.copytree(swept["a"] / run / "eval", out / run / "eval")
+    names = ["sweep.csv", "summary.md", *sweep_summary.FIGURES]
+    for name in names:
+        shutil.copy(swept["a"] / name, out / name)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (out / "beta4_seed0" / "eval" / "report.json").unlink()
+    del before[out / "beta4_seed0" / "eval" / "report.json"]
+    limit = max(len(before[out / n]) for n in ("sweep.csv", "summary.md")) + 1
+    assert any(len(before[out / n]) > limit for n in sweep_summary.FIGURES)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))   # Python ignores SIGXFSZ: a write fails with EFBIG
+    try:
+        code, err = run_main(sweep, ["--out-dir", out, "--aggregate"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 2 and err.startswith(f"error: cannot write the summary in {out}") and "as they were" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before   # no temp file, not one byte
+
+
 def test_runs_made_otherwise_are_not_finished_and_close_betas_stay_apart(swept, tmp_path, capsys):
     a = swept["a"]
     data_dir = str(a.parent / "data")
