@@ -98,7 +98,7 @@ def first_non_finite(value, where=""):
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
-def evaluate(args, caught=()):
+def evaluate(args, caught):
     check_args(args)
     timings, t_start = {}, time.perf_counter()
     try:

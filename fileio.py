@@ -67,10 +67,10 @@ def atomic_write_all(items):
     """Write several files as one: afterwards either every path holds its new content or every path is as before.
 
     items: [(path, write_fn)]. Everything is written to temporary files first (a full disk fails here, before any
-    path changes); old files are kept as hard links until every rename has happened, and put back if one fails.
-    This holds for every error Python sees. A SIGKILL in the microseconds between two renames leaves a new file
-    beside an old one (its old copy, a temp file, is then removed by the next clean_stale_temps); a file system
-    without hard links (FAT, some network shares) makes it fail before anything changes.
+    path changes); old files are kept as hard links (copies on a file system without them: FAT, some network
+    shares) until every rename has happened, and put back if one fails. This holds for every error Python sees. A
+    SIGKILL in the microseconds between two renames leaves a new file beside an old one (its old copy, a temp file,
+    is then removed by the next clean_stale_temps).
     """
     temps, backups, done = [], {}, []
     try:
@@ -81,8 +81,11 @@ def atomic_write_all(items):
                 fd, backup = _temp_for(path)
                 os.close(fd)
                 os.unlink(backup)
-                os.link(path, backup)
-                backups[path] = backup
+                backups[path] = backup   # removed at the end, whatever happens
+                try:
+                    os.link(path, backup)
+                except OSError:   # no hard links here: a copy (a full disk fails here, before any path changes)
+                    shutil.copyfile(path, backup)
         for path, tmp in temps:
             os.replace(tmp, path)
             done.append(path)

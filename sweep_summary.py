@@ -100,7 +100,7 @@ def csv_text(rows):
     return buf.getvalue()
 
 
-def summary_text(rows, grouped):
+def summary_text(rows, grouped, figure_names=FIGURES):
     shown = [col for col, _ in FLAGS if col not in ("objective", "beta", "seed", "alpha", "gamma")]
     varying = [col for col in shown if len({r[col] for r in rows}) > 1]
     fixed = {col: rows[0][col] for col in shown if col not in varying}
@@ -122,7 +122,7 @@ def summary_text(rows, grouped):
             mean, std = mean_std([r[col] for r in members])
             cells.append(f"{mean:.{decimals}f}" + ("" if math.isnan(std) else f" ± {std:.{decimals}f}"))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Figures: " + ", ".join(FIGURES), ""]
+    lines += ["", "Figures: " + ", ".join(figure_names), ""]
     return "\n".join(lines)
 
 
@@ -275,9 +275,14 @@ def write(out_dir, require=False):
     grouped = groups(rows)
     clean_stale_temps(out_dir, OUTPUTS)  # half-written files of a sweep that was killed
     # a path or run name whose bytes are not UTF-8 is written escaped (\udcff), as the scripts print and log it
+    pngs = figures(out_dir, rows, grouped)
     files = {"sweep.csv": csv_text(rows).encode("utf-8", "backslashreplace"),
-             "summary.md": summary_text(rows, grouped).encode("utf-8", "backslashreplace"),
-             **figures(out_dir, rows, grouped)}
+             "summary.md": summary_text(rows, grouped, list(pngs)).encode("utf-8", "backslashreplace"), **pngs}
     # as one: a full disk leaves every file as it was, never a summary beside figures of another one
     atomic_write_all([(os.path.join(out_dir, name), lambda f, b=b: f.write(b)) for name, b in files.items()])
+    for name in set(FIGURES) - set(pngs):   # an earlier summary's traversals.png, when no run's could be read now
+        try:
+            os.remove(os.path.join(out_dir, name))
+        except OSError:   # gone already, or not ours to remove: summary.md no longer lists it either way
+            pass
     return list(files)

@@ -104,16 +104,15 @@ def test_a_disk_that_fills_part_way_leaves_the_previous_evaluation_whole(evaluat
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert len(before["traversals.png"]) > 32 << 10 > max(len(before[n]) for n in before if n != "traversals.png")
 
-    def small_disk():
-        import resource
-        import signal
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
-
-    proc = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(root / "second" / "checkpoint.pt"),
-                           "--data-dir", data_dir, "--out-dir", str(out), "--iwae-k", "4", "--n-show", "4",
-                           "--seed", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          preexec_fn=small_disk)
+    argv = ["--checkpoint", str(root / "second" / "checkpoint.pt"), "--data-dir", data_dir, "--out-dir", str(out),
+            "--iwae-k", "4", "--n-show", "4", "--seed", "1"]
+    proc = subprocess.run([sys.executable, "-c", f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
+import evaluate
+evaluate.main({argv!r})
+"""], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot write report.json and the figures in {out}")
     assert "nothing in it was changed" in proc.stderr

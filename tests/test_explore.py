@@ -281,7 +281,7 @@ def test_the_server_serves_the_site_on_loopback_only(server):
 def test_serve_prints_the_url_and_stops_cleanly(kl_exported, web, tmp_path):
     proc = subprocess.Popen([sys.executable, "-X", "faulthandler", explore_script(web, tmp_path), "--onnx",
                              kl_exported["decoder"], "--out", tmp_path / "s", "--serve", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         line = ""
         while "serving" not in line:
@@ -299,7 +299,11 @@ def test_serve_prints_the_url_and_stops_cleanly(kl_exported, web, tmp_path):
             out, err = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:   # where it hangs: faulthandler prints every thread's stack on SIGABRT
             proc.send_signal(signal.SIGABRT)
-            out, err = proc.communicate(timeout=20)
+            try:
+                out, err = proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
             pytest.fail(f"explore.py --serve did not stop on Ctrl-C within 20 s; its stacks:\n{err[-6000:]}")
     assert proc.returncode == 0 and "stopped" in out and err == ""
 

@@ -63,6 +63,31 @@ def test_a_failing_second_rename_puts_the_first_file_back(pair, monkeypatch):
     assert listing(a.parent) == ["decoder.onnx", "encoder.onnx"]
 
 
+def test_without_hard_links_the_old_files_are_kept_as_copies(pair, monkeypatch):
+    a, b = pair
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")   # as FAT and some network shares answer
+
+    monkeypatch.setattr(fileio.os, "link", no_links)
+    fileio.atomic_write_all([(a, write(b"new decoder")), (b, write(b"new encoder"))])
+    assert a.read_bytes() == b"new decoder" and b.read_bytes() == b"new encoder"
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "I/O error")
+        real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(OSError):
+        fileio.atomic_write_all([(a, write(b"newer decoder")), (b, write(b"newer encoder"))])
+    monkeypatch.undo()
+    assert a.read_bytes() == b"new decoder" and b.read_bytes() == b"new encoder"   # put back from the copy
+    assert listing(a.parent) == ["decoder.onnx", "encoder.onnx"]
+
+
 def test_a_failure_when_neither_file_existed_leaves_neither(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     with pytest.raises(OSError):

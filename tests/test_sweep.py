@@ -214,6 +214,17 @@ def test_a_disk_that_fills_part_way_leaves_the_summary_as_it_was(swept, tmp_path
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before   # no temp file, not one byte
 
 
+def test_a_summary_without_readable_traversals_removes_the_old_figure(swept, tmp_path):
+    out = tmp_path / "sweep"
+    for run in ("beta1_seed0", "beta4_seed0"):
+        shutil.copytree(swept["a"] / run / "eval", out / run / "eval")
+        (out / run / "eval" / "traversals.png").unlink()
+    shutil.copy(swept["a"] / "traversals.png", out / "traversals.png")   # an earlier summary's
+    written = sweep_summary.write(out)
+    assert "traversals.png" not in written and not (out / "traversals.png").exists()
+    assert (out / "summary.md").read_text().splitlines()[-1] == "Figures: " + ", ".join(sweep_summary.FIGURES[:3])
+
+
 def test_runs_made_otherwise_are_not_finished_and_close_betas_stay_apart(swept, tmp_path, capsys):
     a = swept["a"]
     data_dir = str(a.parent / "data")
