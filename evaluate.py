@@ -7,6 +7,7 @@ reconstructions.png, samples.png, traversals.png and interpolations.png (O defau
 The same --seed gives the same numbers; only the timings change.
 """
 import ctypes
+import io
 import json
 import math
 import os
@@ -119,14 +120,14 @@ def evaluate(args, caught):
     created = prepare_out_dir(out_dir, inputs)  # only once every input is known good
     print(f"device: {device}", flush=True)  # stdout, and only now: a failing run's stderr is its error line alone
     try:
-        report, images = measure(args, model, ckpt, train, test, device, timings, t_start)
+        report, pngs = measure(args, model, ckpt, train, test, device, timings, t_start)
         # ours (few samples for a covariance, a fast path not taken) belong in the report; library deprecations not
         report["warnings"] = sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)})
         found = first_non_finite(report)  # measure() checks the numbers; this keeps NaN out whatever changes
         if found:
             raise UsageError(f"the evaluation gave {found[0]} = {found[1]}; nothing was written: use an earlier "
                              "checkpoint or retrain")
-        write_outputs(out_dir, report, images)
+        write_outputs(out_dir, report, pngs)
     except BaseException:
         if created:  # a failed run leaves no new folder
             try:
@@ -137,12 +138,12 @@ def evaluate(args, caught):
     return out_dir, report
 
 
-def write_outputs(out_dir, report, images):
+def write_outputs(out_dir, report, pngs):
     """report.json and the figures as one (fileio.atomic_write_all): after a failure (a full disk) every file in
     out_dir is as it was, so a report never sits beside figures of another evaluation."""
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     items = [(os.path.join(out_dir, "report.json"), lambda f: f.write(text.encode()))]
-    items += [(os.path.join(out_dir, name), lambda f, img=images[name]: img.save(f, format="PNG")) for name in FIGURES]
+    items += [(os.path.join(out_dir, name), lambda f, b=pngs[name]: f.write(b)) for name in FIGURES]
     try:
         atomic_write_all(items)
     except OSError as e:
@@ -151,7 +152,7 @@ def write_outputs(out_dir, report, images):
 
 
 def measure(args, model, ckpt, train, test, device, timings, t_start):
-    """Every number of the report, checked finite, then the figures. Returns (report, {figure name: PIL image})."""
+    """Every number of the report, checked finite, then the figures. Returns (report, {figure name: PNG bytes})."""
     torch.manual_seed(args.seed)
     gen_iwae, gen_prior, gen_pairs = (torch.Generator().manual_seed(args.seed + i) for i in range(3))
     timings["load"] = time.perf_counter() - t_start
@@ -203,6 +204,11 @@ def measure(args, model, ckpt, train, test, device, timings, t_start):
                f"({len(train):,} train / {n:,} test images)")
     images = figures.evaluation_figures(model, test, mu_test, recon_images, generated, bounds["kl_per_dim"], fid,
                                         caption, min(args.n_show, len(test)), gen_pairs)
+    pngs = {}
+    for name, image in images.items():   # encoded here, written with report.json (write_outputs)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        pngs[name] = buf.getvalue()
     timings["figures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
@@ -230,7 +236,7 @@ def measure(args, model, ckpt, train, test, device, timings, t_start):
         "figures": list(FIGURES),
         "timings_s": timings,
     }
-    return report, images
+    return report, pngs
 
 
 def print_table(report):
