@@ -164,7 +164,7 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
         built.update(plan=plan, static=static, compiled=_compiled(_step_graph, device, plan))
 
     build()
-    state = {"batch": None, "ok": False, "off": False}
+    state = {"batch": None, "ok": False, "off": False, "frozen": False}
 
     def step(x, target, step_idx):
         if state["batch"] is None:
@@ -178,7 +178,15 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
             build()
         elif built["plan"] is not None and not built["plan"].matches(model):   # a layer, its settings or mode
             build()
-        if not flat.uniform or not all(p.requires_grad for p in flat.params):   # frozen: eager leaves it as it is
+        if not all(p.requires_grad for p in flat.params):   # frozen: eager leaves it, and its Adam state, as it is
+            if not state["frozen"]:
+                log("note: a parameter is frozen (requires_grad False): the eager step trains the model")
+            state["frozen"] = True
+            return eager_step(x, target, step_idx)
+        if state["frozen"]:   # unfrozen: its Adam step count may now lag the others'
+            flat.uniform = bool((flat.steps == flat.steps[0]).all())
+            state["frozen"] = False
+        if not flat.uniform:
             return eager_step(x, target, step_idx)
         plan, static = built["plan"], built["static"]
         eps = torch.randn(x.shape[0], config.latent_dim, device=x.device, dtype=x.dtype)   # = randn_like(mu)

@@ -283,6 +283,9 @@ def write(out_dir, require=False):
     for name in set(FIGURES) - set(pngs):   # an earlier summary's traversals.png, when no run's could be read now
         try:
             os.remove(os.path.join(out_dir, name))
-        except OSError:   # gone already, or not ours to remove: summary.md no longer lists it either way
+        except FileNotFoundError:
             pass
+        except OSError as e:   # summary.md no longer lists it, but it stays: say so
+            print(f"warning: the earlier {name} in {out_dir} could not be removed ({e.strerror or e}); it is not "
+                  "this summary's", file=sys.stderr)
     return list(files)
