@@ -63,15 +63,32 @@ def prepare_out_dir(out_dir, inputs):
     problem = clashes(inputs, {f"--out-dir {name}": os.path.join(out_dir, name) for name in ("report.json",) + FIGURES})
     if problem:
         raise UsageError(f"{problem}: pass another --out-dir")
-    created = not os.path.isdir(out_dir)
+    created = None   # the topmost folder this run makes, if any: a failed run removes what it made
+    path = os.path.abspath(out_dir)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        created, path = path, os.path.dirname(path)
     try:
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):  # the only sure test of writability (root passes os.access)
             pass
     except OSError as e:
+        remove_made_dirs(out_dir, created)
         raise UsageError(f"cannot write to the output folder {out_dir} ({e.strerror}); pass a writable --out-dir")
     clean_stale_temps(out_dir, ("report.json",) + FIGURES)  # half-written files of an evaluation that was killed
     return created
+
+
+def remove_made_dirs(out_dir, created):
+    """Remove out_dir and its parents up to `created` (the topmost this run made; None: none), each only if empty."""
+    path = os.path.abspath(out_dir)
+    while created is not None:
+        try:
+            os.rmdir(path)
+        except OSError:   # not empty (something else wrote into it meanwhile), or never made
+            return
+        if path == created:
+            return
+        path = os.path.dirname(path)
 
 
 def refuse_non_finite(args, numbers):
@@ -129,11 +146,7 @@ def evaluate(args, caught):
                              "checkpoint or retrain")
         write_outputs(out_dir, report, pngs)
     except BaseException:
-        if created:  # a failed run leaves no new folder
-            try:
-                os.rmdir(out_dir)
-            except OSError:  # not empty (something else wrote into it meanwhile)
-                pass
+        remove_made_dirs(out_dir, created)  # a failed run leaves no new folder
         raise
     return out_dir, report
 

@@ -1,4 +1,5 @@
 """evaluate.py end to end (a subprocess, as users run it) and its handling of bad input (in-process, fast)."""
+import errno
 import json
 import math
 import os
@@ -162,6 +163,19 @@ def test_bad_flags_are_one_line(flag, value, expected, tmp_path, tiny_data, tiny
 def test_unavailable_device_is_one_line(tiny_data, tiny_checkpoint, tmp_path, capsys):
     line = fails(["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data, "--device", "cuda"], capsys)
     assert "CUDA is not available" in line
+
+
+def test_a_failed_write_removes_every_folder_the_run_made(tmp_path, tiny_data, tiny_checkpoint, capsys,
+                                                        monkeypatch):
+    def full_disk(items):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "atomic_write_all", full_disk)
+    (tmp_path / "runs").mkdir()
+    line = fails(["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data, "--iwae-k", "2",
+                  "--out-dir", str(tmp_path / "runs" / "new" / "deeper" / "eval")], capsys)
+    assert "No space left on device" in line and "nothing in it was changed" in line
+    assert os.listdir(tmp_path / "runs") == []   # new/deeper/eval made, then removed; runs/ was there before
 
 
 def test_unwritable_out_dir_is_one_line(tmp_path, tiny_data, tiny_checkpoint, capsys):
