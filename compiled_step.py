@@ -164,30 +164,36 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
         built.update(plan=plan, static=static, compiled=_compiled(_step_graph, device, plan))
 
     build()
-    state = {"batch": None, "ok": False, "off": False, "frozen": False}
+    state = {"batch": None, "ok": False, "off": False, "eager": False, "noted": set()}
+
+    def eager(x, target, step_idx, why=None):
+        """An eager step. Afterwards Adam's per-parameter step counts may differ (a parameter frozen meanwhile):
+        checked again before the next compiled step."""
+        if why and why not in state["noted"]:
+            state["noted"].add(why)
+            log(f"note: {why}: the eager step trains the model")
+        state["eager"] = True
+        return eager_step(x, target, step_idx)
 
     def step(x, target, step_idx):
         if state["batch"] is None:
             state["batch"] = x.shape[0]
         if state["off"] or x.shape[0] != state["batch"] or not model.training:
-            return eager_step(x, target, step_idx)   # no recompiles for a short last batch
+            return eager(x, target, step_idx)   # no recompiles for a short last batch
         if not flat.intact():   # replaced from outside (load_state_dict, new parameter tensors): copy it in again
             if not adam_supported(model, optimizer):
-                return eager_step(x, target, step_idx)
+                return eager(x, target, step_idx)
             flat.adopt()
             build()
         elif built["plan"] is not None and not built["plan"].matches(model):   # a layer, its settings or mode
             build()
         if not all(p.requires_grad for p in flat.params):   # frozen: eager leaves it, and its Adam state, as it is
-            if not state["frozen"]:
-                log("note: a parameter is frozen (requires_grad False): the eager step trains the model")
-            state["frozen"] = True
-            return eager_step(x, target, step_idx)
-        if state["frozen"]:   # unfrozen: its Adam step count may now lag the others'
+            return eager(x, target, step_idx, "a parameter is frozen (requires_grad False)")
+        if state["eager"]:   # a parameter frozen during eager steps lags the others' Adam step count
             flat.uniform = bool((flat.steps == flat.steps[0]).all())
-            state["frozen"] = False
+            state["eager"] = False
         if not flat.uniform:
-            return eager_step(x, target, step_idx)
+            return eager(x, target, step_idx, "Adam's step counts differ between parameters")
         plan, static = built["plan"], built["static"]
         eps = torch.randn(x.shape[0], config.latent_dim, device=x.device, dtype=x.dtype)   # = randn_like(mu)
         C = _capacity(config, step_idx)

@@ -7,6 +7,7 @@ reconstructions.png, samples.png, traversals.png and interpolations.png (O defau
 The same --seed gives the same numbers; only the timings change.
 """
 import ctypes
+import errno
 import io
 import json
 import math
@@ -64,11 +65,11 @@ def prepare_out_dir(out_dir, inputs):
     if problem:
         raise UsageError(f"{problem}: pass another --out-dir")
     created = None   # the topmost folder this run makes, if any: a failed run removes what it made
-    path = os.path.abspath(out_dir)
+    path = os.path.realpath(out_dir)   # "a/../new" makes a/ too when made as written
     while not os.path.isdir(path) and os.path.dirname(path) != path:
         created, path = path, os.path.dirname(path)
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(os.path.realpath(out_dir), exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):  # the only sure test of writability (root passes os.access)
             pass
     except OSError as e:
@@ -80,13 +81,16 @@ def prepare_out_dir(out_dir, inputs):
 
 def remove_made_dirs(out_dir, created):
     """Remove out_dir and its parents up to `created` (the topmost this run made; None: none), each only if empty."""
-    path = os.path.abspath(out_dir)
+    path = os.path.realpath(out_dir)
     while created is not None:
         try:
             os.rmdir(path)
-        except OSError:   # not empty (something else wrote into it meanwhile), or never made
-            return
-        if path == created:
+        except (FileNotFoundError, NotADirectoryError):   # makedirs stopped above it (a name too long, say)
+            pass
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:   # not empty: something else wrote into it meanwhile
+                return
+        if path == created or os.path.dirname(path) == path:
             return
         path = os.path.dirname(path)
 

@@ -85,7 +85,11 @@ def atomic_write_all(items):
                 try:
                     os.link(path, backup)
                 except OSError:   # no hard links here: a copy (a full disk fails here, before any path changes)
-                    shutil.copy2(path, backup)   # with its mode: a rollback puts it back as it was
+                    shutil.copyfile(path, backup)
+                    try:
+                        shutil.copymode(path, backup)   # a rollback puts it back as it was
+                    except OSError:
+                        pass
         for path, tmp in temps:
             os.replace(tmp, path)
             done.append(path)

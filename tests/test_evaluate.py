@@ -165,17 +165,25 @@ def test_unavailable_device_is_one_line(tiny_data, tiny_checkpoint, tmp_path, ca
     assert "CUDA is not available" in line
 
 
+@pytest.mark.parametrize("out", ["new/deeper/eval", "gone/../new/eval"])
 def test_a_failed_write_removes_every_folder_the_run_made(tmp_path, tiny_data, tiny_checkpoint, capsys,
-                                                        monkeypatch):
+                                                        monkeypatch, out):
     def full_disk(items):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(evaluate, "atomic_write_all", full_disk)
     (tmp_path / "runs").mkdir()
     line = fails(["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data, "--iwae-k", "2",
-                  "--out-dir", str(tmp_path / "runs" / "new" / "deeper" / "eval")], capsys)
+                  "--out-dir", os.path.join(tmp_path, "runs", out)], capsys)
     assert "No space left on device" in line and "nothing in it was changed" in line
-    assert os.listdir(tmp_path / "runs") == []   # new/deeper/eval made, then removed; runs/ was there before
+    assert os.listdir(tmp_path / "runs") == []   # every folder made, then removed; runs/ was there before
+
+
+def test_a_folder_that_cannot_be_made_leaves_none_of_its_parents(tmp_path, tiny_data, tiny_checkpoint, capsys):
+    line = fails(["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data,
+                  "--out-dir", os.path.join(tmp_path, "new", "x" * 300)], capsys)
+    assert "cannot write to the output folder" in line and "File name too long" in line
+    assert not (tmp_path / "new").exists()
 
 
 def test_unwritable_out_dir_is_one_line(tmp_path, tiny_data, tiny_checkpoint, capsys):

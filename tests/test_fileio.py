@@ -52,6 +52,7 @@ def no_links(src, dst):
 @pytest.mark.parametrize("links", [True, False])
 def test_a_failing_second_rename_puts_the_first_file_back(pair, monkeypatch, links):
     a, b = pair
+    a.chmod(0o600)
     if not links:   # the old files are kept as copies instead
         monkeypatch.setattr(fileio.os, "link", no_links)
     real, calls = os.replace, []
@@ -67,6 +68,7 @@ def test_a_failing_second_rename_puts_the_first_file_back(pair, monkeypatch, lin
         fileio.atomic_write_all([(a, write(b"new decoder")), (b, write(b"new encoder"))])
     monkeypatch.undo()
     assert a.read_bytes() == b"old decoder" and b.read_bytes() == b"old encoder"
+    assert a.stat().st_mode & 0o777 == 0o600   # put back as it was, mode too
     assert listing(a.parent) == ["decoder.onnx", "encoder.onnx"]
 
 
