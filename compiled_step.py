@@ -161,10 +161,11 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
                     raise
                 log(f"note: the compiled step uses the module's own layers, slower on a CPU ({e})")
         static = (flat, plan, [n for n, _ in model.named_buffers()], model)   # see _drop_static_guards
-        built.update(plan=plan, static=static, compiled=_compiled(_step_graph, device, plan))
+        # ok: whether this compiled step has run once (until then a failure restores the state and goes eager)
+        built.update(plan=plan, static=static, compiled=_compiled(_step_graph, device, plan), ok=False)
 
     build()
-    state = {"batch": None, "ok": False, "off": False, "eager": False, "noted": set()}
+    state = {"batch": None, "off": False, "eager": False, "noted": set()}
 
     def eager(x, target, step_idx, why=None):
         """An eager step. Afterwards Adam's per-parameter step counts may differ (a parameter frozen meanwhile):
@@ -202,7 +203,7 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
         hp = (*map(float, group["betas"]), float(group["eps"]), float(group["weight_decay"]))
         for p in flat.params:
             p.grad = None   # zero_grad(set_to_none=True): stale .grad must not survive
-        saved = None if state["ok"] else [t.clone() for t in (flat.p, flat.m, flat.v, flat.steps, *flat.buffers)]
+        saved = None if built["ok"] else [t.clone() for t in (flat.p, flat.m, flat.v, flat.steps, *flat.buffers)]
         try:
             xi, ti = plan.inputs(x, target) if plan is not None else (x, target)
             out = built["compiled"](static, flat.p, flat.m, flat.v, flat.steps, flat.buffers, xi, ti, eps, C, lr, hp,
@@ -216,7 +217,7 @@ def make(model, optimizer, config, eager_step, formulation="auto", log=print):
                 "training goes on with the eager step (--compile off skips the attempt)")
             state["off"] = True
             return eager_step(x, target, step_idx, eps)   # the noise already drawn: the run stays the eager run
-        state["ok"] = True
+        built["ok"] = True
         return out
 
     step.eager_step = eager_step

@@ -61,21 +61,21 @@ def check_args(args):
 
 
 def prepare_out_dir(out_dir, inputs):
-    problem = clashes(inputs, {f"--out-dir {name}": os.path.join(out_dir, name) for name in ("report.json",) + FIGURES})
+    real = os.path.realpath(out_dir)   # "gone/../new" as the kernel sees it only once gone/ exists: never made here
+    problem = clashes(inputs, {f"--out-dir {name}": os.path.join(real, name) for name in ("report.json",) + FIGURES})
     if problem:
         raise UsageError(f"{problem}: pass another --out-dir")
-    created = None   # the topmost folder this run makes, if any: a failed run removes what it made
-    path = os.path.realpath(out_dir)   # "a/../new" makes a/ too when made as written
+    created, path = None, real   # the topmost folder this run makes, if any: a failed run removes what it made
     while not os.path.isdir(path) and os.path.dirname(path) != path:
         created, path = path, os.path.dirname(path)
     try:
-        os.makedirs(os.path.realpath(out_dir), exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):  # the only sure test of writability (root passes os.access)
+        os.makedirs(real, exist_ok=True)
+        with tempfile.TemporaryFile(dir=real):  # the only sure test of writability (root passes os.access)
             pass
     except OSError as e:
         remove_made_dirs(out_dir, created)
         raise UsageError(f"cannot write to the output folder {out_dir} ({e.strerror}); pass a writable --out-dir")
-    clean_stale_temps(out_dir, ("report.json",) + FIGURES)  # half-written files of an evaluation that was killed
+    clean_stale_temps(real, ("report.json",) + FIGURES)  # half-written files of an evaluation that was killed
     return created
 
 
@@ -158,9 +158,9 @@ def evaluate(args, caught):
 def write_outputs(out_dir, report, pngs):
     """report.json and the figures as one (fileio.atomic_write_all): after a failure (a full disk) every file in
     out_dir is as it was, so a report never sits beside figures of another evaluation."""
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    items = [(os.path.join(out_dir, "report.json"), lambda f: f.write(text.encode()))]
-    items += [(os.path.join(out_dir, name), lambda f, b=pngs[name]: f.write(b)) for name in FIGURES]
+    text, real = json.dumps(report, indent=2, allow_nan=False) + "\n", os.path.realpath(out_dir)
+    items = [(os.path.join(real, "report.json"), lambda f: f.write(text.encode()))]
+    items += [(os.path.join(real, name), lambda f, b=pngs[name]: f.write(b)) for name in FIGURES]
     try:
         atomic_write_all(items)
     except OSError as e:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import evaluate
+from conftest import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("test.recon", "test.kl", "test.neg_elbo", "test.iwae_nll", "active_units", "linear_probe_acc",
@@ -177,6 +178,16 @@ def test_a_failed_write_removes_every_folder_the_run_made(tmp_path, tiny_data, t
                   "--out-dir", os.path.join(tmp_path, "runs", out)], capsys)
     assert "No space left on device" in line and "nothing in it was changed" in line
     assert os.listdir(tmp_path / "runs") == []   # every folder made, then removed; runs/ was there before
+
+
+def test_an_out_dir_through_a_folder_that_does_not_exist_is_written_where_it_leads(tmp_path, tiny_data,
+                                                                                   tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(evaluate, ["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data, "--iwae-k", "2",
+                                    "--out-dir", os.path.join("gone", "..", "new", "eval")])
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "new" / "eval")) == sorted(["report.json", *FIGURES])
+    assert not (tmp_path / "gone").exists()
 
 
 def test_a_folder_that_cannot_be_made_leaves_none_of_its_parents(tmp_path, tiny_data, tiny_checkpoint, capsys):

@@ -251,16 +251,17 @@ def test_module_formulation_matches_eager_with_the_capacity_objective(tiny_data)
         check_step(step, model, opt, config, b, i)
 
 
-def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_data, monkeypatch):
-    def broken_compile(fn, **kwargs):
-        def run(fp, fm, fv, steps, buffers, *rest):
-            with torch.no_grad():
-                fp.add_(1.0)   # fails after changing state, as a crash inside a compiled call could
-                steps.add_(1)
-                buffers[0].add_(1.0)
-            raise RuntimeError("C++ compile error: no such header")
-        return run
+def broken_compile(fn, **kwargs):
+    def run(static, fp, fm, fv, steps, buffers, *rest):
+        with torch.no_grad():
+            fp.add_(1.0)   # fails after changing state, as a crash inside a compiled call could
+            steps.add_(1)
+            buffers[0].add_(1.0)
+        raise RuntimeError("C++ compile error: no such header")
+    return run
 
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_data, monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     config = vae.VAEConfig(latent_dim=3)
     bs = batches(tiny_data, [16] * 3)
@@ -275,6 +276,27 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_data, monk
         assert torch.equal(got, eager(*b, i))                       # exactly the eager step: state was restored
     assert len(notes) == 1 and notes[0].startswith("warning: compiling the training step failed") and \
         "eager step" in notes[0]
+    for v, w in zip(model.state_dict().values(), twin.state_dict().values()):
+        assert torch.equal(v, w)
+
+
+def test_a_compiler_failing_after_a_rebuild_falls_back_too(tiny_data, monkeypatch):
+    compilers = [lambda fn, **kwargs: fn]   # the first build: the step's own function, run uncompiled
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compilers[-1](fn, **kwargs))
+    config = vae.VAEConfig(latent_dim=3)
+    bs = batches(tiny_data, [16] * 2)
+    model, opt = fresh(config)
+    notes = []
+    step = training.make_train_step(model, opt, config, compile=True, log=notes.append)
+    step(*bs[0], 0)
+    compilers.append(broken_compile)
+    model.encoder.features[1] = nn.ReLU()   # another layer: the step rebuilds and compiles again
+    twin, twin_opt, eager = twin_of(model, opt, config)
+    torch.manual_seed(1)
+    got = step(*bs[1], 1)
+    torch.manual_seed(1)
+    assert torch.equal(got, eager(*bs[1], 1))   # the state was restored, and the eager step took the batch
+    assert len(notes) == 1 and notes[0].startswith("warning: compiling the training step failed")
     for v, w in zip(model.state_dict().values(), twin.state_dict().values()):
         assert torch.equal(v, w)
 
