@@ -195,7 +195,7 @@ class Plan:
         # What a plan takes from the layers besides their tensors and may change after it was built: which layers
         # there are (a replaced ReLU brings no new tensor for FlatState.intact to notice), each convolution's
         # settings, each BatchNorm's momentum and eps, and whether it is in the model's mode (train or eval).
-        self.layers = list(model.modules())
+        self.layers = tuple(model.modules())
         self.norms = [m for m in self.layers if isinstance(m, nn.BatchNorm2d)]
         self.convs = [m for m in self.layers if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
         self.settings = self._settings(model)
@@ -209,9 +209,7 @@ class Plan:
 
     def matches(self, model):
         """Whether the model still has the layers this plan was built from, with the same settings (~15 µs a step)."""
-        layers = list(model.modules())
-        return len(layers) == len(self.layers) and all(a is b for a, b in zip(layers, self.layers)) \
-            and self._settings(model) == self.settings
+        return tuple(model.modules()) == self.layers and self._settings(model) == self.settings   # Modules: by identity
 
     @staticmethod
     def inputs(x, target):

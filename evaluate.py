@@ -8,7 +8,6 @@ The same --seed gives the same numbers; only the timings change.
 """
 import ctypes
 import errno
-import io
 import json
 import math
 import os
@@ -61,11 +60,13 @@ def check_args(args):
 
 
 def prepare_out_dir(out_dir, inputs):
-    real = os.path.realpath(out_dir)   # "gone/../new" as the kernel sees it only once gone/ exists: never made here
+    """(the folder resolved, the topmost folder this run made or None). Made and written resolved: "gone/../new" is
+    new/ as the kernel sees it only once gone/ exists, and gone/ is never made here. Messages name it as given."""
+    real = os.path.realpath(out_dir)
     problem = clashes(inputs, {f"--out-dir {name}": os.path.join(real, name) for name in ("report.json",) + FIGURES})
     if problem:
         raise UsageError(f"{problem}: pass another --out-dir")
-    created, path = None, real   # the topmost folder this run makes, if any: a failed run removes what it made
+    created, path = None, real   # a failed run removes what it made
     while not os.path.isdir(path) and os.path.dirname(path) != path:
         created, path = path, os.path.dirname(path)
     try:
@@ -73,15 +74,16 @@ def prepare_out_dir(out_dir, inputs):
         with tempfile.TemporaryFile(dir=real):  # the only sure test of writability (root passes os.access)
             pass
     except OSError as e:
-        remove_made_dirs(out_dir, created)
+        remove_made_dirs(real, created)
         raise UsageError(f"cannot write to the output folder {out_dir} ({e.strerror}); pass a writable --out-dir")
     clean_stale_temps(real, ("report.json",) + FIGURES)  # half-written files of an evaluation that was killed
-    return created
+    return real, created
 
 
-def remove_made_dirs(out_dir, created):
-    """Remove out_dir and its parents up to `created` (the topmost this run made; None: none), each only if empty."""
-    path = os.path.realpath(out_dir)
+def remove_made_dirs(real, created):
+    """Remove the resolved folder and its parents up to `created` (the topmost this run made; None: none), each only
+    if empty."""
+    path = real
     while created is not None:
         try:
             os.rmdir(path)
@@ -138,7 +140,7 @@ def evaluate(args, caught):
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     inputs = {"--checkpoint": args.checkpoint}
     inputs.update({f"data file {n}": data.find(args.data_dir, n) for s in data.FILES.values() for n in s})
-    created = prepare_out_dir(out_dir, inputs)  # only once every input is known good
+    real, created = prepare_out_dir(out_dir, inputs)  # only once every input is known good
     print(f"device: {device}", flush=True)  # stdout, and only now: a failing run's stderr is its error line alone
     try:
         report, pngs = measure(args, model, ckpt, train, test, device, timings, t_start)
@@ -148,17 +150,17 @@ def evaluate(args, caught):
         if found:
             raise UsageError(f"the evaluation gave {found[0]} = {found[1]}; nothing was written: use an earlier "
                              "checkpoint or retrain")
-        write_outputs(out_dir, report, pngs)
+        write_outputs(real, out_dir, report, pngs)
     except BaseException:
-        remove_made_dirs(out_dir, created)  # a failed run leaves no new folder
+        remove_made_dirs(real, created)  # a failed run leaves no new folder
         raise
     return out_dir, report
 
 
-def write_outputs(out_dir, report, pngs):
-    """report.json and the figures as one (fileio.atomic_write_all): after a failure (a full disk) every file in
-    out_dir is as it was, so a report never sits beside figures of another evaluation."""
-    text, real = json.dumps(report, indent=2, allow_nan=False) + "\n", os.path.realpath(out_dir)
+def write_outputs(real, out_dir, report, pngs):
+    """report.json and the figures as one (fileio.atomic_write_all) into the resolved folder: after a failure (a full
+    disk) every file in it is as it was, so a report never sits beside figures of another evaluation."""
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     items = [(os.path.join(real, "report.json"), lambda f: f.write(text.encode()))]
     items += [(os.path.join(real, name), lambda f, b=pngs[name]: f.write(b)) for name in FIGURES]
     try:
@@ -219,13 +221,8 @@ def measure(args, model, ckpt, train, test, device, timings, t_start):
     caption = (f"{os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}: latent {cfg['latent_dim']}, "
                f"β={cfg['beta']}, epoch {ckpt['epoch']} · data {args.data_dir} "
                f"({len(train):,} train / {n:,} test images)")
-    images = figures.evaluation_figures(model, test, mu_test, recon_images, generated, bounds["kl_per_dim"], fid,
-                                        caption, min(args.n_show, len(test)), gen_pairs)
-    pngs = {}
-    for name, image in images.items():   # encoded here, written with report.json (write_outputs)
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        pngs[name] = buf.getvalue()
+    pngs = figures.evaluation_figures(model, test, mu_test, recon_images, generated, bounds["kl_per_dim"], fid,
+                                      caption, min(args.n_show, len(test)), gen_pairs)   # written with report.json
     timings["figures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 

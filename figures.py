@@ -9,7 +9,7 @@ import torch
 
 import metrics
 from fileio import atomic_write
-from images import labelled_grid, save_image
+from images import labelled_grid, png_bytes, save_image
 
 TRAVERSAL_VALUES = np.linspace(-3.0, 3.0, 11)
 
@@ -54,11 +54,11 @@ def training_figures(model, test, s, history, step_losses, first_epoch, steps_pe
 
 
 def _grid(rows, labels, title, col_labels=None):
-    return labelled_grid([r.numpy() for r in rows], labels, title, col_labels)
+    return png_bytes(labelled_grid([r.numpy() for r in rows], labels, title, col_labels))
 
 
 def evaluation_figures(model, test, mu, recon_images, generated, kl_per_dim, fid, caption, n, generator):
-    """evaluate.py's figures as {file name: PIL image}, drawn but not written: evaluate.py writes them together with
+    """evaluate.py's figures as {file name: PNG bytes}, drawn but not written: evaluate.py writes them together with
     report.json, all or none."""
     out = {}
     originals = test.images[:n].float().cpu() / 255.0

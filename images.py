@@ -3,6 +3,7 @@
 sample.py imports this module, so it must never import torch or matplotlib, directly or through another module.
 """
 import importlib.util
+import io
 import os
 
 import numpy as np
@@ -44,6 +45,13 @@ def save_png(array, path, scale=1):
 
 def save_image(img, path):
     atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def png_bytes(img):
+    """A PIL image as the bytes of a PNG file (for fileio.atomic_write_all)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _font(size):
