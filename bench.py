@@ -37,8 +37,8 @@ import data
 import idx
 import training
 import vae
-from cli import ArgumentParser, UsageError, check_int
-from fileio import atomic_write, clashes, clean_stale_temps_for
+from plumbing.cli import ArgumentParser, UsageError, check_int
+from plumbing.files import atomic_write, clashes, clean_stale_temps_for
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -165,7 +165,7 @@ def bench_decoder(ckpt_path, onnx_path, repeats):
 
 def bench_browser(onnx_path, work, repeats, quick, say):
     """The explorer page, served by `explore.py --serve`, in headless Chromium (browser.measure_explorer)."""
-    import browser
+    from plumbing import browser
     reason = browser.missing()
     if reason:
         say(f"  browser section skipped: {reason}")

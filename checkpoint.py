@@ -12,8 +12,8 @@ import zipfile
 
 import torch
 
-from cli import shown
-from fileio import atomic_write
+from plumbing.cli import shown
+from plumbing.files import atomic_write
 from vae import BetaVAE, VAEConfig
 
 CHECKPOINT_FORMAT = 1

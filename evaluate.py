@@ -24,8 +24,8 @@ import fid_classifier
 import figures
 import metrics
 import vae
-from cli import ArgumentParser, UsageError, check_int, check_range, safe_streams
-from fileio import atomic_write_all, clashes, clean_stale_temps
+from plumbing.cli import ArgumentParser, UsageError, check_int, check_range, safe_streams
+from plumbing.files import atomic_write_all, clashes, clean_stale_temps
 
 FIGURES = ("reconstructions.png", "samples.png", "traversals.png", "interpolations.png")
 EXTRACTOR_NAMES = {"pixels": "raw pixels, the course project's FID", "classifier": "Fashion-MNIST CNN features"}

@@ -19,11 +19,11 @@ import urllib.parse
 
 import numpy as np
 
-import browser
+from plumbing import browser
 import idx
 import onnx_check
-from cli import ArgumentParser, UsageError, check_int, fail, safe_streams, shown
-from fileio import atomic_write, clashes, clean_stale_temps_for, replace_dir
+from plumbing.cli import ArgumentParser, UsageError, check_int, fail, safe_streams, shown
+from plumbing.files import atomic_write, clashes, clean_stale_temps_for, replace_dir
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 WEB = os.path.join(ROOT, "web")

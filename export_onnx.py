@@ -26,8 +26,8 @@ import torch.nn as nn
 
 import checkpoint
 import vae
-from cli import ArgumentParser, UsageError, safe_streams, shown
-from fileio import atomic_write_all, clashes, clean_stale_temps_for
+from plumbing.cli import ArgumentParser, UsageError, safe_streams, shown
+from plumbing.files import atomic_write_all, clashes, clean_stale_temps_for
 
 FORMAT_VERSION = 1
 PARITY_BATCHES = (1, 7, 256)

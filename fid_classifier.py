@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-from fileio import clean_stale_temps
+from plumbing.files import clean_stale_temps
 
 PROJECT = "beta-vae-fashion-mnist"
 CLASSIFIER_VERSION = 1  # bump whenever FeatureNet or its training changes: old cache files are then never read

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import metrics
-from fileio import atomic_write
+from plumbing.files import atomic_write
 from images import labelled_grid, png_bytes, save_image
 
 TRAVERSAL_VALUES = np.linspace(-3.0, 3.0, 11)

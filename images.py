@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from fileio import atomic_write
+from plumbing.files import atomic_write
 
 # Pillow's built-in font has no Greek or math signs; matplotlib ships DejaVu Sans, found here without importing it.
 _ASCII = str.maketrans({"β": "beta", "−": "-", "—": "-", "–": "-", "…": "...", "·": "*", "σ": "sigma", "μ": "mu",

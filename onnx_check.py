@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from cli import UsageError, shown
+from plumbing.cli import UsageError, shown
 from protowire import A_FLOAT, A_INT, A_INTS, A_TENSOR, FLOAT, INT64, Malformed, parse
 
 MAX_BYTES = 8 * 2**20            # the largest file the exporter writes (the encoder at latent 4096) is 4.2 MiB

@@ -8,8 +8,8 @@ $ python sample.py --onnx decoder.onnx --interpolate --out interpolate.png # --r
 Latent size, image shape and per-dimension KL come from the file, so --onnx is the only flag needed. The file is
 checked before it runs (onnx_check.py): only what export_onnx.py writes is accepted.
 z = numpy.random.default_rng(seed).standard_normal((n, latent_dim)) * temperature: the same seed, the same pixels.
-To carry the sampler elsewhere, copy these files and nothing else: sample.py cli.py fileio.py images.py
-onnx_check.py protowire.py (and `pip install -r requirements-sample.txt`).
+To carry the sampler elsewhere, copy these files and nothing else: sample.py plumbing/__init__.py plumbing/cli.py
+plumbing/files.py images.py onnx_check.py protowire.py (and `pip install -r requirements-sample.txt`).
 """
 import math
 import os
@@ -17,8 +17,8 @@ import os
 import numpy as np
 
 import onnx_check
-from cli import ArgumentParser, UsageError, check_float, check_int, fail, safe_streams, shown
-from fileio import atomic_write_all, clashes, clean_stale_temps_for
+from plumbing.cli import ArgumentParser, UsageError, check_float, check_int, fail, safe_streams, shown
+from plumbing.files import atomic_write_all, clashes, clean_stale_temps_for
 from images import labelled_grid
 
 MAX_OUTPUT_BYTES = 2**30  # what the requested images and their grid may take in memory, estimated before decoding

@@ -23,8 +23,8 @@ import threading
 import time
 
 import sweep_summary
-from cli import RANGES, ArgumentParser, UsageError, check_float, check_int, check_range, safe_streams
-from fileio import clashes
+from plumbing.cli import RANGES, ArgumentParser, UsageError, check_float, check_int, check_range, safe_streams
+from plumbing.files import clashes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OBJECTIVES = ("beta", "tc")  # the capacity objective ignores β: a β grid of it would train one model many times

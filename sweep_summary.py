@@ -11,8 +11,8 @@ import os
 import sys
 import statistics
 
-from cli import UsageError
-from fileio import atomic_write_all, clean_stale_temps
+from plumbing.cli import UsageError
+from plumbing.files import atomic_write_all, clean_stale_temps
 
 NAMES = {"beta": "β-VAE", "tc": "β-TCVAE"}
 MARKERS = {"beta": "o", "tc": "^"}

@@ -25,8 +25,8 @@ import data
 import figures
 import training
 import vae
-from cli import ArgumentParser, UsageError, check_float, check_int, check_range, safe_streams
-from fileio import atomic_write, clashes, clean_stale_temps
+from plumbing.cli import ArgumentParser, UsageError, check_float, check_int, check_range, safe_streams
+from plumbing.files import atomic_write, clashes, clean_stale_temps
 
 MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig) if f.name != "dataset_size")  # data, not a flag
 RUN_FLAGS = ("batch_size", "lr", "seed")  # must match the checkpoint when resuming, or the run is not one run

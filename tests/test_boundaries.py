@@ -18,7 +18,7 @@ import checkpoint
 import evaluate
 import explore
 import export_onnx
-import fileio
+from plumbing import files as fileio
 import fid_classifier
 import sample
 import sweep

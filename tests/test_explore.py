@@ -17,9 +17,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-import browser
+from plumbing import browser
 import explore
-import fileio
+from plumbing import files as fileio
 import idx
 from conftest import KL, run_without_torch
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import fileio
+from plumbing import files as fileio
 
 
 def write(data):

@@ -14,7 +14,7 @@ import torch
 import checkpoint
 import data
 import evaluate
-import fileio
+from plumbing import files as fileio
 import idx
 import train
 from conftest import make_images, write_dataset

@@ -15,7 +15,7 @@ import torch
 
 import checkpoint
 import export_onnx
-import fileio
+from plumbing import files as fileio
 import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,7 +240,7 @@ def test_outputs_that_resolve_to_the_checkpoint_are_refused(tiny_checkpoint, tmp
 def test_a_failed_encoder_write_leaves_the_old_pair(tiny_checkpoint, tmp_path, monkeypatch):
     import errno
 
-    import fileio
+    from plumbing import files as fileio
     dec, enc = tmp_path / "decoder.onnx", tmp_path / "encoder.onnx"
     dec.write_bytes(b"old decoder")
     enc.write_bytes(b"old encoder")

@@ -12,7 +12,7 @@ import checkpoint
 import export_onnx
 import onnx_check
 import protowire
-from cli import UsageError
+from plumbing.cli import UsageError
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 import checkpoint
-import fileio
+from plumbing import files as fileio
 import onnx_check
 import sample
 from conftest import KL, NO_TORCH, run_without_torch
@@ -208,6 +208,7 @@ def test_the_sampler_runs_from_exactly_the_documented_files(decoder, tmp_path):
     files = carried_files()
     assert files[0] == "sample.py" and "onnx_check.py" in files
     for name in files:
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
     shutil.copy(decoder, tmp_path / "decoder.onnx")
     proc = run_without_torch(str(tmp_path / "sample.py"), "--traverse", "--steps", 3, cwd=tmp_path)

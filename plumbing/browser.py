@@ -25,7 +25,7 @@ def missing():
     needs = [name for name, ok in (("Chromium", chromium), ("chromedriver", driver),
                                    ("selenium", importlib.util.find_spec("selenium")),
                                    ("onnxruntime-web", os.path.isdir(os.path.join(
-                                       os.path.dirname(os.path.abspath(__file__)), "web", "node_modules",
+                                       os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web", "node_modules",
                                        "onnxruntime-web")))) if not ok]
     return f"needs {', '.join(needs)}: {ENABLE}" if needs else None
 
