@@ -32,9 +32,8 @@ import time
 import numpy as np
 import torch
 
-import checkpoint
 import data
-import idx
+import fid
 import training
 import vae
 from plumbing.cli import ArgumentParser, UsageError, check_int
@@ -47,23 +46,82 @@ def stats(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def settings(data_dir, batch_size, loop):
-    """What train.py would train with by default, at this batch size, for one epoch."""
-    return {**dataclasses.asdict(vae.VAEConfig()), **dataclasses.asdict(training.RUN_DEFAULTS),
-            "batch_size": batch_size, "epochs": 1, "data_dir": data_dir, "loop": loop}
+# How each contender trains: train.py's defaults at batch 64, one epoch at a time, each in a process of its own
+CONTENDERS = {
+    "seed": {"loop": "seed"},  # the course project's loop (train.py --loop seed)
+    "eager": {"compile": "off"},  # train.py --compile off
+    "plain": {"compile": "plain", "fused_adam": True},  # the usual recipe: torch.compile, Adam(fused=True)
+    "fused": {"compile": "on"},  # train.py's compiled step on a CPU
+}
+
+
+class Trainer:
+    """A model, optimizer and step as train.py builds them; epoch() trains one epoch as train.py does (then its test
+    pass) or as the course project did (no test pass), and returns (training images/s, epoch seconds)."""
+
+    def __init__(self, data_dir, device, how):
+        self.train, self.test = data.load(data_dir, "train", device), data.load(data_dir, "test", device)
+        self.how, self.n, self.state = how, 0, {"step": 0}
+        self.s = {**dataclasses.asdict(vae.VAEConfig()), "batch_size": 64, "lr": 1e-3, "seed": 0, "epochs": 1,
+                  "data_dir": data_dir, "loop": how.get("loop", "fast")}
+        torch.manual_seed(0)
+        self.config = vae.VAEConfig(dataset_size=len(self.train))
+        self.model = vae.BetaVAE(self.config).to(device)
+        opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=how.get("fused_adam"))
+        if self.s["loop"] == "seed":
+            self.step = training.make_seed_step(self.model, opt, self.config)
+        else:
+            self.step = training.make_train_step(self.model, opt, self.config, how["compile"], log=lambda line: None)
+
+    def epoch(self):
+        t = time.perf_counter()
+        _, _, img_s = training.epoch_loop(self.step, self.train, self.s, self.n, self.state, progress=False)
+        if self.s["loop"] != "seed":  # train.py's epoch ends with a test pass; the course project's had none
+            training.test_metrics(self.model, self.test, self.config, 0, self.state["step"])
+        self.n += 1
+        return img_s, time.perf_counter() - t
+
+
+SERVE = """
+import json, sys
+sys.path.insert(0, {root!r})
+import bench, torch
+trainer = bench.Trainer(sys.argv[1], torch.device(sys.argv[2]), json.loads(sys.argv[3]))
+for line in sys.stdin:  # an epoch per line; its (images/s, seconds) back as one line
+    print(json.dumps(trainer.epoch()), flush=True)
+"""
+
+
+class TrainerProcess:
+    """A Trainer in a process of its own, as each loop runs for its user: sharing one process slowed the compiled
+    step (docs/speed.md). The caller interleaves their epochs."""
+
+    def __init__(self, data_dir, device, how):
+        argv = [sys.executable, "-c", SERVE.format(root=ROOT), data_dir, str(device), json.dumps(how)]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+
+    def epoch(self):
+        self.proc.stdin.write("epoch\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a training process ended (exit status {self.proc.wait()})")
+        return tuple(json.loads(line))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def bench_train(args, device, work, repeats, say):
-    """The seed loop, train.py's eager step and its compiled step, interleaved epoch by epoch at batch 64, on a data
-    folder of --train-images and --test-images."""
+    """The contenders, interleaved epoch by epoch at batch 64, on a data folder of --train-images and --test-images."""
     data_dir, distinct = sized_data(args.data_dir, work, "train-data", {"train": args.train_images,
                                                                        "test": args.test_images})
-    # where train.py's --compile auto would not compile (a GPU), bench still measures the compiled step: it is what
-    # --compile on gives there
-    compiled = args.compile != "off" and not args.quick and (device.type != "cpu" or training.has_cxx())
-    names = ["seed", "eager"] + (["compiled"] if compiled else [])
-    loops = {name: training.TrainerProcess(data_dir, device, settings(data_dir, 64, "seed" if name == "seed" else "fast"),
-                             name == "compiled") for name in names}
+    names = args.contenders.split(",")
+    if args.quick or (device.type == "cpu" and not training.has_cxx()):
+        names = [n for n in names if n in ("seed", "eager")]
+    loops = {name: TrainerProcess(data_dir, device, CONTENDERS[name]) for name in names}
     try:
         for name, t in loops.items():  # warm-up epoch (includes compilation)
             w = time.perf_counter()
@@ -78,28 +136,27 @@ def bench_train(args, device, work, repeats, say):
     finally:
         for t in loops.values():
             t.close()
-    best = names[-1]
     img_s = {k: [r[0] for r in v] for k, v in runs.items()}
     secs = {k: [r[1] for r in v] for k, v in runs.items()}
-    out = {"images_per_epoch": args.train_images, "test_images": args.test_images,
-           "distinct_images": distinct, "step": best,
-           "reference_img_s": stats(img_s["seed"]), "img_s": stats(img_s[best]), "eager_img_s": stats(img_s["eager"]),
+    base = "seed" if "seed" in runs else names[0]
+    out = {"images_per_epoch": args.train_images, "test_images": args.test_images, "distinct_images": distinct,
+           "baseline": base, "img_s": {k: stats(v) for k, v in img_s.items()},
            "epoch_s": {k: stats(v) for k, v in secs.items()},
-           "epoch_speedup_bs64": statistics.median(s / b for s, b in zip(secs["seed"], secs[best])),
-           "speedup_bs64": statistics.median(f / r for f, r in zip(img_s[best], img_s["seed"])),
-           "eager_speedup_bs64": statistics.median(f / r for f, r in zip(img_s["eager"], img_s["seed"])),
-           # every repeat, in order: on a shared machine the spread says as much as the median
-           "epoch_ratios": [round(s / b, 2) for s, b in zip(secs["seed"], secs[best])],
-           "repeats": {k: [{"img_s": round(i), "epoch_s": round(t, 3)} for i, t in v] for k, v in runs.items()}}
+           # medians of the paired ratios: each repeat's contenders ran back to back, on the same machine
+           "step_speedup": {k: statistics.median(a / b for a, b in zip(v, img_s[base])) for k, v in img_s.items()},
+           "epoch_speedup": {k: statistics.median(b / a for a, b in zip(v, secs[base])) for k, v in secs.items()},
+           "epoch_ratios": {k: [round(b / a, 2) for a, b in zip(v, secs[base])] for k, v in secs.items()}}
+    if "fused" in img_s and "plain" in img_s:
+        out["fused_vs_plain"] = statistics.median(a / b for a, b in zip(img_s["fused"], img_s["plain"]))
     return out
 
 
 TORCH_SAMPLE = """
 import sys
 sys.path.insert(0, {root!r})
-import torch, checkpoint
-from images import save_png, tile
-model, ckpt = checkpoint.load_checkpoint(sys.argv[1], "cpu")
+import torch, vae
+from figures import save_png, tile
+model, ckpt = vae.load_checkpoint(sys.argv[1], "cpu")
 g = torch.Generator().manual_seed(0)
 with torch.inference_mode():
     images = model.decode(torch.randn(64, ckpt["model_args"]["latent_dim"], generator=g)).numpy()
@@ -122,7 +179,7 @@ def cold_runs(cmds, repeats):
 
 def bench_sample(ckpt_path, onnx_path, work, repeats):
     onnx_cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--onnx", onnx_path, "--n", "64",
-                "--out", os.path.join(work, "onnx.png")]
+                "--out", os.path.join(work, "onnx.png"), "--overwrite"]
     torch_cmd = [sys.executable, "-c", TORCH_SAMPLE.format(root=ROOT), ckpt_path, os.path.join(work, "torch.png")]
     onnx_t, torch_t = cold_runs([onnx_cmd, torch_cmd], repeats)
     return {"onnx_cold_s": stats(onnx_t), "torch_cold_s": stats(torch_t),
@@ -140,10 +197,11 @@ def per_call(fn, min_seconds=0.1):
 
 
 def bench_decoder(ckpt_path, onnx_path, repeats):
-    import onnx_check
+    from plumbing import onnx_check
+
     checked = onnx_check.load(onnx_path, "decoder")
     sess, d = onnx_check.session(checked), checked.latent  # the session exactly as sample.py configures it
-    model, _ = checkpoint.load_checkpoint(ckpt_path, "cpu")
+    model, _ = vae.load_checkpoint(ckpt_path, "cpu")
     name, out = sess.get_inputs()[0].name, {}
     for bs in (1, 64, 1024):
         z = np.random.default_rng(0).standard_normal((bs, d)).astype(np.float32)
@@ -197,9 +255,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--quick", action="store_true", help="one repeat each: a smoke run in under a minute")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (default: 5)")
-    p.add_argument("--compile", choices=("on", "off"), default="on",
-                   help="also measure the compiled training step where a compiler exists; --quick skips it "
-                        "(default: on)")
+    p.add_argument("--contenders", default="seed,eager,plain,fused",
+                   help=f"training contenders, comma-separated, from {','.join(CONTENDERS)}; --quick runs seed and "
+                        "eager only (default: seed,eager,plain,fused)")
     p.add_argument("--train-images", "--train_images", dest="train_images", type=int, default=None,
                    help="images of a training epoch (default: 60000, the full Fashion-MNIST training split, the data's "
                         "own images repeated where it has fewer; with --quick, the data's own)")
@@ -213,12 +271,24 @@ def parse_args(argv=None):
 
 
 def sized_data(data_dir, work, name, sizes):
-    """A data folder work/name with splits of the sizes asked for (idx.write_sized), and the FID classifier's cache
-    beside it when the data has one (its key is the training files', which a symlinked split keeps)."""
-    import fid_classifier
-    folder = os.path.join(work, name)
-    distinct = idx.write_sized(data_dir, folder, sizes)
-    cached, target = fid_classifier.classifier_cache_path(data_dir), fid_classifier.classifier_cache_path(folder)
+    """A data folder work/name with splits of the sizes asked for ({split: n}): a split of the data's own size is the
+    data's (symlinked), another is its images repeated (or cut) to n; the FID classifier's cache goes with it when
+    the data has one. Returns (folder, {split: distinct images})."""
+    folder, distinct = os.path.join(work, name), {}
+    raw = data.raw_dir(folder)
+    os.makedirs(raw)
+    for split, n in sizes.items():
+        images, labels = data.read_split(data_dir, split)
+        distinct[split] = min(n, len(images))
+        if n == len(images):
+            for file in data.FILES[split]:
+                src = data.find(data_dir, file)
+                os.symlink(os.path.abspath(src), os.path.join(raw, os.path.basename(src)))
+            continue
+        reps = -(-n // len(images))
+        data.write_idx(os.path.join(raw, data.FILES[split][0]), np.tile(images, (reps, 1, 1))[:n])
+        data.write_idx(os.path.join(raw, data.FILES[split][1]), np.tile(labels, reps)[:n])
+    cached, target = fid.classifier_cache_path(data_dir), fid.classifier_cache_path(folder)
     if os.path.isfile(cached) and not os.path.exists(target):
         shutil.copy2(cached, target)
     return folder, distinct
@@ -233,7 +303,7 @@ def script(*argv):
 
 
 def bench_evaluate(ckpt_path, data_dir, work, device, repeats, n_images, say, warmup=True):
-    train_n = len(idx.read_split(data_dir, "train")[1])
+    train_n = len(data.read_split(data_dir, "train")[1])
     eval_dir, distinct = sized_data(data_dir, work, "eval-data", {"train": train_n, "test": n_images})
     runs = []
     for r in range(not warmup, repeats + 1):  # run 0, the warm-up, trains and caches the classifier if needed
@@ -252,15 +322,15 @@ def table(result):
     rows = []
     tr = result.get("train")
     if tr:
-        rows.append(("train, seed loop, batch 64", f"{tr['reference_img_s']['median']:,.0f} img/s", ""))
-        rows.append(("train, train.py eager step, batch 64", f"{tr['eager_img_s']['median']:,.0f} img/s",
-                     f"{tr['eager_speedup_bs64']:.1f}x the seed loop"))
-        if tr["step"] == "compiled":
-            rows.append(("train, train.py compiled step, batch 64", f"{tr['img_s']['median']:,.0f} img/s",
-                         f"{tr['speedup_bs64']:.1f}x the seed loop"))
-        rows.append((f"epoch of {tr['images_per_epoch']:,} images, {tr['step']} step + test pass of "
-                     f"{tr['test_images']:,}", f"{tr['epoch_s'][tr['step']]['median']:.2f} s",
-                     f"{tr['epoch_speedup_bs64']:.1f}x the seed loop's epoch ({tr['epoch_s']['seed']['median']:.2f} s)"))
+        base = tr["baseline"]
+        for k, v in tr["img_s"].items():
+            rows.append((f"train, {k} step, batch 64", f"{v['median']:,.0f} img/s",
+                         "" if k == base else f"{tr['step_speedup'][k]:.2f}x the {base} loop"))
+        for k, v in tr["epoch_s"].items():
+            rows.append((f"epoch of {tr['images_per_epoch']:,} images + test pass of {tr['test_images']:,}, {k}",
+                         f"{v['median']:.2f} s", "" if k == base else f"{tr['epoch_speedup'][k]:.2f}x faster"))
+        if "fused_vs_plain" in tr:
+            rows.append(("the fused step against the plain compiled step", f"{tr['fused_vs_plain']:.2f}x", ""))
     ev = result.get("evaluate")
     if ev:
         rows.append((f"evaluate, {ev['test_images']:,} test images", f"{ev['seconds']['median']:.1f} s",
@@ -305,8 +375,12 @@ def main(argv=None):
     try:
         if not sections <= {"train", "evaluate", "sample", "decoder", "browser"}:
             raise UsageError(f"--only {args.only}: choose from train,evaluate,sample,decoder,browser")
+        unknown = set(args.contenders.split(",")) - set(CONTENDERS)
+        if unknown:
+            raise UsageError(f"--contenders {args.contenders}: {', '.join(sorted(unknown))} unknown; choose from "
+                             f"{','.join(CONTENDERS)}")
         if args.train_images is None:
-            args.train_images = len(idx.read_split(args.data_dir, "train")[1]) if args.quick else 60_000
+            args.train_images = len(data.read_split(args.data_dir, "train")[1]) if args.quick else 60_000
         check_int("--train-images", args.train_images, 1, 1_000_000)
         check_int("--test-images", args.test_images, 2, 1_000_000)
         check_int("--repeats", args.repeats, 1, 1000)
@@ -328,33 +402,51 @@ def main(argv=None):
     except ImportError:
         pass
     work = tempfile.mkdtemp(prefix="bench-")
-    try:
-        if "train" in sections:
-            say("training ...")
-            result["train"] = bench_train(args, device, work, repeats, say)
-        ckpt_path = os.path.join(work, "checkpoint.pt")
-        model = vae.BetaVAE(vae.VAEConfig())  # timings do not depend on what the weights learned
-        checkpoint.save_checkpoint(ckpt_path, model, None, 0, 0, {}, [])
-        if "evaluate" in sections:
-            say("evaluation ...")
-            result["evaluate"] = bench_evaluate(ckpt_path, args.data_dir, work, device, repeats, args.test_images, say,
-                                                warmup=not args.quick)
-        if sections & {"sample", "decoder", "browser"}:
-            onnx_path = os.path.join(work, "decoder.onnx")
-            script("export_onnx.py", "--checkpoint", ckpt_path, "--out", onnx_path)
-            if "sample" in sections:
-                say("sampling cold starts ...")
-                result["sample"] = bench_sample(ckpt_path, onnx_path, work, 1 if args.quick else 2 * repeats + 1)
-            if "decoder" in sections:
-                say("decoder throughput ...")
-                result["decoder"] = {"by_batch_size": bench_decoder(ckpt_path, onnx_path, repeats)}
-            if "browser" in sections:
-                say("explorer page in headless Chromium ...")
-                result["browser"] = bench_browser(onnx_path, work, repeats, args.quick, say)
+    try:  # minutes of measuring end in one line too, whatever stops them
+        return measure(args, sections, device, repeats, result, work, say)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError) as e:
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: measuring failed ({type(e).__name__}{where}: {str(e)[:200]}); nothing was written: free space "
+              "or fix the cause and run again", file=sys.stderr)
+        return 2
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, sections, device, repeats, result, work, say):
+    """Each section asked for, into `result`; then the table and bench.json."""
+    if "train" in sections:
+        say("training ...")
+        result["train"] = bench_train(args, device, work, repeats, say)
+    ckpt_path = os.path.join(work, "checkpoint.pt")
+    model = vae.BetaVAE(vae.VAEConfig())  # timings do not depend on what the weights learned
+    vae.save_checkpoint(ckpt_path, model, None, 0, 0, {}, [])
+    if "evaluate" in sections:
+        say("evaluation ...")
+        result["evaluate"] = bench_evaluate(ckpt_path, args.data_dir, work, device, repeats, args.test_images, say,
+                                            warmup=not args.quick)
+    if sections & {"sample", "decoder", "browser"}:
+        onnx_path = os.path.join(work, "decoder.onnx")
+        script("export_onnx.py", "--checkpoint", ckpt_path, "--out", onnx_path, "--no-encoder")
+        if "sample" in sections:
+            say("sampling cold starts ...")
+            result["sample"] = bench_sample(ckpt_path, onnx_path, work, 1 if args.quick else 2 * repeats + 1)
+        if "decoder" in sections:
+            say("decoder throughput ...")
+            result["decoder"] = {"by_batch_size": bench_decoder(ckpt_path, onnx_path, repeats)}
+        if "browser" in sections:
+            say("explorer page in headless Chromium ...")
+            result["browser"] = bench_browser(onnx_path, work, repeats, args.quick, say)
     print(table(result))
-    atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    try:
+        atomic_write(args.out, json.dumps(result, indent=2).encode())
+    except OSError as e:
+        print(f"error: cannot write {args.out} ({e.strerror or e}); the table above holds the results",
+              file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

@@ -19,11 +19,10 @@ import urllib.parse
 
 import numpy as np
 
-from plumbing import browser
-import idx
-import onnx_check
+import data
+from plumbing import browser, onnx_check
 from plumbing.cli import ArgumentParser, UsageError, check_int, fail, safe_streams, shown
-from plumbing.files import atomic_write, clashes, clean_stale_temps_for, replace_dir
+from plumbing.files import NotReadable, atomic_write, clashes, clean_stale_temps_for, read_regular, replace_dir
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 WEB = os.path.join(ROOT, "web")
@@ -91,11 +90,9 @@ def foreign_names(folder):
         return None
     names, extra = sorted(os.listdir(folder)), []
     try:
-        if names:
-            with open(os.path.join(folder, "model.json"), encoding="utf-8") as f:
-                if json.load(f).get("format") != SITE_FORMAT:
-                    return None
-    except (OSError, ValueError, AttributeError, RecursionError):
+        if names and json.loads(read_regular(os.path.join(folder, "model.json"), 2**24)).get("format") != SITE_FORMAT:
+            return None
+    except (NotReadable, ValueError, AttributeError, RecursionError):
         return None
     for name in names:
         path = os.path.join(folder, name)
@@ -111,11 +108,9 @@ def runtime():
     """(version, paths of RUNTIME) of the onnxruntime-web that web/package.json pins, or UsageError saying how."""
     dist = os.path.join(WEB, "node_modules", "onnxruntime-web")
     try:
-        with open(os.path.join(WEB, "package.json"), encoding="utf-8") as f:
-            pinned = json.load(f)["dependencies"]["onnxruntime-web"]
-        with open(os.path.join(dist, "package.json"), encoding="utf-8") as f:
-            installed = json.load(f)["version"]
-    except (OSError, ValueError, KeyError):
+        pinned = json.loads(read_regular(os.path.join(WEB, "package.json"), 2**20))["dependencies"]["onnxruntime-web"]
+        installed = json.loads(read_regular(os.path.join(dist, "package.json"), 2**20))["version"]
+    except (NotReadable, ValueError, KeyError, TypeError):
         raise UsageError(f"onnxruntime-web is not installed in web/node_modules: run `{INSTALL}` "
                          "(needs node and npm)") from None
     files = [os.path.join(dist, "dist", name) for name in RUNTIME]
@@ -143,8 +138,8 @@ def load_models(args):
 def scatter_points(args, enc, sess):
     """(posterior means (N, d) float32, labels (N,) uint8, images (N, 28, 28) uint8) of the first test images."""
     try:
-        images, labels = idx.read_split(args.data_dir, "test")
-    except idx.DataError as e:
+        images, labels = data.read_split(args.data_dir, "test")
+    except data.DataError as e:
         raise UsageError(f"{e}, or pass the --data-dir that train.py used") from None
     if enc.image_shape != (1, 28, 28):
         raise UsageError(f"{args.encoder} takes images of shape {enc.image_shape}, not Fashion-MNIST's (1, 28, 28)")
@@ -157,14 +152,14 @@ def site_meta(dec, enc, points, version):
     order, unused = onnx_check.kl_order(dec.kl, dec.latent)
     kl = dec.kl or [None] * dec.latent
     meta = {"format": SITE_FORMAT, "version": 1, "onnxruntime_web": version, "latent_dim": dec.latent,
-            "image_shape": list(dec.image_shape), "kl_known": dec.kl is not None, "unused_kl": onnx_check.UNUSED_KL,
+            "image_shape": list(dec.image_shape), "kl_known": dec.kl is not None, "unused_kl": onnx_check.ACTIVE_KL,
             "dims": [{"index": d, "kl": kl[d], "unused": d in unused} for d in order],
             "decoder": "decoder.onnx", "encoder": "encoder.onnx" if enc else None, "points": None,
             "model": {k: dec.meta[k] for k in ("beta", "objective", "epochs", "seed", "kl_epoch", "format_version",
-                                                "checkpoint_sha256") if k in dec.meta}}  # no local paths
+                                                "checkpoint_sha256", "trained_on") if k in dec.meta}}  # no paths
     if points is not None:
         used = [d for d in order if d not in unused] + [d for d in order if d in unused]
-        meta["points"] = {"file": "points.bin", "count": len(points[1]), "classes": list(idx.CLASSES),
+        meta["points"] = {"file": "points.bin", "count": len(points[1]), "classes": list(data.CLASSES),
                           "axes": (used * 2)[:2], "layout": "mu float32 [count, latent_dim], labels uint8 [count], "
                           "images uint8 [count, 28, 28], one after another"}
     return meta
@@ -207,10 +202,9 @@ def build(args):
 def read_source(path):
     """The bytes of a page or runtime file this site copies; a read error says which and how to restore it."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise UsageError(f"cannot read {path} ({e.strerror or e}): restore web/ (git) and run `{INSTALL}`") from None
+        return read_regular(path, 2**26)
+    except NotReadable as e:
+        raise UsageError(f"cannot read {path} ({e}): restore web/ (git) and run `{INSTALL}`") from None
 
 
 def site_file(root, request_path):
@@ -230,6 +224,8 @@ def site_file(root, request_path):
 
 class SiteHandler(http.server.BaseHTTPRequestHandler):
     """GET and HEAD of the site's files and nothing else; 404 for any path that leaves the folder."""
+
+    timeout = 10  # seconds a client may take over a request before its thread gives up on it
 
     def do_GET(self):
         self.respond(body=True)
@@ -257,9 +253,17 @@ class SiteHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A browser that drops a connection mid-download, or never finishes a request, is normal: no traceback."""
+        e = sys.exc_info()[1]
+        if not isinstance(e, (ConnectionError, TimeoutError)):
+            print(f"warning: a request failed ({type(e).__name__}: {shown(e, 100)})", file=sys.stderr)
+
+
 def make_server(folder, port):
     """A server for `folder` on 127.0.0.1 only (not yet serving); port 0 picks a free one."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), SiteHandler)
+    server = Server(("127.0.0.1", port), SiteHandler)
     server.root = os.path.abspath(folder)
     server.daemon_threads = True
     return server
@@ -308,13 +312,19 @@ def main(argv=None):
         meta = build(args)
         if args.screenshot:
             screenshot(args.out, args.screenshot)
-    except (UsageError, OSError) as e:
+    except (UsageError, OSError, KeyboardInterrupt) as e:
         if server is not None:
             server.server_close()
+        if isinstance(e, KeyboardInterrupt):
+            fail("interrupted; the site was not written (a site already there is as it was)", 130)
         fail(e if isinstance(e, UsageError) else
              f"cannot write {e.filename or args.out} ({e.strerror or e}): choose another --out or --screenshot")
+    latest = onnx_check.trained_to(args.onnx)
+    if latest is not None and meta["model"].get("epochs", "").isdigit() and latest > int(meta["model"]["epochs"]):
+        print(f"note: {args.onnx} is from epoch {meta['model']['epochs']}, but its run has trained to epoch {latest}: "
+              "export it again to explore the latest model")
     used = sum(not d["unused"] for d in meta["dims"])
-    print(f"wrote {args.out}/: {meta['latent_dim']} latent dims ({used} in use), "
+    print(f"wrote {args.out}/: {meta['latent_dim']} latent dims ({used} in use, KL > {onnx_check.ACTIVE_KL:g} nats), "
           f"{'encoder, ' if meta['encoder'] else ''}{meta['points']['count'] if meta['points'] else 0} scatter "
           f"points, onnxruntime-web {meta['onnxruntime_web']}" + (f"; {args.screenshot}" if args.screenshot else ""))
     if server is None:
@@ -327,6 +337,7 @@ def main(argv=None):
         print("stopped")
     finally:
         server.server_close()
+
 
 if __name__ == "__main__":
     sys.exit(main())

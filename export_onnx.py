@@ -1,16 +1,16 @@
-"""Export the trained decoder (and optionally the encoder) to ONNX, with its metadata, and check it against torch.
+"""Export a trained decoder and encoder to ONNX, with their metadata, checked against torch.
 
-$ python export_onnx.py --checkpoint runs/beta4_z10_seed0/checkpoint.pt --out decoder.onnx --encoder encoder.onnx
+$ python export_onnx.py --checkpoint runs/beta4_z10_seed0/checkpoint.pt
 
-decoder.onnx: z float32 [batch, latent_dim] -> images float32 [batch, 1, 28, 28] in [0, 1]. No randomness inside:
-whoever runs it draws z. encoder.onnx: images [batch, 1, 28, 28] in [-1, 1] -> mu, logvar [batch, latent_dim].
-Each passes onnx.checker and matches torch under onnxruntime at batch sizes 1, 7 and 256 before any file is written.
-
-Route: torch.onnx's TorchScript exporter (dynamo=False): it traces this fixed feed-forward stack in well under a
-second with no extra package, where the default dynamo exporter needs onnxscript and took ~7 s per model here.
+Writes decoder.onnx and encoder.onnx beside the checkpoint (--out, --encoder, --no-encoder change that); an existing
+file is replaced only with --overwrite. decoder.onnx: z float32 [batch, latent_dim] -> images [batch, 1, 28, 28] in
+[0, 1], no randomness inside; encoder.onnx: images in [-1, 1] -> mu, logvar [batch, latent_dim]. Each passes
+onnx.checker and matches torch under onnxruntime at batch sizes 1, 7 and 256 before anything is written.
+Route: torch.onnx's TorchScript exporter (dynamo=False), which traces this fixed stack in well under a second with no
+extra package (the dynamo exporter needs onnxscript and is several times slower here).
 """
+
 import copy
-import hashlib
 import io
 import json
 import math
@@ -24,15 +24,15 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-import checkpoint
+import data
 import vae
-from plumbing.cli import ArgumentParser, UsageError, safe_streams, shown
-from plumbing.files import atomic_write_all, clashes, clean_stale_temps_for
+from plumbing.cli import ArgumentParser, UsageError, fail, safe_streams, shown
+from plumbing.files import Interrupted, atomic_write_all, clashes, clean_stale_temps_for
 
 FORMAT_VERSION = 1
 PARITY_BATCHES = (1, 7, 256)
 PARITY_ATOL = 1e-5
-OPSETS = range(17, 21)  # 17 or newer, as the issue asks; the TorchScript exporter stops at 20
+OPSETS = range(17, 21)  # the TorchScript exporter stops at 20
 
 
 class _ShiftedConv(nn.Module):
@@ -51,17 +51,13 @@ class _ShiftedConv(nn.Module):
 def fold_batchnorm(module, example):
     """A float32 copy of `module` with each eval-mode BatchNorm2d that feeds a convolution folded into it, exactly.
 
-    BN is y = a*x + b per channel. a scales the convolution's input-channel weights; b becomes conv(b), a constant
-    image. Before an unpadded conv (the encoder) that image is uniform per channel: an ordinary bias. The decoder's BN
-    feeds a stride-2, padding-1 ConvTranspose2d whose outputs get 1, 2 or 4 kernel taps depending on position, so no
-    per-channel bias is exact there: the (C, H, W) map is added instead. Folded in float64, rounded once.
-    """
+    BN is y = a·x + b per channel: a scales the convolution's input-channel weights, b becomes conv(b), a constant
+    image. Before an unpadded convolution that image is uniform per channel, an ordinary bias; the decoder's BN feeds
+    a padded stride-2 transposed convolution whose outputs get 1, 2 or 4 taps by position, so the (C, H, W) map is
+    added instead. Folded in float64, rounded once."""
     module, shapes = copy.deepcopy(module).double().eval(), {}
-
-    def remember_shape(bn, args):  # a pre-hook that returned something would replace the input
-        shapes[bn] = args[0].shape[1:]
-
-    hooks = [m.register_forward_pre_hook(remember_shape) for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks = [m.register_forward_pre_hook(lambda bn, args: shapes.__setitem__(bn, args[0].shape[1:]))
+             for m in module.modules() if isinstance(m, nn.BatchNorm2d)]  # fmt: skip
     module(example.double())
     for h in hooks:
         h.remove()
@@ -83,13 +79,13 @@ def fold_batchnorm(module, example):
 
 
 def export(module, example, input_name, output_names, opset, meta):
-    """The ONNX bytes of `module` (BN folded): dynamic batch axis, fixed other axes, metadata, checked."""
+    """The ONNX bytes of `module` (BatchNorm folded): a dynamic batch axis, fixed other axes, metadata, checked."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript route is deprecated; see above
         torch.onnx.export(fold_batchnorm(module, example), (example,), buf, dynamo=False, opset_version=opset,
                           input_names=[input_name], output_names=list(output_names),
-                          dynamic_axes={name: {0: "batch"} for name in (input_name, *output_names)})
+                          dynamic_axes={name: {0: "batch"} for name in (input_name, *output_names)})  # fmt: skip
     proto = onnx.load_from_string(buf.getvalue())
     with torch.no_grad():
         refs = module(example)
@@ -103,7 +99,7 @@ def export(module, example, input_name, output_names, opset, meta):
 
 
 def parity(model_bytes, module, make_input):
-    """Largest |onnxruntime - torch| over all outputs and PARITY_BATCHES; inf if a shape or count differs."""
+    """The largest |onnxruntime − torch| over every output and PARITY_BATCHES; inf where a shape or count differs."""
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     name, rng, worst = sess.get_inputs()[0].name, np.random.default_rng(0), 0.0
     for batch in PARITY_BATCHES:
@@ -119,8 +115,7 @@ def parity(model_bytes, module, make_input):
 
 
 def kl_from_history(ckpt):
-    """(test-split KL per dimension of the last epoch, that epoch) from the checkpoint's history, or (None, reason).
-    checkpoint.read_checkpoint has checked the history's types; here only its length and values matter."""
+    """(the last epoch's test KL per dimension, that epoch), or (None, why not)."""
     if not ckpt["metrics"]:
         return None, "the checkpoint has no epoch history"
     last, d = ckpt["metrics"][-1], ckpt["model_args"]["latent_dim"]
@@ -131,37 +126,46 @@ def kl_from_history(ckpt):
 
 
 def metadata(kind, ckpt, checkpoint_path, pixel_range, kl):
-    args = ckpt["model_args"]
-    with open(checkpoint_path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    meta = {"format": f"beta-vae-{kind}", "format_version": str(FORMAT_VERSION),
-            "latent_dim": str(args["latent_dim"]), "image_shape": ",".join(map(str, vae.IMAGE_SHAPE)),
-            "pixel_range": pixel_range, "beta": str(args["beta"]), "objective": str(args["objective"]),
-            "epochs": str(ckpt["epoch"]), "seed": str(ckpt["seed"]), "model_args": json.dumps(args, sort_keys=True),
-            # escaped and cut short, as printed: protobuf takes UTF-8 only; sample.py, values of 4096 characters at most
-            "source_checkpoint": shown(os.path.normpath(checkpoint_path), 400), "checkpoint_sha256": digest,
-            "torch_version": torch.__version__, "batchnorm": "folded"}
-    if kl[0] is not None:  # test-split KL of each dimension at the last epoch: sample.py and explore.py rank by it
+    """What sample.py and explore.py need: no local path, only the checkpoint's folder and file name and its hash."""
+    args, trained = ckpt["model_args"], ckpt["train_args"]
+    source = os.path.join(*os.path.normpath(os.path.abspath(checkpoint_path)).split(os.sep)[-2:])
+    dataset = {"sprites": "sprites"}.get(trained.get("dataset"), "Fashion-MNIST")
+    meta = {"format": f"beta-vae-{kind}", "format_version": str(FORMAT_VERSION), "latent_dim": str(args["latent_dim"]),
+            "image_shape": ",".join(map(str, vae.IMAGE_SHAPE)), "pixel_range": pixel_range, "beta": str(args["beta"]),
+            "objective": str(args["objective"]), "epochs": str(ckpt["epoch"]), "seed": str(ckpt["seed"]),
+            "model_args": json.dumps(args, sort_keys=True), "source_checkpoint": shown(source, 400),
+            "checkpoint_sha256": ckpt["sha256"], "torch_version": torch.__version__, "batchnorm": "folded",
+            "trained_on": f"{dataset}, {args['dataset_size']:,} training images, {ckpt['epoch']} epochs, "
+                          f"{vae.describe(args)}"}  # fmt: skip
+    if kl[0] is not None:  # sample.py and explore.py order the dimensions by it
         meta |= {"kl_per_dim": json.dumps(kl[0]), "kl_epoch": str(kl[1])}
     return meta
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Export the β-VAE decoder (and encoder) to ONNX.")
+    p = ArgumentParser(description="Export the β-VAE decoder and encoder to ONNX.")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py (required)")
-    p.add_argument("--out", default="decoder.onnx", help="decoder file to write (default decoder.onnx)")
-    p.add_argument("--encoder", default=None, help="also export the encoder to this file (default: not exported)")
-    p.add_argument("--opset", type=int, default=17, help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default 17)")
+    p.add_argument("--out", help="decoder file to write (default: decoder.onnx beside the checkpoint)")
+    p.add_argument("--encoder", help="encoder file to write (default: encoder.onnx beside the checkpoint)")
+    p.add_argument("--no-encoder", "--no_encoder", action="store_true", help="export the decoder only (default: off)")
+    p.add_argument("--opset", type=int, default=17, help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default: 17)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files (default: refuse)")
     args = p.parse_args(argv)
+    if args.no_encoder and args.encoder:
+        raise UsageError("--no-encoder and --encoder contradict each other: give one of them")
+    folder = os.path.dirname(os.path.abspath(args.checkpoint))
+    args.out = args.out or os.path.join(folder, "decoder.onnx")
+    args.encoder = None if args.no_encoder else args.encoder or os.path.join(folder, "encoder.onnx")
     if args.opset not in OPSETS:
         raise UsageError(f"--opset {args.opset} is not supported: pick {OPSETS[0]} to {OPSETS[-1]}")
-    outs = [args.out] + ([args.encoder] if args.encoder else [])
-    for path in outs:
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))) or os.path.isdir(path):
-            raise UsageError(f"cannot write {path}: its folder does not exist or it is a folder; choose a file path")
     clash = clashes({"--checkpoint": args.checkpoint}, {"--out": args.out, "--encoder": args.encoder})
-    if clash:
+    if clash:  # first: an output that is the checkpoint must not be answered with "pass --overwrite"
         raise UsageError(f"{clash}: --checkpoint, --out and --encoder must be different files")
+    for flag, path in (("--out", args.out), ("--encoder", args.encoder)):
+        if path is not None and (not os.path.isdir(os.path.dirname(os.path.abspath(path))) or os.path.isdir(path)):
+            raise UsageError(f"cannot write {path}: its folder does not exist or it is a folder; choose a file path")
+        if path is not None and os.path.lexists(path) and not args.overwrite:
+            raise UsageError(f"{flag} {path} already exists: pass --overwrite to replace it, or choose another path")
     return args
 
 
@@ -169,43 +173,45 @@ def main(argv=None):
     safe_streams()  # a path whose bytes are not UTF-8 is printed escaped, not a UnicodeEncodeError after writing
     try:
         args = parse_args(argv)
-        # export is CPU work, whatever trained the model; NaN or infinite weights are refused here
-        model, ckpt = checkpoint.load_checkpoint(args.checkpoint, "cpu")
-    except (UsageError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    d, kl = ckpt["model_args"]["latent_dim"], kl_from_history(ckpt)
-    if kl[0] is None:
-        print(f"note: no per-dimension KL in the metadata ({kl[1]}): sample.py --traverse and explore.py show "
-              "dimensions in index order")
-    jobs = [("decoder", args.out, model.decoder, torch.zeros(2, d), "z", ("images",), "0,1",
-             lambda rng, b: rng.standard_normal((b, d)))]
-    if args.encoder:
-        jobs.append(("encoder", args.encoder, model.encoder, torch.zeros(2, *vae.IMAGE_SHAPE), "images",
-                     ("mu", "logvar"), "-1,1", lambda rng, b: rng.uniform(-1, 1, (b, *vae.IMAGE_SHAPE))))
-    ready = []
-    for kind, path, module, example, input_name, output_names, pixel_range, make_input in jobs:
-        meta = metadata(kind, ckpt, args.checkpoint, pixel_range, kl)
-        data = export(module, example, input_name, output_names, args.opset, meta)
-        diff = parity(data, module, make_input)  # these exact bytes are what gets written
-        print(f"{kind}: max |onnxruntime - torch| = {diff:.2e} at batch sizes "
-              f"{', '.join(map(str, PARITY_BATCHES))} (limit {PARITY_ATOL:.0e})")
-        if not diff <= PARITY_ATOL:
-            print(f"error: the exported {kind} does not match torch (max abs diff {diff:.2e}); nothing was written: "
-                  "report this with your torch and onnxruntime versions", file=sys.stderr)
-            sys.exit(1)
-        ready.append((kind, path, data))
-    clean_stale_temps_for([path for _, path, _ in ready])
-    try:  # both files or neither: a new decoder beside a stale encoder would not belong together
-        atomic_write_all([(path, lambda f, data=data: f.write(data)) for _, path, data in ready])
-    except OSError as err:
-        print(f"error: cannot write {' and '.join(p for _, p, _ in ready)} ({err.strerror or err}); "
-              "nothing was changed: choose another --out/--encoder path or free some space", file=sys.stderr)
-        sys.exit(2)
-    for kind, path, data in ready:
-        print(f"wrote {path}: {kind}, {len(data) / 1024:.0f} KiB, opset {args.opset}, latent_dim {d}, "
+        model, ckpt = vae.load_checkpoint(args.checkpoint, "cpu")  # its bytes read once: weights and hash agree
+        d, kl = ckpt["model_args"]["latent_dim"], kl_from_history(ckpt)
+        if kl[0] is None:
+            print(f"note: no per-dimension KL in the metadata ({kl[1]}): sample.py --traverse and explore.py show "
+                  "dimensions in index order")
+        jobs = [("decoder", args.out, model.decoder, torch.zeros(2, d), "z", ("images",), "0,1",
+                 lambda rng, b: rng.standard_normal((b, d)))]  # fmt: skip
+        if args.encoder:
+            jobs.append(("encoder", args.encoder, model.encoder, torch.zeros(2, *vae.IMAGE_SHAPE), "images",
+                         ("mu", "logvar"), "-1,1", lambda rng, b: rng.uniform(-1, 1, (b, *vae.IMAGE_SHAPE))))
+        ready = []
+        for kind, path, module, example, input_name, output_names, pixel_range, make_input in jobs:
+            meta = metadata(kind, ckpt, args.checkpoint, pixel_range, kl)
+            onnx_bytes = export(module, example, input_name, output_names, args.opset, meta)
+            diff = parity(onnx_bytes, module, make_input)  # these exact bytes are what gets written
+            print(f"{kind}: max |onnxruntime - torch| = {diff:.2e} at batch sizes "
+                  f"{', '.join(map(str, PARITY_BATCHES))} (limit {PARITY_ATOL:.0e})")
+            if not diff <= PARITY_ATOL:
+                print(f"error: the exported {kind} does not match torch (max abs diff {diff:.2e}); nothing was "
+                      "written: report this with your torch and onnxruntime versions", file=sys.stderr)
+                return 1
+            ready.append((kind, path, onnx_bytes))
+        clean_stale_temps_for([path for _, path, _ in ready])
+        try:  # both files or neither: a new decoder beside a stale encoder would not belong together
+            atomic_write_all([(path, b) for _, path, b in ready])
+        except OSError as err:
+            raise UsageError(f"cannot write {' and '.join(p for _, p, _ in ready)} ({err.strerror or err}); nothing "
+                             "was changed: choose another --out/--encoder path or free some space") from None
+    except (UsageError, vae.CheckpointError, data.DataError) as e:
+        fail(e)
+    except Interrupted:
+        fail("interrupted after writing the files", 130)
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", 130)
+    for kind, path, b in ready:
+        print(f"wrote {path}: {kind}, {len(b) / 1024:.0f} KiB, opset {args.opset}, latent_dim {d}, "
               f"epoch {ckpt['epoch']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,118 +1,35 @@
-"""Evaluation metrics for the β-VAE: Fréchet distance (features: pixels here, the classifier's in fid_classifier.py),
-likelihood bounds, the ELBO's decomposition, latent diagnostics.
-
-Every function takes what it needs and returns numbers or tensors: nothing here reads flags, prints or draws.
-The random parts draw from a torch.Generator on the CPU (or a seed), so a report can be reproduced exactly and does
-not depend on the device it was computed on.
+"""What evaluate.py and sweep.py measure of a model: likelihood bounds, the KL's decomposition, latent diagnostics and
+disentanglement (FIDs: fid.py). Each function takes what it needs and returns numbers or arrays: nothing here reads
+flags, prints or draws. Random draws come from a seeded generator on the CPU, so a report can be reproduced exactly.
 """
+
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import vae
-from fast_decoder import fast_copy
+from plumbing.onnx_check import ACTIVE_KL  # noqa: F401 (one threshold for "in use", here and in sample.py)
 
-# Importance samples per image for −log p(x). On the subset, k = 64 already closes 85-95% of the gap between the
-# ELBO and the k = 1024 bound (β = 1 and β = 4 models, 300 test images), and it keeps a full 10,000-image evaluation
-# well under 30 s on a 2-core CPU: the IWAE pass is 6.5 s of 10.1 s (docs/speed.md).
-IWAE_K = 64
-SAMPLES_PER_PASS = 2048    # decoded images per IWAE pass (k × images): the fastest size on a 2-core CPU
-DECOMPOSITION_BATCH = 64   # images whose z meet all N posteriors per pass: (64, N) blocks stay in the CPU's cache
+IWAE_K = vae.SETTINGS["iwae_k"].default
+SAMPLES_PER_PASS = 2048  # decoded images per IWAE pass (k × images)
+DECOMPOSITION_BATCH = 64  # images whose z meet all N posteriors per pass: (64, N) blocks stay in the CPU's cache
 
-
-# ------------------------------------------------------------------------------------- Fréchet distance
-
-def _float64(a):
-    return torch.as_tensor(a).detach().to("cpu", torch.float64)
-
-
-def _psd_sqrt(sigma):
-    """Symmetric square root of a covariance and its (clipped) eigenvalues."""
-    # A covariance estimated in floating point is symmetric and PSD only up to rounding: symmetrise, and treat
-    # negative eigenvalues (rounding noise of a rank-deficient matrix) as the zeros they are.
-    w, v = torch.linalg.eigh((sigma + sigma.T) / 2.0)
-    w = w.clamp_min(0.0)
-    return (v * w.sqrt()) @ v.T, w
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017), in float64.
-
-    d² = |mu1 − mu2|² + Tr Σ1 + Tr Σ2 − 2 Tr (Σ1 Σ2)^½.
-
-    (Σ1 Σ2)^½ is never formed: with R = Σ^½ symmetric, Σ1 Σ2 = R1 (R1 R2) R2 has the eigenvalues of
-    (R1 R2)(R1 R2)ᵀ, so Tr (Σ1 Σ2)^½ is the sum of the singular values of R1 R2. That is real and non-negative by
-    construction, where scipy's sqrtm on a nearly singular product returns complex values that other code silently
-    truncates. By von Neumann's trace inequality the result can only be negative by rounding; it is clamped at 0.
-    Takes numpy arrays or tensors; torch's LAPACK, because numpy's OpenBLAS threads stalled for seconds on a shared
-    CPU (measured).
-    """
-    mu1, mu2 = (_float64(m).reshape(-1) for m in (mu1, mu2))
-    sigma1, sigma2 = (torch.atleast_2d(_float64(s)) for s in (sigma1, sigma2))
-    d = mu1.shape[0]
-    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"Fréchet distance needs means of one length d and d×d covariances (got {tuple(mu1.shape)}, "
-                         f"{tuple(sigma1.shape)}, {tuple(mu2.shape)}, {tuple(sigma2.shape)})")
-    if not all(torch.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
-        raise ValueError("Fréchet distance got non-finite statistics: the features contain NaN or inf "
-                         "(a diverged model decodes to NaN; check the checkpoint)")
-    root1, w1 = _psd_sqrt(sigma1)
-    root2, w2 = _psd_sqrt(sigma2)
-    cross = torch.linalg.svdvals(root1 @ root2).sum()
-    # Traces from the clipped eigenvalues, so identical statistics cancel to rounding error.
-    dist = ((mu1 - mu2).pow(2).sum() + w1.sum() + w2.sum() - 2.0 * cross).item()
-    return max(dist, 0.0)
-
-
-def feature_stats(features):
-    """(mean, covariance) of an (N, d) feature matrix, float64 tensors; warns when N < d (rank-deficient covariance)."""
-    f = _float64(features).reshape(len(features), -1)
-    n, d = f.shape
-    if n < 2:
-        raise ValueError(f"a covariance needs at least 2 samples (got {n})")
-    if n < d:
-        warnings.warn(f"Fréchet distance from {n} samples of {d}-dimensional features: the covariance is "
-                      "rank-deficient and the distance is biased; use at least as many samples as dimensions",
-                      stacklevel=2)
-    mu = f.mean(0)
-    centred = f - mu
-    return mu, centred.T @ centred / (n - 1)
-
-
-def fid_from_features(real, fake):
-    """Fréchet distance between two (N, d) feature matrices (the sample counts may differ)."""
-    return frechet_distance(*feature_stats(real), *feature_stats(fake))
-
-
-# ------------------------------------------------------------------------------------- pixel features
-
-def pixel_features(images):
-    """images in [0, 1], (N, 1, 28, 28) -> (N, 784): the course project's "FID", kept to compare with it."""
-    return images.reshape(len(images), -1).float()
-
-
-# ------------------------------------------------------------------------------------- model outputs
 
 @torch.no_grad()
 def encode_split(model, split, batch_size=1000):
-    """Posterior means and log-variances of a whole split, (N, latent_dim) each, and its labels, all on the CPU."""
-    mus, logvars, labels = [], [], []
-    for x, _, y in split.batches(batch_size):
-        mu, logvar = model.encode(x)
-        mus.append(mu.cpu())
-        logvars.append(logvar.cpu())
-        labels.append(y.cpu())
-    return torch.cat(mus), torch.cat(logvars), torch.cat(labels)
+    """Posterior means and log-variances of a whole split, (N, latent_dim) each, and its labels, on the CPU."""
+    parts = [(*model.encode(x), y) for x, _, y in split.batches(batch_size)]
+    return tuple(torch.cat([p[i].cpu() for p in parts]) for i in range(3))
 
 
 @torch.no_grad()
 def decode_batched(model, z, batch_size=1000):
     """z (N, latent_dim) -> decoder means in [0, 1], (N, 1, 28, 28), on the CPU."""
     device = next(model.parameters()).device
-    return torch.cat([model.decode(z[i:i + batch_size].to(device)).cpu() for i in range(0, len(z), batch_size)])
+    return torch.cat([model.decode(z[i : i + batch_size].to(device)).cpu() for i in range(0, len(z), batch_size)])
 
 
 def prior_samples(model, n, generator, batch_size=1000):
@@ -120,118 +37,114 @@ def prior_samples(model, n, generator, batch_size=1000):
     return decode_batched(model, torch.randn(n, model.config.latent_dim, generator=generator), batch_size)
 
 
-# ------------------------------------------------------------------------------------- likelihood bounds
+# ------------------------------------------------------------------------------------------- likelihood bounds
+
 
 def bernoulli_nll(logits, target):
-    """−log p(x|z) per image, summed over pixels: the reconstruction term of vae.vae_loss, computed cheaper.
-
-    BCE-with-logits = softplus(l) − x·l, and softplus(l) = max(l, 0) + log(1 + exp(−|l|)). On this CPU torch's
-    BCE and log1p kernels cost 3x more than exp + log, and the IWAE pass spends a fifth of its time here; log(1 + u)
-    for u = exp(−|l|) in (0, 1] loses at most float32 rounding (tested against vae.vae_loss).
-    logits (..., 1, 28, 28) with target broadcastable to it -> (...,).
-    """
+    """Σ over pixels of BCE-with-logits = softplus(l) − x·l, (..., 1, 28, 28) -> (...,): vae_loss's reconstruction
+    term written with exp and log, which cost a third of torch's BCE and log1p kernels on a CPU."""
     softplus = logits.abs().neg_().exp_().add_(1.0).log_().add_(logits.clamp_min(0.0))
     return (softplus - target * logits).flatten(-3).sum(-1)
 
 
+def cb_log_norm(logits):
+    """log C(λ) of the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019) with λ = σ(l), elementwise: C = l / tanh(l/2)
+    in the logit, 2 at l = 0, where the closed form is 0/0 and a Taylor series takes over."""
+    small = logits.abs() < 1e-2
+    safe = torch.where(small, torch.ones_like(logits), logits)  # each branch sees a harmless value where unused
+    s = torch.where(small, logits, torch.zeros_like(logits)) ** 2
+    taylor = math.log(2) + s * (1 / 12 - s * (7 / 1440 - s * 31 / 90720))
+    return torch.where(small, taylor, torch.log(safe / torch.tanh(safe / 2)))
+
+
 @torch.no_grad()
 def likelihood_bounds(model, split, k=IWAE_K, generator=None, samples_per_pass=SAMPLES_PER_PASS, progress=False):
-    """ELBO terms at β = 1 and the importance-weighted bound on −log p(x) (Burda et al. 2016), nats per image.
+    """The ELBO's terms at β = 1 and the importance-weighted bound (Burda et al. 2016), nats per image:
+    −log p(x) ≈ −log (1/k Σ_j w_j), w_j = p(x|z_j) p(z_j) / q(z_j|x) with z_j ~ q(z|x), whatever β trained the model.
 
-    With z_j ~ q(z|x), j = 1..k, and w_j = p(x|z_j) p(z_j) / q(z_j|x):
-        −log p(x) ≈ −log (1/k Σ_j w_j)   (logsumexp, so no weight underflows)
-    whose expectation can only fall as k grows, towards −log p(x), and equals the negative ELBO at k = 1.
-    recon is averaged over the same k samples; KL is the closed form of vae.vae_loss. Both are the training loss's
-    terms at β = 1, whatever β trained the model. Under the Bernoulli decoder on grayscale targets these
-    are not normalised densities of the images: compare them between models of this project, not with papers.
-    Returns a dict: recon, kl, neg_elbo, iwae_nll, kl_per_dim (list), n_images, iwae_k.
-    """
+    Under the seed's Bernoulli decoder (BCE on grey levels) p(x|z) is not a density of the images: those numbers are
+    the seed's objective, comparable between models of this project only. The same pass also gives the bounds under
+    the continuous Bernoulli, a normalised density on [0, 1] (log p(x|z) gains Σ log C(λ)), also in bits per pixel.
+    Returns recon, kl, neg_elbo, iwae_nll, kl_per_dim (list), continuous_bernoulli {...}, n_images, iwae_k."""
+    from tqdm import tqdm
+
     if k < 1:
         raise ValueError(f"the IWAE bound needs k >= 1 importance samples (got {k})")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    model = fast_copy(model)
-    config = vae.VAEConfig(latent_dim=model.config.latent_dim, beta=1.0)  # the true ELBO, whatever β trained it
-    dim = model.config.latent_dim
-    sums = {"recon": 0.0, "kl": 0.0, "iwae_nll": 0.0}
-    kl_per_dim = torch.zeros(dim, dtype=torch.float64)
-    bar = tqdm(total=len(split), desc=f"ELBO and IWAE (k={k})", unit="img", leave=False,
-               disable=None if progress else True)
+    d, n = model.config.latent_dim, len(split)
+    sums = dict.fromkeys(("recon", "kl", "iwae_nll", "cb_recon", "cb_iwae_nll"), 0.0)
+    kl_per_dim = torch.zeros(d, dtype=torch.float64)
+    bar = tqdm(total=n, desc=f"ELBO and IWAE (k={k})", unit="img", leave=False, disable=None if progress else True)
     for x, target, _ in split.batches(max(1, samples_per_pass // k)):
         b = len(x)
         mu, logvar = model.encode(x)
-        eps = torch.randn(k, b, dim, generator=generator).to(mu.device)
-        z = vae.reparameterize(mu, logvar, eps)                                        # (k, B, D)
-        logits = model.decoder.logits(z.reshape(k * b, dim))                           # (k·B, 1, 28, 28)
-        recon = bernoulli_nll(logits.view(k, b, *target.shape[1:]), target)             # (k, B)
-        # log p(z) − log q(z|x): the 2π constants cancel, and (z − μ)/σ is eps.
-        log_w = -recon + 0.5 * (eps.pow(2) + logvar - z.pow(2)).sum(-1)                # (k, B)
-        nll = -(torch.logsumexp(log_w.double(), 0) - math.log(k))
-        kl = vae.vae_loss(logits[:b], target, mu, logvar, config).kl_per_dim           # (B, D), closed form
-        sums["recon"] += recon.double().mean(0).sum().item()
+        eps = torch.randn(k, b, d, generator=generator).to(mu.device)
+        z = vae.reparameterize(mu, logvar, eps)  # (k, B, D)
+        logits = model.decoder.logits(z.reshape(k * b, d)).view(k, b, *target.shape[1:])
+        recon = bernoulli_nll(logits, target)  # (k, B)
+        cb_recon = recon - cb_log_norm(logits).flatten(-3).sum(-1)
+        log_prior_ratio = 0.5 * (eps.pow(2) + logvar - z.pow(2)).sum(-1)  # log p(z) − log q(z|x); (z − μ)/σ is eps
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, D), closed form
+        for key, r in (("", recon), ("cb_", cb_recon)):
+            nll = -(torch.logsumexp((log_prior_ratio - r).double(), 0) - math.log(k))
+            sums[key + "recon"] += r.double().mean(0).sum().item()
+            sums[key + "iwae_nll"] += nll.sum().item()
         sums["kl"] += kl.double().sum().item()
-        sums["iwae_nll"] += nll.sum().item()
         kl_per_dim += kl.double().sum(0).cpu()
         bar.update(b)
     bar.close()
-    n = len(split)
-    out = {key: value / n for key, value in sums.items()}
-    out["neg_elbo"] = out["recon"] + out["kl"]
-    out["kl_per_dim"] = (kl_per_dim / n).tolist()
-    out["n_images"], out["iwae_k"] = n, k
-    return out
+    out = {key: v / n for key, v in sums.items()}
+    bits = 1.0 / (math.prod(vae.IMAGE_SHAPE) * math.log(2))
+    cb = {"recon": out.pop("cb_recon"), "iwae_nll": out.pop("cb_iwae_nll")}
+    cb["neg_elbo"] = cb["recon"] + out["kl"]
+    cb.update(neg_elbo_bits_per_dim=cb["neg_elbo"] * bits, iwae_bits_per_dim=cb["iwae_nll"] * bits)
+    return {**out, "neg_elbo": out["recon"] + out["kl"], "kl_per_dim": (kl_per_dim / n).tolist(),
+            "continuous_bernoulli": cb, "n_images": n, "iwae_k": k}  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------- the ELBO's decomposition
+# ------------------------------------------------------------------------------------ the KL's decomposition
+
 
 def _log_aggregate(z, mu, logvar, batch_size=DECOMPOSITION_BATCH):
     """log q(z_n) and log q(z_nd) under q(z) = (1/N) Σ_m q(z|x_m), the mixture of all N posteriors: (N,), (N, D).
 
-    N² D Gaussian densities, so the work is shaped for the CPU: for each dimension, a (B, N) block of
-    u² = (z − μ)² / 2σ² (a difference first, so sharp posteriors lose no precision), summed over dimensions for the
-    joint density (logsumexp), and exp(−u²) weighted by σ_min/σ_m ≤ 1 for the marginals: nothing overflows, and
-    z_n's own component keeps each sum away from zero. float32, except a dimension whose widths span more than
-    e^20, where products of weights and densities would fall below float32's ordinary range.
-    """
+    For each dimension, a (B, N) block of u² = (z − μ)² / 2σ² (a difference first, so sharp posteriors lose no
+    precision), summed over dimensions for the joint density, and exp(−u²) weighted by σ_min/σ_m ≤ 1 for the
+    marginals: nothing overflows, and z_n's own component keeps each sum from zero. float32, except a dimension whose
+    widths span more than e^20, where products of weights and densities would fall below float32's range."""
     n, d = mu.shape
     log_sd = 0.5 * logvar.double()
     log_sd_min = log_sd.min(0).values
     wide = (log_sd.max(0).values - log_sd_min) > 20
     dtype = torch.float64 if wide.any() else torch.float32
-    cols = []   # per dimension: μ, 1/(√2 σ) and the weights σ_min/σ, (N,) each
-    for j in range(d):
-        col = (mu[:, j].double(), torch.exp(-log_sd[:, j]) * math.sqrt(0.5), torch.exp(log_sd_min[j] - log_sd[:, j]))
-        cols.append(tuple(t.to(torch.float64 if wide[j] else torch.float32) for t in col))
+    cols = [tuple(t.to(torch.float64 if wide[j] else torch.float32) for t in (
+        mu[:, j].double(), torch.exp(-log_sd[:, j]) * math.sqrt(0.5), torch.exp(log_sd_min[j] - log_sd[:, j])))
+        for j in range(d)]  # fmt: skip
     joint_const = (-log_sd.sum(1)).to(dtype)
     joint, dims = torch.empty(n, dtype=torch.float64), torch.empty(n, d, dtype=torch.float64)
-    # (B, N) blocks allocated once: fresh ones per pass cost page faults
-    buffers = {dt: torch.empty(batch_size, n, dtype=dt) for dt in {col[0].dtype for col in cols}}
+    buffers = {dt: torch.empty(batch_size, n, dtype=dt) for dt in {c[0].dtype for c in cols} | {dtype}}  # reused
     buffers["joint"] = torch.empty(batch_size, n, dtype=dtype)
     for start in range(0, n, batch_size):
-        zb = z[start:start + batch_size]
-        sq = buffers["joint"][:len(zb)].zero_()
+        zb = z[start : start + batch_size]
+        sq = buffers["joint"][: len(zb)].zero_()
         for j, (m, scale, weight) in enumerate(cols):
-            u = torch.sub(zb[:, j:j + 1].to(m.dtype), m, out=buffers[m.dtype][:len(zb)])
-            u.mul_(scale).square_()                                                 # (B, N): (z − μ)² / 2σ²
+            u = torch.sub(zb[:, j : j + 1].to(m.dtype), m, out=buffers[m.dtype][: len(zb)])
+            u.mul_(scale).square_()  # (B, N): (z − μ)² / 2σ²
             sq.add_(u)
-            # exp(−80) is near float32's smallest ordinary number (exp(−700), float64's): below it subnormals run
-            # ~100x slower on x86 (2 s of 3 here), and the clamped terms cannot move a sum that holds the image's own
-            # term, which is at least exp(−u² − 20) with u² = ε²/2 for its noise ε
+            # below exp(−80) (float32) subnormals run ~100x slower on x86, and such terms cannot move a sum that holds
+            # the image's own term, at least exp(−u² − 20) with u² = ε²/2 for its noise ε
             floor = 80.0 if u.dtype == torch.float32 else 700.0
-            dims[start:start + len(zb), j] = u.clamp_(max=floor).neg_().exp_() @ weight
-        log_pair = torch.sub(joint_const, sq, out=sq)                              # (B, N): log N(z_b; μ_m, σ_m) + c
+            dims[start : start + len(zb), j] = u.clamp_(max=floor).neg_().exp_() @ weight
+        log_pair = torch.sub(joint_const, sq, out=sq)  # (B, N): log N(z_b; μ_m, σ_m) + const
         top = log_pair.max(1, keepdim=True).values
-        joint[start:start + len(zb)] = log_pair.sub_(top).clamp_(min=-80.0).exp_().sum(1).log_() + top[:, 0]
+        joint[start : start + len(zb)] = log_pair.sub_(top).clamp_(min=-80.0).exp_().sum(1).log_() + top[:, 0]
     log_n = math.log(n)
-    return (joint - 0.5 * d * vae.LOG_2PI - log_n,
-            dims.log() - log_sd_min - 0.5 * vae.LOG_2PI - log_n)
+    return joint - 0.5 * d * vae.LOG_2PI - log_n, dims.log() - log_sd_min - 0.5 * vae.LOG_2PI - log_n
 
 
 def decomposition_terms(mu, logvar, z):
-    """Per image n, at its sample z_n: (index-code MI, total correlation, dimension-wise KL), float64 (N,) each.
-
-    MI_n = log q(z_n|x_n) − log q(z_n), TC_n = log q(z_n) − Σ_d log q(z_nd), DW_n = Σ_d log q(z_nd) − log p(z_n),
-    with q the aggregate posterior over the N rows; they sum to log q(z_n|x_n) − log p(z_n), the sampled KL.
-    """
+    """Per image n at its sample z_n: (index-code MI, total correlation, dimension-wise KL), float64 (N,) each, under
+    the aggregate posterior of the N rows; they sum to log q(z_n|x_n) − log p(z_n), the sampled KL."""
     mu, logvar, z = (torch.as_tensor(t).detach().float().cpu() for t in (mu, logvar, z))
     log_qz, log_qz_dims = _log_aggregate(z, mu, logvar)
     log_qz_x = vae.log_normal(z.double(), mu.double(), logvar.double()).sum(1)
@@ -239,49 +152,29 @@ def decomposition_terms(mu, logvar, z):
 
 
 def elbo_decomposition(mu, logvar, generator=None):
-    """The average KL of a split, E_x KL(q(z|x) ‖ p(z)), in its three parts (Hoffman & Johnson 2016; Chen et al.
-    2018), nats per image:
-
-        mutual_info        I(x; z), the index-code mutual information under q(x, z) = q(z|x) / N
-        total_correlation  KL(q(z) ‖ Π_d q(z_d)): how far the aggregate posterior is from independent dimensions
-        dimwise_kl         Σ_d KL(q(z_d) ‖ p(z_d)): how far each dimension's aggregate is from the prior
-
-    q(z) = (1/N) Σ_n q(z|x_n) is the aggregate posterior over all N images, exactly (no minibatch estimate); each
-    expectation over q is one z_n ~ q(z|x_n) per image. The terms sum to that sampled KL, whose mean is the closed-form
-    KL; mutual_info cannot exceed log N. mu, logvar: (N, D) posterior parameters (encode_split).
-    """
+    """E_x KL(q(z|x) ‖ p(z)) of a split in three parts (Hoffman & Johnson 2016; Chen et al. 2018), nats per image:
+    mutual_info I(x; z), total_correlation KL(q(z) ‖ Π_d q(z_d)), dimwise_kl Σ_d KL(q(z_d) ‖ p(z_d)), with q(z) the
+    exact aggregate posterior of the N images and one z_n ~ q(z|x_n) each. mutual_info cannot exceed log N."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     mu, logvar = torch.as_tensor(mu).float().cpu(), torch.as_tensor(logvar).float().cpu()
     z = vae.reparameterize(mu, logvar, torch.randn(mu.shape, generator=generator))
     mi, tc, dw = (t.mean().item() for t in decomposition_terms(mu, logvar, z))
     return {"mutual_info": mi, "total_correlation": tc, "dimwise_kl": dw, "n_images": len(mu),
-            "mutual_info_bound": math.log(len(mu)), "units": "nats per image"}
-
-
-# ------------------------------------------------------------------------------------- latent diagnostics
-
-def active_units(mu, threshold=0.01):
-    """Burda et al. 2016: dimension d is active when Var_x(E_q[z_d | x]) > threshold. Returns (count, variances)."""
-    variances = torch.as_tensor(mu).double().var(0)
-    return int((variances > threshold).sum()), variances.tolist()
+            "mutual_info_bound": math.log(len(mu)), "units": "nats per image"}  # fmt: skip
 
 
 def linear_probe_accuracy(train_z, train_y, test_z, test_y, l2=1e-4, max_iter=200):
-    """Test accuracy of multinomial logistic regression on latent means, fitted on train (full-batch L-BFGS).
-
-    Measures how much class information the latent space keeps in a linearly readable form. Deterministic: the
-    weights start at zero and L-BFGS draws no random numbers. A small L2 penalty keeps separable data finite.
-    """
+    """Test accuracy of multinomial logistic regression on posterior means, fitted on train (full-batch L-BFGS from
+    zero weights: deterministic): how much class information stays linearly readable."""
     train_z, test_z = torch.as_tensor(train_z).double().cpu(), torch.as_tensor(test_z).double().cpu()
     train_y, test_y = torch.as_tensor(train_y).long().cpu(), torch.as_tensor(test_y).long().cpu()
-    # Standardise with train statistics: L-BFGS on badly scaled latents converges slowly, and it changes no argmax.
-    mean, std = train_z.mean(0), train_z.std(0).clamp_min(1e-8)
+    mean, std = train_z.mean(0), train_z.std(0).clamp_min(1e-8)  # L-BFGS converges slowly on badly scaled latents
     xs, xt = (train_z - mean) / std, (test_z - mean) / std
-    n_classes = int(max(train_y.max(), test_y.max())) + 1
-    weight = torch.zeros(xs.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+    weight = torch.zeros(xs.shape[1], int(max(train_y.max(), test_y.max())) + 1, dtype=torch.float64,
+                         requires_grad=True)  # fmt: skip
+    bias = torch.zeros(weight.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)  # fmt: skip
 
     def closure():
         opt.zero_grad()
@@ -293,3 +186,152 @@ def linear_probe_accuracy(train_z, train_y, test_z, test_y, l2=1e-4, max_iter=20
         opt.step(closure)
     with torch.no_grad():
         return (xt @ weight + bias).argmax(1).eq(test_y).double().mean().item()
+
+
+# ------------------------------------------------------------------------------------------ disentanglement
+# On posterior means (codes, (N, D)) and known factors ((N, K) integers), as disentanglement_lib computes each metric;
+# the departures are said where they are. Each returns a dict of plain numbers and lists.
+
+
+def _split(n, seed=0, test_share=1 / 3):
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[round(n * test_share) :], perm[: round(n * test_share)]
+
+
+def discrete_mi(a, b):
+    """Mutual information (nats) of two discrete vectors from their contingency table; discrete_mi(y, y) = H(y)."""
+    a, b = np.unique(a, return_inverse=True)[1].ravel(), np.unique(b, return_inverse=True)[1].ravel()
+    joint = np.bincount(a * (b.max() + 1) + b, minlength=(a.max() + 1) * (b.max() + 1)).reshape(a.max() + 1, -1)
+    joint = joint / a.size
+    outer, nz = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True), joint > 0
+    return float(np.sum(joint[nz] * np.log(joint[nz] / outer[nz])))
+
+
+def mig(codes, factors, bins=20):
+    """Mutual Information Gap (Chen et al. 2018): each latent cut into `bins` equal-width bins over its observed range
+    (numpy's histogram edges), its discrete MI with each factor over the factor's entropy; per factor, the gap
+    between the two largest; their mean. numpy alone recomputes it from evaluate.py --save-latents."""
+    codes, factors = np.asarray(codes, np.float64), np.asarray(factors)
+    binned = [np.digitize(c, np.histogram(c, bins)[1][:-1]) for c in codes.T]
+    mi = np.array([[discrete_mi(c, f) for f in factors.T] for c in binned])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = mi / np.array([discrete_mi(f, f) for f in factors.T])
+    top = np.sort(norm, axis=0)
+    return {"mig": float(np.nanmean(top[-1] - top[-2])), "per_factor": (top[-1] - top[-2]).tolist(),
+            "mi_normalised": np.nan_to_num(norm).tolist()}  # (D, K)
+
+
+def sap(codes, factors, seed=0):
+    """SAP (Kumar et al. 2018) for discrete factors: S[d, k], the test accuracy of a linear SVM (C = 0.01, balanced)
+    predicting factor k from latent d alone; per factor, the gap between the two best latents; their mean. Latents are
+    standardised first: with C = 0.01 the intercept is penalised too, so the raw score depends on each latent's
+    offset and scale. A 1-D linear classifier cannot isolate a many-level factor's middle levels: even a perfect
+    code scores well below 1."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    codes, factors = np.asarray(codes, np.float64), np.asarray(factors)
+    tr, te = _split(len(codes), seed)
+    codes = (codes - codes[tr].mean(0)) / np.where(codes[tr].std(0) > 0, codes[tr].std(0), 1.0)
+    score = np.zeros((codes.shape[1], factors.shape[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for d, k in np.ndindex(score.shape):
+            clf = LinearSVC(C=0.01, class_weight="balanced").fit(codes[tr, d : d + 1], factors[tr, k])
+            score[d, k] = np.mean(clf.predict(codes[te, d : d + 1]) == factors[te, k])
+    top = np.sort(score, axis=0)
+    return {"sap": float((top[-1] - top[-2]).mean()), "per_factor": (top[-1] - top[-2]).tolist()}
+
+
+def _entropy(p, axis, base):
+    p = (p + 1e-11) / (p + 1e-11).sum(axis=axis, keepdims=True)
+    return -(p * np.log(p)).sum(axis=axis) / np.log(base)
+
+
+def dci(codes, factors, seed=0):
+    """DCI disentanglement, completeness, informativeness (Eastwood & Williams 2018). Importances from a small seeded
+    random forest per factor whose splits see every latent, where disentanglement_lib boosts 100 trees per class (far
+    too slow here): the same kind of impurity importance, so numbers compare within this project. Informativeness is
+    the forests' mean test accuracy."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    codes, factors = np.asarray(codes, np.float64), np.asarray(factors)
+    tr, te = _split(len(codes), seed)
+    imp, acc = np.zeros((codes.shape[1], factors.shape[1])), []
+    for k, f in enumerate(factors.T):
+        forest = RandomForestClassifier(10, max_depth=8, min_samples_leaf=5, max_features=None, random_state=seed + k)
+        forest.fit(codes[tr], f[tr])
+        imp[:, k], acc = forest.feature_importances_, acc + [np.mean(forest.predict(codes[te]) == f[te])]
+    w = imp if imp.sum() > 0 else np.ones_like(imp)
+    return {"disentanglement": float(np.sum((1 - _entropy(imp, 1, imp.shape[1])) * w.sum(1) / w.sum())),
+            "completeness": float(np.sum((1 - _entropy(imp, 0, imp.shape[0])) * w.sum(0) / w.sum())),
+            "informativeness": float(np.mean(acc))}  # fmt: skip
+
+
+def factorvae_score(codes, factors, batch_size=64, n_train=10_000, n_eval=5_000, seed=0):
+    """The FactorVAE score (Kim & Mnih 2018) from precomputed codes: a vote fixes factor k at the value of a random
+    row, draws `batch_size` rows sharing it, and names the latent of least variance (over its global std; latents
+    of std below 0.05 are pruned); a majority classifier from latent to factor on the train votes, its accuracy on
+    the eval votes. Chance is 1/K."""
+    codes, factors = np.asarray(codes, np.float64), np.asarray(factors)
+    std = codes.std(0, ddof=1)
+    active = std >= 0.05
+    if not active.any():
+        return {"factorvae_score": 0.0, "active": 0}
+    z, n, n_factors, rng = codes[:, active] / std[active], len(codes), factors.shape[1], np.random.default_rng(seed)
+    order = np.argsort(factors, axis=0, kind="stable").T  # (K, N): rows sorted by each factor
+    ranked = np.take_along_axis(factors.T, order, axis=1)
+
+    def votes(count):
+        k = rng.integers(n_factors, size=count)
+        v = factors[rng.integers(n, size=count), k]
+        lo = np.array([np.searchsorted(ranked[j], x, "left") for j, x in zip(k, v)])
+        hi = np.array([np.searchsorted(ranked[j], x, "right") for j, x in zip(k, v)])
+        rows = order[k[:, None], lo[:, None] + (rng.random((count, batch_size)) * (hi - lo)[:, None]).astype(int)]
+        best = np.concatenate([z[rows[s : s + 1000]].var(1, ddof=1).argmin(1) for s in range(0, count, 1000)])
+        table = np.zeros((n_factors, z.shape[1]), np.int64)
+        np.add.at(table, (k, best), 1)
+        return table
+
+    train, held_out = votes(n_train), votes(n_eval)
+    right = held_out[train.argmax(0), np.arange(z.shape[1])].sum()
+    return {"factorvae_score": float(right / held_out.sum()), "active": int(active.sum())}
+
+
+def _relative_strength(corr):
+    """Mean over columns and rows of max² / sum of a |correlation| matrix (Duan et al. 2020)."""
+    if corr.size == 0:
+        return 0.0  # no informative latent on one side: nothing shared
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float((np.nan_to_num(corr.max(0) ** 2 / corr.sum(0)).mean()
+                      + np.nan_to_num(corr.max(1) ** 2 / corr.sum(1)).mean()) / 2)  # fmt: skip
+
+
+def udr(codes_per_run, kl_per_run, threshold=ACTIVE_KL):
+    """The Unsupervised Disentanglement Ranking (Duan et al. 2020), Spearman variant: runs that differ only in seed,
+    encoded on the same images; for each pair, |Spearman| between their informative latents (KL above `threshold`),
+    scored by relative strength; each run's score is the median over its pairs. A constant latent correlates 0 (in
+    disentanglement_lib its NaN zeroes a whole row); a run with no informative latent scores 0. Returns per-run scores."""
+    from scipy.stats import rankdata
+
+    if len(codes_per_run) < 2 or len({len(c) for c in codes_per_run}) != 1:
+        raise ValueError("UDR needs two or more runs with codes of the same images")
+    ranks = []
+    for c, kl in zip(codes_per_run, kl_per_run, strict=True):
+        r = rankdata(np.asarray(c, np.float64)[:, np.asarray(kl) > threshold], axis=0)
+        ranks.append((r - r.mean(0)) / np.where(r.std(0) > 0, r.std(0), np.inf))
+    n_runs, n = len(ranks), len(codes_per_run[0])
+    pair = np.array([[_relative_strength(np.abs(ranks[i].T @ ranks[j]) / n) if i != j else np.nan
+                      for j in range(n_runs)] for i in range(n_runs)])  # fmt: skip
+    return [float(np.nanmedian(row)) for row in pair]
+
+
+def disentanglement(codes, factors, factor_names):
+    """Every supervised metric on the same codes, and for each latent the factor it shares most information with
+    (its mutual information over the factor's entropy)."""
+    m = mig(codes, factors)
+    latents = [{"factor": factor_names[int(np.argmax(row))], "normalised_mi": float(max(row))}
+               for row in m["mi_normalised"]]  # fmt: skip
+    return {"mig": m["mig"], "sap": sap(codes, factors)["sap"],
+            **{f"dci_{k}": v for k, v in dci(codes, factors).items()},
+            "factorvae_score": factorvae_score(codes, factors)["factorvae_score"], "latents": latents}

@@ -1,30 +1,32 @@
-"""Training pieces shared by train.py, bench.py and sweep.py: run defaults, the step, the epoch, the test pass.
+"""The training step, the epoch and the test pass: what train.py, sweep.py and bench.py share.
 
-make_train_step(model, optimizer, config, compile=False) -> step(x, target, step_idx) -> the batch's sums (recon,
-kl, total, kl per dim ...) as one detached tensor; nothing in it waits for the device. compile=True gives the
-compiled step of compiled_step.py (and its compiled test pass, step.test_sums); the course project's loop
-(make_seed_step, seed_batches) is here too, for --loop seed and bench.py.
+make_train_step(model, optimizer, config, compile) returns step(x, target, step_idx) -> the batch's sums (recon, kl,
+total, then each dimension's KL) as one detached tensor; nothing in it waits for the device. compile:
+  "off"    the eager step: forward, loss, backward, optimizer.step();
+  "plain"  torch.compile of the forward pass and the loss, then the same backward and optimizer step;
+  "on"     on a CPU the fused step (FusedStep: one compiled graph per step, batch innermost); elsewhere, or for a model
+           or optimizer it does not reproduce, "plain" (and one note says why).
+If compiling fails, training goes on with the eager step after one warning. The course project's loop (--loop seed)
+is here too, for comparison.
 """
+
+import copy
 import dataclasses
-import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 
-import compiled_step
-import data
 import vae
-
+from plumbing import chwn
 
 @dataclasses.dataclass
 class RunConfig:
-    """How a run trains (the model's own settings are vae.VAEConfig): the one place for these defaults."""
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
@@ -32,11 +34,8 @@ class RunConfig:
 
 
 RUN_DEFAULTS = RunConfig()
-# Compiling (the step, then the test pass) costs ~6 s with a warm inductor cache and ~35 s cold on a 2-core CPU and
-# makes an epoch 2.1-2.7x faster than the eager step's there (bench.py): it pays for itself within about a million
-# images even with a cold cache, e.g. the default 20 epochs of the full 60,000. CUDA and MPS: the compiled step has
-# not run on a GPU yet, so `auto` never compiles there.
-COMPILE_AUTO_MIN_IMAGES = 1_000_000
+COMPILE_AUTO_MIN_IMAGES = 1_000_000  # --compile auto: where compiling pays for itself on a CPU (docs/speed.md)
+TEST_BATCH = 256  # the test pass's batch: its activations stay in a core's cache
 
 
 def has_cxx():
@@ -44,25 +43,19 @@ def has_cxx():
 
 
 def want_compile(mode, device, images_to_train):
-    """Whether to compile the training step: 'on', 'off', or 'auto' (on a CPU, for runs long enough to pay)."""
+    """Whether to compile: 'on', 'off', or 'auto' (on a CPU with a compiler, for runs long enough to pay)."""
     if mode == "auto":
         return device.type == "cpu" and has_cxx() and images_to_train >= COMPILE_AUTO_MIN_IMAGES
     return mode == "on"
 
 
-# ---------------------------------------------------------------------------------------------- the step
+def make_train_step(model, optimizer, config, compile="off", log=None):
+    """The step (see the module's docstring). The loss minimised is the batch mean of the objective; x in [-1, 1] and
+    target in [0, 1], (B, 1, 28, 28). The noise comes from the global RNG as model.forward draws it, so a seed gives
+    the same run compiled or not, up to float rounding. log(line) gets the notes; default: stderr."""
+    log = log or (lambda line: print(line, file=sys.stderr))
 
-def make_train_step(model, optimizer, config, compile=False, formulation="auto", log=None):
-    """Return step(x, target, step_idx) -> detached batch sums (LossTerms.batch_sums); the loss minimised is the
-    batch mean of the objective. x in [-1, 1] and target in [0, 1], (B, 1, 28, 28) on the model's device. The
-    reparameterization noise comes from the global RNG as model.forward draws it, so a seed gives the same run
-    compiled or not (up to float rounding). formulation: "auto" (CHWN on a CPU, module layers elsewhere), "chwn" or
-    "modules" (tests force each). log(message) receives the one-line notes (fallbacks, formulation); default print.
-    With a plan, step.test_sums is the compiled test pass (test_metrics' fast=).
-    """
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-
-    def eager_step(x, target, step_idx, eps=None):
+    def eager(x, target, step_idx, eps=None):
         optimizer.zero_grad(set_to_none=True)
         logits, mu, logvar, z = model.forward_with_z(x, eps=eps)
         terms = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx, z=z)
@@ -70,176 +63,280 @@ def make_train_step(model, optimizer, config, compile=False, formulation="auto",
         optimizer.step()
         return terms.batch_sums().detach()
 
-    # β-TCVAE (objective "tc") always takes the eager step: the compiled graph has no path for its batch estimators.
-    if not compile or config.objective == "tc":
-        return eager_step
-    if not compiled_step.adam_supported(model, optimizer):
-        log("note: the compiled step reproduces plain single-group Adam only; training with the eager step")
-        return eager_step
-    return compiled_step.make(model, optimizer, config, eager_step, formulation, log)
+    # β-TCVAE's batch estimators have run only eagerly
+    if compile in ("off", False) or config.objective == "tc":
+        return eager
+    if compile == "on" and next(model.parameters()).device.type == "cpu":
+        problem = fused_problem(model, optimizer)
+        if problem is None:
+            return FusedStep(model, optimizer, config, eager, log)
+        log(f"note: {problem}: the plain compiled step trains it")
+    return plain_step(model, optimizer, config, eager, log)
+
+
+def _capacity(config, step_idx):
+    """C(step) as a tensor: a Python float would be a constant of the graph, compiled again every step."""
+    return torch.tensor(vae.capacity_at(step_idx, config) if config.objective == "capacity" else 0.0)
+
+
+def _compile(fn, device):
+    """torch.compile of fn under a code object of its own: dynamo keeps its graphs and its recompile limit per code
+    object, so steps built in one process (the tests) would otherwise evict each other's graphs."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    options = {"cpp_wrapper": True} if device.type == "cpu" else None  # less Python per call
+    return torch.compile(own, dynamic=False, fullgraph=True, options=options)
+
+
+def _failed(log, what, e):
+    reason = (str(e).strip().splitlines() or [""])[0][:200]
+    log(f"warning: compiling {what} failed ({type(e).__name__}: {reason}); it goes on with the eager step "
+        "(--compile off skips the attempt)")
+
+
+def plain_step(model, optimizer, config, eager, log):
+    """torch.compile of the forward pass and the loss; backward and the optimizer step as eager runs them."""
+
+    def loss(x, target, eps, C):
+        logits, mu, logvar, z = model.forward_with_z(x, eps=eps)
+        terms = vae.vae_loss(logits, target, mu, logvar, config, capacity=C, z=z)
+        return terms.total.mean(), terms.batch_sums().detach()
+
+    compiled, state = _compile(loss, next(model.parameters()).device), {"batch": None, "failed": False}
+
+    def step(x, target, step_idx):
+        state["batch"] = state["batch"] or x.shape[0]
+        if state["failed"] or x.shape[0] != state["batch"]:  # no recompiles for an epoch's short last batch
+            return eager(x, target, step_idx)
+        eps = torch.randn(x.shape[0], config.latent_dim, device=x.device, dtype=x.dtype)  # = randn_like(mu)
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            total, sums = compiled(x, target, eps, _capacity(config, step_idx))
+        except Exception as e:  # a compiler or toolchain failure must not end the run
+            _failed(log, "the training step", e)
+            state["failed"] = True
+            return eager(x, target, step_idx, eps)
+        total.backward()
+        optimizer.step()
+        return sums
+
+    step.compiled = True
+    return step
+
+
+def fused_problem(model, optimizer):
+    """Why FusedStep cannot train this model with this optimizer, or None. An optimizer that does not hold the
+    model's parameters is no pair at all: ValueError."""
+    if [id(p) for g in optimizer.param_groups for p in g["params"]] != [id(p) for p in model.parameters()]:
+        raise ValueError("the optimizer does not hold this model's parameters, in order: build it from them")
+    group = optimizer.param_groups[0]
+    options = ("amsgrad", "maximize", "differentiable", "capturable", "decoupled_weight_decay")
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) > 1 or any(map(group.get, options)) \
+            or isinstance(group["lr"], torch.Tensor):
+        return "the fused step reproduces plain single-group Adam only"
+    if not all(p.requires_grad for p in model.parameters()):
+        return "a parameter is frozen (requires_grad False)"
+    if len({float(optimizer.state[p].get("step", 0)) for p in model.parameters()}) > 1:
+        return "Adam's step counts differ between parameters"
+    twin = copy.deepcopy(model).double().train()  # the formulation against the model's own layers, once
+    x = torch.rand(4, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    eps = torch.randn(4, twin.config.latent_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    buffers = {k: v.clone() for k, v in twin.named_buffers()}
+    try:
+        got = chwn.forward(dict(twin.named_parameters()), buffers, x.reshape(4, -1).t(), eps)
+        want = twin(x, eps=eps)
+        same = all(torch.allclose(a.reshape(b.shape), b, atol=1e-9) for a, b in zip(got, want)) and all(
+            torch.allclose(buffers[k], v, atol=1e-9) for k, v in twin.named_buffers())
+    except (KeyError, RuntimeError, ValueError) as e:
+        return f"the model is not vae.py's layout, which plumbing/chwn.py is written for ({type(e).__name__}: {e})"
+    return None if same else "the model computes something else than plumbing/chwn.py's formulation of vae.py"
+
+
+class FusedStep:
+    """One compiled graph per step on a CPU: plumbing/chwn.py's forward pass, its gradient (torch.func) and
+    torch.optim.Adam's update, on three flat tensors that the parameters and Adam's moments are views of, so the graph
+    takes a dozen tensors and the update is one fused kernel. state_dict() and optimizer.state_dict() are those of
+    plain training; a batch of another size (an epoch's short last one) takes the eager step, on the same tensors.
+
+    Its contract: nothing replaces the model's or the optimizer's tensors after it is built (train.py builds it after
+    loading a checkpoint). fused_problem() checks the pair when it is built; check() verifies, at each epoch's start,
+    that nothing was replaced, and refuses to go on if something was."""
+
+    compiled = True
+
+    def __init__(self, model, optimizer, config, eager, log):
+        self.model, self.optimizer, self.config, self.eager, self.log = model, optimizer, config, eager, log
+        self.params, self.buffers = list(model.parameters()), list(model.buffers())
+        names, bnames = [n for n, _ in model.named_parameters()], [n for n, _ in model.named_buffers()]
+        bounds = [0, *torch.tensor([p.numel() for p in self.params]).cumsum(0).tolist()]
+        slices = [(a, b, p.shape) for a, b, p in zip(bounds, bounds[1:], self.params)]
+        self.p = torch.cat([p.detach().reshape(-1) for p in self.params])
+        torch.nn.utils.vector_to_parameters(self.p, self.params)  # each parameter's data: a view of self.p
+        self.m, self.v = torch.zeros_like(self.p), torch.zeros_like(self.p)
+        self.steps = torch.zeros(len(self.params))  # Adam keeps its step counts on the CPU, one per parameter
+        for i, (p, (a, b, shape)) in enumerate(zip(self.params, slices)):
+            st = optimizer.state[p]
+            if st:
+                self.m[a:b].copy_(st["exp_avg"].reshape(-1))
+                self.v[a:b].copy_(st["exp_avg_sq"].reshape(-1))
+                self.steps[i] = float(st["step"])
+            st.update(exp_avg=self.m[a:b].view(shape), exp_avg_sq=self.v[a:b].view(shape), step=self.steps[i])
+        self.kept = [(p, p.data_ptr(), optimizer.state[p]["exp_avg"]) for p in self.params]
+        self.batch, self.ok, self.failed = None, False, False
+
+        def loss(params, buffers, x, target, eps, C):
+            P, B = dict(zip(names, params)), dict(zip(bnames, buffers))
+            logits, mu, logvar = chwn.forward(P, B, x, eps)
+            terms = vae.vae_loss(logits, target.t(), mu, logvar, config, capacity=C)
+            return terms.total.mean(), terms.batch_sums().detach()
+
+        grad_and_loss = torch.func.grad_and_value(loss, has_aux=True)
+
+        def graph(fp, fm, fv, steps, buffers, x, target, eps, C, lr, hp):
+            # the gradient with respect to each parameter's view, then concatenated: with respect to fp itself,
+            # inductor built a masked sum over all 26 sources for every element (docs/speed.md)
+            grads, (_, sums) = grad_and_loss([fp[a:b].view(s) for a, b, s in slices], buffers, x, target, eps, C)
+            g = torch.cat([gi.reshape(-1) for gi in grads])
+            beta1, beta2, adam_eps, weight_decay = hp  # floats: a change compiles again
+            with torch.no_grad():  # torch.optim.Adam's update (foreach, not capturable)
+                if weight_decay != 0:
+                    g = g + weight_decay * fp
+                steps.add_(1)
+                t = steps[0]
+                fm.lerp_(g, 1 - beta1)
+                fv.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (fv.sqrt() / (1 - beta2**t).sqrt()).add_(adam_eps)
+                fp.sub_(lr / (1 - beta1**t) * fm / denom)
+            return sums
+
+        self.compiled = _compile(graph, self.p.device)
+
+    def check(self):
+        """Refuse to go on if the model or optimizer no longer hold the step's tensors (replaced from outside)."""
+        state = self.optimizer.state
+        if list(map(id, self.model.parameters())) != list(map(id, self.params)) or list(
+                map(id, self.model.buffers())) != list(map(id, self.buffers)) or not all(
+                p.data_ptr() == ptr and state[p].get("exp_avg") is m for p, ptr, m in self.kept):
+            raise RuntimeError("the model or its optimizer was given new tensors after the compiled step was built: "
+                               "build the step again (training.make_train_step) after changing them")
+
+    def __call__(self, x, target, step_idx):
+        self.batch = self.batch or x.shape[0]
+        if self.failed or x.shape[0] != self.batch:  # no recompiles for an epoch's short last batch
+            return self.eager(x, target, step_idx)
+        eps = torch.randn(x.shape[0], self.config.latent_dim, dtype=x.dtype)  # = randn_like(mu)
+        group = self.optimizer.param_groups[0]  # read each step: a schedule may change lr
+        lr = torch.tensor(float(group["lr"]), dtype=torch.float64)
+        hp = (*map(float, group["betas"]), float(group["eps"]), float(group["weight_decay"]))
+        state = (self.p, self.m, self.v, self.steps, *self.buffers)
+        saved = None if self.ok else [t.clone() for t in state]  # until it has run once, a failure is undone
+        try:
+            n = x.shape[0]  # the graph takes (784, B): the formulation's batch-innermost layout
+            out = self.compiled(self.p, self.m, self.v, self.steps, self.buffers, x.reshape(n, -1).t().contiguous(),
+                                target.reshape(n, -1).t().contiguous(), eps, _capacity(self.config, step_idx), lr, hp)
+        except Exception as e:  # a compiler or toolchain failure must not end the run
+            if saved is None:
+                raise
+            for dst, src in zip(state, saved):
+                dst.copy_(src)
+            _failed(self.log, "the training step", e)
+            self.failed = True
+            return self.eager(x, target, step_idx, eps)  # the noise already drawn: the run stays the eager run
+        self.ok = True
+        return out
 
 
 # ------------------------------------------------------------------------------- the course project's loop
 
+
 def make_seed_step(model, opt, config):
-    """The course project's step: BCE on sigmoid probabilities, loss summed over the batch (Adam is scale-invariant)."""
+    """The course project's step: BCE on sigmoid probabilities, the loss summed over the batch."""
+
     def step(x, target, step_idx):
         mu, logvar = model.encode(x)
-        recon = model.decode(model.reparameterize(mu, logvar))
+        recon = model.decode(vae.reparameterize(mu, logvar, torch.randn_like(mu)))
         rec = F.binary_cross_entropy(recon, target, reduction="none").flatten(1).sum(1)
         kl_per_dim = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
-        kl = kl_per_dim.sum(1)
-        terms = vae.LossTerms(rec, kl, rec + config.beta * kl, kl_per_dim)
+        terms = vae.LossTerms(rec, kl_per_dim.sum(1), rec + config.beta * kl_per_dim.sum(1), kl_per_dim)
         opt.zero_grad()
         loss = terms.total.sum()
         loss.backward()
         opt.step()
-        loss.item(), loss.item()   # the course project's loop reads the loss twice a step (its sum, its progress bar)
+        loss.item(), loss.item()  # its loop reads the loss twice a step (its sum, its progress bar)
         return terms.batch_sums().detach()
+
     return step
 
 
 def seed_batches(data_dir, batch_size, device):
-    """Batches the course project's way: per-image PIL transforms in DataLoader worker processes, as many as its
-    code starts (half the cores)."""
+    """Batches as the course project made them: per-image PIL transforms in DataLoader workers (half the cores)."""
     from torchvision import datasets, transforms
+
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
     dataset = datasets.FashionMNIST(data_dir, train=True, download=False, transform=tf)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         num_workers=(os.cpu_count() or 0) // 2)
-    for x, y in loader:
+    workers = (os.cpu_count() or 0) // 2
+    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers):
         x = x.to(device)
         yield x, (x + 1) / 2, y
 
 
-# ------------------------------------------------------------------------------------- the epoch and the test
+# ------------------------------------------------------------------------------- the epoch and the test pass
+
 
 class NonFinite(Exception):
     """The loss or the weights became NaN or infinite; the message says where."""
 
 
-def epoch_loop(model, step, train, s, epoch, state, progress=True):
-    """Train one epoch. s: dict with seed, batch_size, epochs, latent_dim (and loop, data_dir for the seed loop).
-    Returns (mean sums per image, per-step objective per image as floats, images/s)."""
+def epoch_loop(step, train, s, epoch, state, progress=True):
+    """Train one epoch. s: the run's settings (seed, batch_size, epochs, latent_dim, loop, data_dir). Returns (mean
+    sums per image, the objective per image of each step, images/s)."""
     from tqdm import tqdm
+
+    if hasattr(step, "check"):
+        step.check()
     g = torch.Generator(device=train.device).manual_seed(s["seed"] * 100_003 + epoch)
-    torch.manual_seed(s["seed"] * 100_003 + epoch)  # noise of the reparameterization: reproducible from the epoch
+    torch.manual_seed(s["seed"] * 100_003 + epoch)  # the reparameterization noise: reproducible from the epoch
     n_steps = math.ceil(len(train) / s["batch_size"])
     hist = torch.zeros(n_steps, 3 + s["latent_dim"], device=train.device)
     sizes = torch.zeros(n_steps, device=train.device)
-    bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False,
-               disable=None if progress else True, file=sys.stderr)
+    bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False, disable=None if progress else True,
+               file=sys.stderr)
     t0 = time.perf_counter()
     if s.get("loop", "fast") == "seed":
         batches = seed_batches(s["data_dir"], s["batch_size"], train.device)
     else:
-        layout = getattr(step, "batch_innermost", None)   # the compiled step's preference, asked each epoch
-        batches = train.batches(s["batch_size"], shuffle=True, generator=g, batch_innermost=bool(layout and layout()))
+        batches = train.batches(s["batch_size"], shuffle=True, generator=g)
     for i, (x, target, _) in enumerate(batches):
         hist[i] = step(x, target, state["step"])
         sizes[i] = len(x)
         state["step"] += 1
         if i % 25 == 24 or i == n_steps - 1:  # the only host syncs: every 25 steps
-            check_finite(hist[:i + 1, 2], epoch, i - i % 25)
+            check_finite(hist[: i + 1, 2], epoch, i - i % 25)
             bar.set_postfix(loss=f"{hist[i, 2].item() / len(x):.2f}", refresh=False)
             bar.update(i + 1 - bar.n)
     if train.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     bar.close()
-    means = (hist.sum(0) / len(train)).tolist()
-    return means, (hist[:, 2] / sizes).tolist(), len(train) / seconds
+    return (hist.sum(0) / len(train)).tolist(), (hist[:, 2] / sizes).tolist(), len(train) / seconds
 
 
 def check_finite(totals, epoch, first_unchecked):
     bad = (~torch.isfinite(totals[first_unchecked:])).nonzero()
     if len(bad):
-        raise NonFinite(f"the loss became {totals[first_unchecked + bad[0, 0]].item()} at epoch {epoch + 1}, "
-                        f"step {first_unchecked + bad[0, 0].item() + 1}")
-
-
-# The test pass's batch: its activations stay in a core's cache (the compiled pass took 0.10 s at 1,000 and 0.08 s at
-# 256 for 6,978 images, bench machine)
-TEST_BATCH = 256
+        where = first_unchecked + bad[0, 0].item()
+        raise NonFinite(f"the loss became {totals[where].item()} at epoch {epoch + 1}, step {where + 1}")
 
 
 @torch.inference_mode()
-def test_metrics(model, test, config, seed, step_idx, batch_size=64, fast=None):
-    """Single-sample ELBO terms on the test split (mean per image), with fixed noise so epochs compare fairly.
-
-    fast: a training step's test_sums (compiled, the same numbers up to float rounding), used where it can be.
-    The tc objective's estimators depend on the batch: its test total uses the training batch size (batch_size), the
-    same estimator as the train total (and M² pairs per batch rather than TEST_BATCH²).
-    """
+def test_metrics(model, test, config, seed, step_idx, batch_size=64):
+    """Single-sample ELBO terms on the test split (mean per image), with fixed noise so epochs compare fairly. The tc
+    objective's estimators depend on the batch: its test pass uses the training batch size."""
     model.eval()
     g = torch.Generator(device=test.device).manual_seed(seed)
     sums = torch.zeros(3 + config.latent_dim, device=test.device)
-    for x, target, _ in test.batches(batch_size if config.objective == "tc" else TEST_BATCH,
-                                     batch_innermost=fast is not None):
-        # the noise model.forward_with_z(x, generator=g) would draw
+    for x, target, _ in test.batches(batch_size if config.objective == "tc" else TEST_BATCH):
         eps = torch.randn((x.shape[0], config.latent_dim), device=x.device, dtype=x.dtype, generator=g)
-        batch = fast(x, target, eps, step_idx) if fast is not None else None
-        if batch is None:
-            logits, mu, logvar, z = model.forward_with_z(x, eps=eps)
-            batch = vae.vae_loss(logits, target, mu, logvar, config, step=step_idx, z=z).batch_sums()
-        sums += batch
+        logits, mu, logvar, z = model.forward_with_z(x, eps=eps)
+        sums += vae.vae_loss(logits, target, mu, logvar, config, step=step_idx, z=z).batch_sums()
     model.train()
     return (sums / len(test)).tolist()
-
-
-class Trainer:
-    """A model, optimizer and step as train.py builds them, for bench.py: .epoch() runs one epoch as train.py does
-    (training, then the test pass) or as the course project did (training only), and returns (training images/s,
-    epoch seconds). s: the settings dict train.py resolves (loop, batch_size, lr, seed, epochs, ...)."""
-
-    def __init__(self, data_dir, device, s, compile_mode):
-        self.data, self.test, self.s = data.load(data_dir, "train", device), data.load(data_dir, "test", device), s
-        torch.manual_seed(0)
-        self.config = vae.VAEConfig()
-        self.model = vae.BetaVAE(self.config).to(device)
-        opt = torch.optim.Adam(self.model.parameters(), lr=s["lr"])
-        self.step = (make_seed_step(self.model, opt, self.config) if s["loop"] == "seed"
-                     else make_train_step(self.model, opt, self.config, compile=compile_mode))
-        self.state, self.n = {"step": 0}, 0
-
-    def epoch(self):
-        t = time.perf_counter()
-        _, _, img_s = epoch_loop(self.model, self.step, self.data, self.s, self.n, self.state,
-                                          progress=False)
-        if self.s["loop"] != "seed":   # train.py's epoch ends with a test pass; the course project's had none
-            test_metrics(self.model, self.test, self.config, 0, self.state["step"],
-                         fast=getattr(self.step, "test_sums", None))
-        self.n += 1
-        return img_s, time.perf_counter() - t
-
-
-SERVE_EPOCHS = """
-import json, sys
-sys.path.insert(0, {root!r})
-import torch, training
-trainer = training.Trainer(sys.argv[1], torch.device(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] == "1")
-for line in sys.stdin:   # one epoch per line, its (images/s, seconds) back as one line
-    print(json.dumps(trainer.epoch()), flush=True)
-"""
-
-
-class TrainerProcess:
-    """A Trainer in a python process of its own, as each loop runs for its user (bench.py): sharing one process
-    slowed the compiled step by up to 1.7x (measured). Its epochs run one at a time, interleaved by the caller."""
-
-    def __init__(self, data_dir, device, s, compile_mode):
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVE_EPOCHS.format(root=os.path.dirname(os.path.abspath(__file__))), data_dir, str(device),
-                                      json.dumps(s), "1" if compile_mode else "0"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-    def epoch(self):
-        self.proc.stdin.write("epoch\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"a training process ended (exit status {self.proc.wait()})")
-        return tuple(json.loads(line))
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()

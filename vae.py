@@ -1,78 +1,115 @@
-"""The β-VAE: config, encoder, decoder and losses (checkpoints: checkpoint.py).
+"""The β-VAE: its settings, the model, the losses, and checkpoints.
 
-The architecture is the course project's, as its README's layer table lists it (ReLU before BatchNorm, no activation
-after the encoder's 288→128 layer); see docs/usage.md for how its published code differs. The loss is the β-VAE
-objective of Higgins et al. 2017, the controlled-capacity objective of Burgess et al. 2018, or the
-β-TCVAE objective of Chen et al. 2018.
-
-Changing the architecture: chwn_forward.py re-derives the fast CPU training formulation from these layers and says
-in one log line when it cannot (training then uses the module's own layers, slower); export_onnx.py folds each
-BatchNorm into the convolution after it; fast_decoder.py rewrites stride-2 transposed convolutions. Their tests
-(tests/test_train_step.py, tests/test_onnx.py, tests/test_metrics.py) check each against this module.
+The architecture is the course project's layer table (ReLU before BatchNorm, no activation after the encoder's
+288 -> 128 layer); docs/usage.md says how its published code differs. The objectives: β-VAE (Higgins et al. 2017),
+controlled capacity (Burgess et al. 2018) and β-TCVAE (Chen et al. 2018). plumbing/chwn.py restates these layers for
+the compiled CPU step, export_onnx.py folds BatchNorm into the convolutions; tests compare both with this module.
 """
+
+import dataclasses
+import hashlib
+import io
 import math
-from dataclasses import dataclass
+import os
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from plumbing import checks
+from plumbing.files import NotReadable, atomic_write, read_regular
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    default: object
+    low: float
+    high: float
+    help: str
+
+
+# Every setting a flag or a checkpoint holds, with its default and range: defined here and nowhere else. train.py,
+# evaluate.py, sweep.py and the checkpoint checks read it; a test compares docs/usage.md's table with it.
+SETTINGS = {
+    "latent_dim": Setting(10, 1, 4096, "latent size"),
+    "beta": Setting(4.0, 0.0, 1e6, "weight of the KL term; with --objective tc, of the total correlation"),
+    "gamma": Setting(None, 0.0, 1e9, "weight of the objective's extra term: capacity |KL - C| (default 1000), tc "
+                     "the dimension-wise KL (default 1)"),
+    "capacity_max": Setting(25.0, 0.0, 1e6, "capacity objective: C_max, nats"),
+    "capacity_steps": Setting(None, 1, 10**12, "capacity objective: steps over which C rises from 0 to C_max "
+                              "(default: three quarters of the run)"),
+    "alpha": Setting(1.0, 0.0, 1e6, "tc objective: weight of the index-code mutual information"),
+    "epochs": Setting(20, 1, 1_000_000, "epochs to train, in all"),
+    "batch_size": Setting(64, 1, 1_000_000, "batch size"),
+    "lr": Setting(1e-3, 1e-12, 10.0, "Adam's learning rate"),
+    "seed": Setting(0, 0, 2**32 - 1, "seeds shuffling, initialisation and sampling"),
+    "iwae_k": Setting(64, 1, 100_000, "importance samples per test image for the IWAE bound"),
+}
 OBJECTIVES = ("beta", "capacity", "tc")
+GAMMA_DEFAULTS = {"beta": 1000.0, "capacity": 1000.0, "tc": 1.0}  # Burgess et al.'s and Chen et al.'s values
+CAPACITY_RAMP = 0.75  # the share of a run over which C rises to C_max, unless --capacity-steps says otherwise
 IMAGE_SHAPE = (1, 28, 28)
 
 
-# γ when not given: capacity (Burgess et al.'s value for their shapes); tc: 1 (Chen et al.'s β-TCVAE, α = γ = 1).
-# The beta objective has no γ; it keeps the capacity value, which older checkpoints also hold.
-GAMMA_DEFAULTS = {"capacity": 1000.0, "tc": 1.0}
+def setting_problem(name, value):
+    """Why `value` is not a valid `name` (a SETTINGS entry), or None."""
+    s = SETTINGS[name]
+    kind = int if isinstance(s.low, int) else (int, float)
+    # bool is an int to Python, and NaN passes no comparison: both refused here
+    if isinstance(value, bool) or not isinstance(value, kind) or not s.low <= value <= s.high:
+        text = f"{value!r}" if isinstance(value, (int, float)) and abs(value) < 1e30 else checks.brief(value)
+        return f"{name} must be a{'n integer' if kind is int else ' number'} from {s.low:g} to {s.high:g} (got {text})"
+    return None
 
 
-# The range of every model setting: VAEConfig refuses values outside it (a checkpoint from elsewhere included) and
-# train.py names the flag. A latent of 10^9 would allocate 500 GB of weights before anything could fail.
-LIMITS = {"latent_dim": (1, 4096), "beta": (0.0, 1e6), "gamma": (0.0, 1e9), "capacity_max": (0.0, 1e6),
-          "capacity_steps": (1, 10**12), "alpha": (0.0, 1e6)}
-
-
-@dataclass
+@dataclasses.dataclass
 class VAEConfig:
-    latent_dim: int = 10
-    beta: float = 4.0           # weight of the KL term (Higgins et al. 2017)
-    objective: str = "beta"     # "beta": recon + β·KL; "capacity": recon + γ·|KL − C| (Burgess et al. 2018);
-                                # "tc": recon + α·MI + β·TC + γ·dimension-wise KL (β-TCVAE, Chen et al. 2018)
-    # γ weighs the objective's extra term, as both papers name it: |KL − C| (capacity) or the dimension-wise KL (tc).
-    # None means the objective's own default, GAMMA_DEFAULTS; the resolved value is what a checkpoint stores.
-    gamma: float | None = None
-    capacity_max: float = 25.0  # capacity objective: C_max in nats
-    capacity_steps: int = 100_000  # capacity objective: optimizer steps over which C rises from 0 to C_max
-    alpha: float = 1.0          # tc objective: weight of the index-code mutual information
-    dataset_size: int = 60_000  # tc objective: N, the size of the split batches are drawn from (train.py sets it)
+    latent_dim: int = SETTINGS["latent_dim"].default
+    beta: float = SETTINGS["beta"].default
+    objective: str = "beta"  # beta: recon + β·KL; capacity: recon + γ·|KL − C|; tc: recon + α·MI + β·TC + γ·DW
+    gamma: float | None = None  # None: the objective's own, GAMMA_DEFAULTS; a checkpoint stores the value used
+    capacity_max: float = SETTINGS["capacity_max"].default
+    capacity_steps: int | None = None  # the capacity objective needs it (train.py sets it from the run's length)
+    alpha: float = SETTINGS["alpha"].default
+    dataset_size: int = 60_000  # the tc objective's N, the size of the split batches come from
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {checks.brief(self.objective)})")
         if self.gamma is None:
-            self.gamma = GAMMA_DEFAULTS.get(self.objective, GAMMA_DEFAULTS["capacity"])
-        for name, (low, high) in LIMITS.items():
-            value = getattr(self, name)
-            kind = int if isinstance(low, int) else (int, float)
-            # bool is an int to Python, and NaN passes no comparison: both refused here
-            if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
-                raise ValueError(f"{name} must be a{'n integer' if kind is int else ' number'} from {low:g} to "
-                                 f"{high:g} (got {value!r})")
+            self.gamma = GAMMA_DEFAULTS[self.objective]
+        if self.capacity_steps is None and self.objective == "capacity":
+            raise ValueError("the capacity objective needs capacity_steps (train.py sets it from the run's length)")
+        for name in ("latent_dim", "beta", "gamma", "capacity_max", "capacity_steps", "alpha"):
+            problem = None if getattr(self, name) is None else setting_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
         if isinstance(self.dataset_size, bool) or not isinstance(self.dataset_size, int) or self.dataset_size < 1:
-            raise ValueError(f"dataset_size must be a positive integer (got {self.dataset_size!r})")
+            raise ValueError(f"dataset_size must be a positive integer (got {checks.brief(self.dataset_size)})")
+
+
+def describe(args):
+    """The parameters that define a model's objective, for titles: β-VAE β=4, capacity γ=1000 C_max=25, ..."""
+    objective, g = args.get("objective", "beta"), lambda k: f"{args.get(k, 0):g}"
+    if objective == "capacity":
+        return f"capacity objective, γ={g('gamma')}, C_max={g('capacity_max')} nats"
+    if objective == "tc":
+        return f"β-TCVAE, α={g('alpha')}, β={g('beta')}, γ={g('gamma')}"
+    return f"β-VAE, β={g('beta')}"
 
 
 class Encoder(nn.Module):
     def __init__(self, latent_dim):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),    # (B, 8, 14, 14)
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),   # (B, 16, 7, 7)
+            nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),  # (B, 8, 14, 14)
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),  # (B, 16, 7, 7)
             nn.BatchNorm2d(16),
             nn.Conv2d(16, 32, 3, stride=2, padding=0), nn.ReLU(),  # (B, 32, 3, 3)
-            nn.Flatten(),                                          # (B, 288)
-            nn.Linear(288, 128),                                   # the seed has no activation here
-        )
+            nn.Flatten(),  # (B, 288)
+            nn.Linear(288, 128),  # the seed has no activation here
+        )  # fmt: skip
         self.fc_mu = nn.Linear(128, latent_dim)
         self.fc_logvar = nn.Linear(128, latent_dim)
 
@@ -82,23 +119,20 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    unflat = (32, 3, 3)  # fc's output viewed as (B, 32, 3, 3) before the transposed convolutions
+    unflat = (32, 3, 3)  # fc's output viewed as (B, 32, 3, 3)
 
     def __init__(self, latent_dim):
         super().__init__()
-        self.fc = nn.Sequential(
-            nn.Linear(latent_dim, 128), nn.ReLU(),
-            nn.Linear(128, 288), nn.ReLU(),
-        )
+        self.fc = nn.Sequential(nn.Linear(latent_dim, 128), nn.ReLU(), nn.Linear(128, 288), nn.ReLU())
         self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(32, 16, 3, stride=2, padding=0), nn.ReLU(),                    # (B, 16, 7, 7)
+            nn.ConvTranspose2d(32, 16, 3, stride=2, padding=0), nn.ReLU(),  # (B, 16, 7, 7)
             nn.BatchNorm2d(16),
-            nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),   # (B, 8, 14, 14)
-            nn.ConvTranspose2d(8, 1, 3, stride=2, padding=1, output_padding=1),               # (B, 1, 28, 28)
-        )
+            nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, 8, 14, 14)
+            nn.ConvTranspose2d(8, 1, 3, stride=2, padding=1, output_padding=1),  # (B, 1, 28, 28)
+        )  # fmt: skip
 
     def logits(self, z):
-        # Training uses the logits: BCE-with-logits is the seed's BCE, stable where sigmoid saturates.
+        # training uses the logits: BCE-with-logits is the seed's BCE, stable where the sigmoid saturates
         return self.deconv(self.fc(z).view(-1, *self.unflat))
 
     def forward(self, z):
@@ -116,27 +150,18 @@ class BetaVAE(nn.Module):
         """x in [-1, 1], (B, 1, 28, 28) -> mu, logvar, each (B, latent_dim)."""
         return self.encoder(x)
 
-    @staticmethod
-    def reparameterize(mu, logvar, generator=None):
-        if generator is None:
-            eps = torch.randn_like(mu)
-        else:
-            eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-        return reparameterize(mu, logvar, eps)
-
     def decode(self, z):
-        """z (B, latent_dim) -> images in [0, 1], (B, 1, 28, 28). Runs alone: this is what gets exported."""
+        """z (B, latent_dim) -> images in [0, 1], (B, 1, 28, 28): what export_onnx.py exports."""
         return self.decoder(z)
 
-    def forward(self, x, generator=None, eps=None):
-        """Returns (reconstruction logits, mu, logvar); sigmoid(logits) is the reconstruction. `eps` (B, latent_dim)
-        replaces the reparameterization noise (the compiled training step draws it outside its graph)."""
-        return self.forward_with_z(x, generator, eps)[:3]
+    def forward(self, x, eps=None):
+        """(reconstruction logits, mu, logvar); eps (B, latent_dim) replaces the reparameterization noise."""
+        return self.forward_with_z(x, eps)[:3]
 
-    def forward_with_z(self, x, generator=None, eps=None):
-        """forward, plus the sampled z (B, latent_dim) the logits decode: the tc objective's estimators need it."""
+    def forward_with_z(self, x, eps=None):
+        """forward, plus the z the logits decode (the tc objective's estimators need it)."""
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar, generator) if eps is None else reparameterize(mu, logvar, eps)
+        z = reparameterize(mu, logvar, torch.randn_like(mu) if eps is None else eps)
         return self.decoder.logits(z), mu, logvar, z
 
 
@@ -146,9 +171,9 @@ def reparameterize(mu, logvar, eps):
 
 
 class LossTerms(NamedTuple):
-    recon: torch.Tensor       # (B,) Bernoulli cross-entropy summed over pixels, nats
-    kl: torch.Tensor          # (B,) KL(q(z|x) || N(0, I)), nats
-    total: torch.Tensor       # (B,) the objective being minimised
+    recon: torch.Tensor  # (B,) Bernoulli cross-entropy summed over pixels, nats
+    kl: torch.Tensor  # (B,) KL(q(z|x) ‖ N(0, I)), nats
+    total: torch.Tensor  # (B,) the objective minimised
     kl_per_dim: torch.Tensor  # (B, latent_dim)
 
     def batch_sums(self):
@@ -170,72 +195,39 @@ def log_normal(z, mu, logvar):
 
 
 def tc_terms(z, mu, logvar, dataset_size):
-    """β-TCVAE's split of KL(q(z|x) ‖ p(z)) for each image of a batch (Chen et al. 2018), nats, each (B,).
-
-    Returns (index-code MI, total correlation, dimension-wise KL), sample estimates at z_i ~ q(z|x_i):
-        MI_i = log q(z_i|x_i) − log q(z_i),  TC_i = log q(z_i) − Σ_d log q(z_id),  DW_i = Σ_d log q(z_id) − log p(z_i)
-    (they sum to the sampled KL, log q(z_i|x_i) − log p(z_i)). q(z) = (1/N) Σ_n q(z|x_n) is the aggregate posterior
-    over the N = dataset_size images, estimated by stratified sampling of the minibatch (the paper's minibatch
-    stratified sampling idea): z_i's own posterior, one Nth of q(z), is exact; the other (N − 1)/N is estimated by
-    the batch's other M − 1 images, a uniform sample of the rest, each weighted (N − 1)/(N (M − 1)). With the whole
-    data set as the batch (M = N) every weight is 1/N: the exact aggregate posterior that metrics.elbo_decomposition
-    uses on a test split (tested).
-    """
+    """β-TCVAE's split of the KL for each image of a batch (Chen et al. 2018), nats, each (B,): (index-code MI, total
+    correlation, dimension-wise KL) at z_i ~ q(z|x_i). q(z), the aggregate posterior over N = dataset_size images,
+    is estimated by stratified sampling of the minibatch: z_i's own posterior is exactly one Nth of it, and the
+    other M - 1 images of the batch stand for the rest, each weighted (N - 1) / (N (M - 1)). With the whole data set
+    as the batch every weight is 1/N: the exact aggregate posterior metrics.elbo_decomposition uses (tested)."""
     m, n = z.shape[0], float(dataset_size)
-    pair = log_normal(z[:, None, :], mu[None], logvar[None])   # (M, M, D): log q(z_id | x_j)
+    pair = log_normal(z[:, None, :], mu[None], logvar[None])  # (M, M, D): log q(z_id | x_j)
     log_w = torch.full((m, m), math.log(max(n - 1.0, 1e-30) / (n * max(m - 1, 1))), dtype=z.dtype, device=z.device)
     log_w.fill_diagonal_(-math.log(n))
-    log_q_zx = pair.diagonal().sum(0)                                     # (M,) log q(z_i | x_i)
-    log_qz = torch.logsumexp(log_w + pair.sum(2), dim=1)                  # (M,) log q(z_i)
+    log_q_zx = pair.diagonal().sum(0)  # (M,) log q(z_i | x_i)
+    log_qz = torch.logsumexp(log_w + pair.sum(2), dim=1)  # (M,) log q(z_i)
     log_qz_dims = torch.logsumexp(log_w[:, :, None] + pair, dim=1).sum(1)  # (M,) Σ_d log q(z_id)
     return kl_parts(log_q_zx, log_qz, log_qz_dims, z)
 
 
 def kl_parts(log_q_zx, log_qz, log_qz_dims, z):
     """(MI, TC, dimension-wise KL) from log q(z|x), log q(z) and Σ_d log q(z_d) at z; they sum to log q(z|x) − log p(z)
-    (Hoffman & Johnson 2016; Chen et al. 2018). Shared by the β-TCVAE loss and metrics.decomposition_terms."""
+    (Hoffman & Johnson 2016; Chen et al. 2018)."""
     log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(1)
     return log_q_zx - log_qz, log_qz - log_qz_dims, log_qz_dims - log_pz
 
 
-class _BCEWithLogits(torch.autograd.Function):
-    """Bernoulli cross-entropy per pixel from logits x and target t in [0, 1], with the gradient σ(x) − t:
-    (1 − t)·max(x, 0) + t·max(−x, 0) + log(1 + e^−|x|), F.binary_cross_entropy_with_logits to float rounding
-    (tested). Written with log rather than log1p: on an AVX-512 CPU torch's log1p is about 10x slower than log
-    (measured), and it was a quarter of the compiled test pass; e^−|x| ≤ 1, so 1 + e^−|x| costs at most ~1e-7 nats
-    a pixel."""
-    generate_vmap_rule = True   # elementwise: torch.func.vmap over the loss works as it did with torch's BCE
-
-    @staticmethod
-    def forward(x, t):
-        return (1 - t) * torch.relu(x) + t * torch.relu(-x) + torch.log(1 + torch.exp(-x.abs()))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, t = ctx.saved_tensors
-        return g * (torch.sigmoid(x) - t), (-g * x if ctx.needs_input_grad[1] else None)
-
-
 def bce_with_logits(logits, target):
-    """Per-pixel −[t log σ(x) + (1 − t) log(1 − σ(x))], elementwise (see _BCEWithLogits)."""
-    return _BCEWithLogits.apply(logits, target)
+    """Per-pixel Bernoulli cross-entropy −[t log σ(x) + (1 − t) log(1 − σ(x))], elementwise."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
 
 
 def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0, capacity=None, z=None):
-    """β-VAE loss per image, in nats.
-
-    recon = −Σ_pixels [x log p + (1 − x) log(1 − p)] with p = sigmoid(logits), target x in [0, 1];
-    KL    = ½ Σ_d (μ² + σ² − 1 − log σ²)  (closed form against N(0, I)).
-    objective "beta":     recon + β·KL                  (Higgins et al. 2017)
-    objective "capacity": recon + γ·|KL − C(step)|      (Burgess et al. 2018)
-    objective "tc":       recon + α·MI + β·TC + γ·dimension-wise KL at the sampled z (Chen et al. 2018; tc_terms)
-    `capacity` overrides C(step) (a tensor there keeps a compiled step from recompiling as C changes). `z` is the
-    sample the logits decode (model.forward_with_z); only the tc objective needs it. KL and kl_per_dim are the
-    closed form for every objective.
+    """The loss per image, in nats: recon = Bernoulli cross-entropy summed over pixels (target in [0, 1]),
+    KL = ½ Σ_d (μ² + σ² − 1 − log σ²), and the objective's total:
+        beta      recon + β·KL                               (Higgins et al. 2017)
+        capacity  recon + γ·|KL − C(step)|                   (Burgess et al. 2018; `capacity` overrides C(step))
+        tc        recon + α·MI + β·TC + γ·dimension-wise KL  (Chen et al. 2018, at the sampled z)
     """
     recon = bce_with_logits(recon_logits, target).flatten(1).sum(1)
     kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
@@ -248,24 +240,20 @@ def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0, capaci
         mi, tc, dw = tc_terms(z, mu, logvar, config.dataset_size)
         total = recon + config.alpha * mi + config.beta * tc + config.gamma * dw
     else:
-        c = capacity_at(step, config) if capacity is None else capacity
-        total = recon + config.gamma * (kl - c).abs()
+        total = recon + config.gamma * (kl - (capacity_at(step, config) if capacity is None else capacity)).abs()
     return LossTerms(recon, kl, total, kl_per_dim)
 
 
 def pick_device(name="auto"):
-    """cuda, then mps, then cpu; an explicit name must be available."""
+    """cuda, then mps, then cpu; an explicit name must be available (ValueError says what to do)."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name} was asked for but CUDA is not available here: use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not mps:
         raise ValueError("--device mps was asked for but MPS is not available here: use --device cpu or auto")
     return torch.device(name)
 
@@ -273,3 +261,91 @@ def pick_device(name="auto"):
 def param_count(module):
     return sum(p.numel() for p in module.parameters())
 
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+CHECKPOINT_FORMAT = 1
+MAX_CHECKPOINT_BYTES = 2**30  # a 10,000-epoch run of the largest model is a fraction of this
+CheckpointError = checks.CheckpointError
+
+
+def save_checkpoint(path, model, optimizer, epoch, seed, train_args, metrics, extra=None):
+    """One dict per run (weights, model_args, optimizer state, epoch, seed, train_args, metrics), written atomically."""
+    ckpt = {"format_version": CHECKPOINT_FORMAT, "model_args": dataclasses.asdict(model.config),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else {},
+            "epoch": int(epoch), "seed": int(seed), "train_args": dict(train_args), "metrics": list(metrics),
+            "torch_version": str(torch.__version__), **(extra or {})}  # fmt: skip
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)  # into memory first: a full disk is then an OSError here, and the old file stays whole
+    atomic_write(path, buf.getvalue())
+
+
+def read_checkpoint(path):
+    """The checkpoint dict, every field checked (plumbing/checks.py), plus "sha256" of the bytes it was read from. The
+    file is read once, and torch.load(weights_only=True) unpacks those bytes: a checkpoint never runs code."""
+    try:
+        data = read_regular(path, MAX_CHECKPOINT_BYTES)
+    except NotReadable as e:
+        if not os.path.lexists(path):
+            raise CheckpointError(f"no checkpoint at {path}: pass the checkpoint.pt that train.py wrote") from None
+        raise CheckpointError(f"{path} {e}: pass a checkpoint.pt written by train.py") from None
+    if not data:
+        raise CheckpointError(f"{path} is empty: it is not a checkpoint; train again or pick another file")
+    problem = checks.archive_problem(data)
+    if problem:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({problem}); pass a checkpoint.pt written by "
+                              "train.py")
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickles before refusing them; our error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle and zip errors have many types; all mean the same to the user
+        raise CheckpointError(f"{path} is not a readable checkpoint ({checks.load_error(e)}); pass a checkpoint.pt "
+                              "written by train.py") from None
+    checks.check_checkpoint(ckpt, path, CHECKPOINT_FORMAT, SETTINGS)
+    try:
+        VAEConfig(**ckpt["model_args"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged: model_args do not describe a model ({checks.first_line(e)}); "
+                              "retrain, or resume from a backup of the run folder") from None
+    ckpt["sha256"] = hashlib.sha256(data).hexdigest()
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, source="the checkpoint"):
+    """The model a checked checkpoint dict describes, with its weights (train mode)."""
+    model = BetaVAE(VAEConfig(**ckpt["model_args"]))
+    problem = checks.fit_problem(model.state_dict(), ckpt["model"])
+    if problem:
+        raise CheckpointError(f"{source} does not match this model ({problem}); retrain with train.py")
+    problem = checks.weights_problem(model.state_dict(), ckpt["model"])
+    if problem:
+        raise CheckpointError(f"{source} is damaged: {problem}; use an earlier checkpoint or retrain")
+    model.load_state_dict(ckpt["model"])
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # train.py never saves such weights; nothing useful can come of them
+        raise CheckpointError(f"{source} holds NaN or infinite weights ({bad[0]}); use an earlier checkpoint or retrain")
+    return model
+
+
+def load_optimizer_state(optimizer, ckpt, source):
+    """optimizer.load_state_dict(ckpt["optimizer"]), refusing state that does not fit the parameters (torch finds out
+    only at the first step). Only lr, betas, eps and weight_decay come from the file; how Adam runs stays."""
+    problem = checks.optimizer_fit_problem(optimizer, ckpt["optimizer"])
+    if problem is None:
+        saved = ckpt["optimizer"]
+        groups = [dict({k: v for k, v in mine.items() if k != "params"}, **{k: theirs[k] for k in checks.HYPER},
+                       params=theirs["params"]) for mine, theirs in zip(optimizer.param_groups, saved["param_groups"])]
+        try:
+            optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            problem = checks.first_line(e)
+    if problem:
+        raise CheckpointError(f"the optimizer state in {source} does not fit this model ({problem}); start a new "
+                              "--out-dir")
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the trained model in one call. Returns (model in eval mode on `device`, the checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt, str(path)).to(device).eval(), ckpt

@@ -1,7 +1,8 @@
-"""What every script shares at its edge (torch-free): flags, range checks and the one-line error contract.
+"""What every script shares at its edge (torch-free): flags and the one-line error contract.
 
 Bad input ends with one line, `error: <what is wrong>: <what to do>`, and exit status 2: no traceback, no usage dump.
 """
+
 import argparse
 import math
 import sys
@@ -19,8 +20,8 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
     def parse_args(self, args=None, namespace=None):
-        """argparse's, refusing an empty value: `--out-dir ""` names no folder, and `x or default` would quietly
-        use the default (or the current folder) instead."""
+        """argparse's, refusing an empty value: `--out-dir ""` names no folder, and `x or default` would quietly use
+        the default (or the current folder) instead."""
         parsed = super().parse_args(args, namespace)
         for action in self._actions:
             value = getattr(parsed, action.dest, None) if action.option_strings else None
@@ -30,16 +31,15 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed
 
 
-# The ranges of the run flags every script that takes them checks alike (train.py, and sweep.py before passing them
-# on); the model's own are vae.LIMITS.
-RANGES = {"batch_size": (1, 1_000_000), "epochs": (1, 1_000_000), "seed": (0, 2**32 - 1), "lr": (1e-12, 10.0),
-          "iwae_k": (1, 100_000)}
-
-
-def check_range(name, value):
-    """value within RANGES[name], named as its flag (--batch-size) in the message."""
-    low, high = RANGES[name]
-    (check_int if isinstance(low, int) else check_float)("--" + name.replace("_", "-"), value, low, high)
+def add_setting(parser, name, setting, default=argparse.SUPPRESS, **kwargs):
+    """--name-with-dashes (and the seed's --name_with_underscores) for a vae.SETTINGS entry: its type, range and
+    default in the help, all read from the one table."""
+    flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
+    shown_default = "see above" if setting.default is None else f"{setting.default:g}"
+    kind = int if isinstance(setting.low, int) else float
+    parser.add_argument(*flags, dest=name, type=kind, default=setting.default if default is argparse.SUPPRESS else
+                        default, help=f"{setting.help}, {setting.low:g} to {setting.high:g} (default: {shown_default})",
+                        **kwargs)  # fmt: skip
 
 
 def check_int(flag, value, low, high):
@@ -51,6 +51,12 @@ def check_float(flag, value, low, high, hint=""):
     """low <= value <= high and finite; NaN fails (every comparison with NaN is False)."""
     if not (math.isfinite(value) and low <= value <= high):
         raise UsageError(f"{flag} {value} is out of range: use a number from {low:g} to {high:g}{hint}")
+
+
+def check_setting(name, value, setting, flag=None):
+    """value within a vae.SETTINGS entry's range, named as its flag (--batch-size) in the message."""
+    check = check_int if isinstance(setting.low, int) else check_float
+    check(flag or "--" + name.replace("_", "-"), value, setting.low, setting.high)
 
 
 def safe_streams():

@@ -1,19 +1,74 @@
-"""Writing files safely (torch-free): atomic replaces, outputs that never clobber inputs, leftovers of killed runs.
+"""Reading and writing files safely (torch-free).
 
-Every file this project writes goes through a temporary file in the same folder, named
-`.<name>.<pid>-<host>.<8 random characters>.tmp`, and a rename, so a reader never sees half a file (a folder, such
-as explore.py's site, likewise). A process killed mid-write (SIGKILL, power cut) leaves its temp file behind;
-`clean_stale_temps(folder, names)` removes those of the outputs `names` that a process of this machine left and that
-no longer runs, the next time a script writes them.
+Reading: read_regular() and open_regular() accept only a regular file of bounded size (never a FIFO that blocks, a
+device that never ends, or a folder), opened once, so what was checked is what is read.
+Writing: every file goes through a temporary file in its folder, `.<name>.<pid>-<host>.<8 characters>.tmp`, and a
+rename, so a reader never sees half a file; atomic_write_all() writes several as one. A process killed mid-write
+leaves its temporary file behind; clean_stale_temps() removes those of processes of this machine that have gone.
 """
+
+import contextlib
 import hashlib
+import io
 import os
 import re
 import shutil
+import signal
 import socket
+import stat
 import tempfile
+import threading
+import zipfile
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<host>[0-9a-f]{6})\.[a-z0-9_]{8}\.tmp$")
+
+
+class NotReadable(Exception):
+    """A file that is missing, not a regular file, too large or unreadable; the message says which."""
+
+
+def open_regular(path):
+    """A binary file object for `path` if it is a regular file; NotReadable otherwise. O_NONBLOCK: opening a FIFO
+    returns at once instead of waiting for a writer, and fstat then refuses it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise NotReadable("does not exist") from None
+    except OSError as e:
+        raise NotReadable(f"cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotReadable("is not a regular file (a folder, a FIFO or a device)")
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path, limit):
+    """The bytes of the regular file `path`, at most `limit` of them (NotReadable for a larger file)."""
+    with open_regular(path) as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise NotReadable(f"cannot be read ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise NotReadable(f"is larger than {limit:,} bytes")
+    return data
+
+
+def zip_problem(data):
+    """Why the bytes are not a zip archive whose records are stored as they are (torch.save and numpy.savez write
+    such), or None: a compressed record's size says nothing of what it unpacks to."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            records = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        return f"not a zip archive as torch.save writes: {(str(e).strip().splitlines() or [type(e).__name__])[0][:120]}"
+    for info in records:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            return f"its record {info.filename[:80]!r} is compressed, which torch.save never does"
+    declared = sum(info.file_size for info in records)
+    if declared > len(data):
+        return f"its records declare {declared:,} bytes, more than its {len(data):,}"
+    return None
 
 
 def _host():
@@ -26,20 +81,24 @@ def _prefix(path):
 
 
 def _temp_for(path):
-    folder = os.path.dirname(os.path.abspath(path))
-    return tempfile.mkstemp(dir=folder, prefix=_prefix(path), suffix=".tmp")
+    return tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=_prefix(path), suffix=".tmp")
 
 
-def _write_temp(path, write_fn):
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_temp(path, write):
+    """A temporary file beside `path` holding write(file)'s output (or the bytes `write`), flushed to disk."""
     fd, tmp = _temp_for(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            write_fn(f)
+            write(f) if callable(write) else f.write(write)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     except BaseException:
         _unlink(tmp)
         raise
@@ -47,15 +106,14 @@ def _write_temp(path, write_fn):
 
 
 def _unlink(path):
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
-def atomic_write(path, write_fn):
-    """write_fn(binary file) into a temporary file beside `path`, then rename: `path` is the old file or the new one."""
-    tmp = _write_temp(path, write_fn)
+def atomic_write(path, write):
+    """write(binary file), or the bytes `write`, into a temporary file beside `path`, then rename: `path` is the old
+    file or the new one."""
+    tmp = _write_temp(path, write)
     try:
         os.replace(tmp, os.fspath(path))
     except BaseException:
@@ -63,64 +121,82 @@ def atomic_write(path, write_fn):
         raise
 
 
-def atomic_write_all(items):
-    """Write several files as one: afterwards either every path holds its new content or every path is as before.
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM arrived while atomic_write_all put files in place: they were all put in place first."""
 
-    items: [(path, write_fn)]. Everything is written to temporary files first (a full disk fails here, before any
-    path changes); old files are kept as hard links (copies on a file system without them: FAT, some network
-    shares) until every rename has happened, and put back if one fails. This holds for every error Python sees. A
-    SIGKILL in the microseconds between two renames leaves a new file beside an old one (its old copy, a temp file,
-    is then removed by the next clean_stale_temps).
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM noted rather than acted on inside the block (main thread only); yields the list of them."""
+    held = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def atomic_write_all(items):
+    """Write several files as one: afterwards every path holds its new content, or every path is as it was.
+
+    items: [(path, write function or bytes)]. Everything is written to temporary files first (a full disk fails here,
+    before any path changes); old files are kept as hard links (copies where a file system has none) until every
+    rename has happened, and put back if one fails. Ctrl-C and SIGTERM wait until the renames are done (or undone);
+    then Interrupted is raised, so the caller knows the files were written. A SIGKILL between two renames leaves a
+    new file beside an old one; the old one's copy is then a temporary file that clean_stale_temps() removes.
     """
     temps, backups, done = [], {}, []
     try:
-        for path, write_fn in items:
-            temps.append((os.fspath(path), _write_temp(path, write_fn)))
-        for path, tmp in temps:
-            if os.path.exists(path):
-                fd, backup = _temp_for(path)
-                os.close(fd)
-                os.unlink(backup)
-                backups[path] = backup   # removed at the end, whatever happens
-                try:
-                    os.link(path, backup)
-                except OSError:   # no hard links here: a copy (a full disk fails here, before any path changes)
-                    shutil.copyfile(path, backup)
-                    try:
-                        shutil.copymode(path, backup)   # a rollback puts it back as it was
-                    except OSError:
-                        pass
-        for path, tmp in temps:
-            os.replace(tmp, path)
-            done.append(path)
-    except BaseException:
-        for path in done:  # put the old files back (or remove new files that had no old one)
-            if path in backups:
-                os.replace(backups.pop(path), path)
-            else:
-                _unlink(path)
+        for path, write in items:
+            temps.append((os.fspath(path), _write_temp(path, write)))
+        with _signals_held() as held:
+            try:
+                for path, _ in temps:
+                    if os.path.exists(path):
+                        fd, backup = _temp_for(path)
+                        os.close(fd)
+                        os.unlink(backup)
+                        backups[path] = backup
+                        try:
+                            os.link(path, backup)
+                        except OSError:  # no hard links here: a copy, with the file's mode
+                            shutil.copyfile(path, backup)
+                            with contextlib.suppress(OSError):
+                                shutil.copymode(path, backup)
+                for path, tmp in temps:
+                    done.append(path)  # before the rename: a rollback checks whether it happened
+                    os.replace(tmp, path)
+            except BaseException:
+                for path, tmp in temps:
+                    if path not in done or os.path.exists(tmp):  # its rename never happened
+                        continue
+                    if path in backups:
+                        os.replace(backups.pop(path), path)
+                    else:
+                        _unlink(path)
+                raise
+    finally:
         for _, tmp in temps:
             _unlink(tmp)
-        raise
-    finally:
         for backup in backups.values():
             _unlink(backup)
+    if held:
+        raise Interrupted()
 
 
-def replace_dir(path, build_fn):
-    """build_fn(folder) fills a new temporary folder beside `path`, which then takes the place of `path`.
-
-    A reader sees the old folder or the new one, never half of one; if build_fn fails, `path` is as it was.
-    """
+def replace_dir(path, build):
+    """build(folder) fills a new temporary folder beside `path`, which then takes the place of `path`: a reader sees
+    the old folder or the new one; if build fails, `path` is as it was."""
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
-    new = tempfile.mkdtemp(dir=parent, prefix=_prefix(path), suffix=".tmp")
-    old = None
+    new, old = tempfile.mkdtemp(dir=parent, prefix=_prefix(path), suffix=".tmp"), None
     try:
-        build_fn(new)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(new, 0o777 & ~umask)  # mkdtemp makes 0700; a folder to be served gets the usual permissions
+        build(new)
+        os.chmod(new, 0o777 & ~_umask())  # mkdtemp makes 0700; a folder to be served gets the usual permissions
         if os.path.lexists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=_prefix(path), suffix=".tmp")
             os.rename(path, os.path.join(old, name))
@@ -138,18 +214,16 @@ def replace_dir(path, build_fn):
 def _alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # someone else's live process
         return True
-    except OverflowError:
-        return False
     return True
 
 
 def clean_stale_temps(folder, names):
-    """Remove the temporary files (or replace_dir's folders) of the outputs `names` in `folder` that a process of
-    this machine and user left and that no longer runs. Anything else, a user's look-alike included, stays."""
+    """Remove the temporary files (or replace_dir's folders) of the outputs `names` in `folder` that a process of this
+    machine and user left and that no longer runs. Anything else, a user's look-alike included, stays."""
     removed, names, host = [], set(names), _host()
     try:
         entries = os.listdir(folder)
@@ -163,10 +237,7 @@ def clean_stale_temps(folder, names):
         try:
             if os.lstat(path).st_uid != os.getuid():
                 continue
-            if os.path.isdir(path) and not os.path.islink(path):  # a folder replace_dir was building
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
             removed.append(entry)
         except OSError:
             pass
@@ -176,10 +247,9 @@ def clean_stale_temps(folder, names):
 def clean_stale_temps_for(paths):
     """clean_stale_temps for each output path (None skipped), folder by folder."""
     folders = {}
-    for p in paths:
-        if p is not None:
-            p = os.path.abspath(p)
-            folders.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
+    for p in filter(None, paths):
+        p = os.path.abspath(p)
+        folders.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
     return [e for folder, names in folders.items() for e in clean_stale_temps(folder, names)]
 
 
@@ -195,10 +265,8 @@ def same_file(a, b):
 
 
 def clashes(inputs, outputs):
-    """Names the first output that would replace an input or another output, or None.
-
-    inputs, outputs: {flag: path} (a path may be None: not used). Paths are compared by what they resolve to.
-    """
+    """Names the first output that would replace an input or another output, or None. inputs, outputs: {flag: path}
+    (None: not used); paths are compared by what they resolve to."""
     seen = [(flag, p) for flag, p in inputs.items() if p is not None]
     for flag, path in outputs.items():
         if path is None:

@@ -19,9 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import checkpoint  # noqa: E402
 import data  # noqa: E402
-import idx  # noqa: E402
 
 
 def make_images(n, seed):
@@ -45,8 +43,8 @@ def write_dataset(root, n_train=256, n_test=128, seed=0):
     for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
         imgs, labels = make_images(n, s)
         img_name, lbl_name = data.FILES[split]
-        idx.write_idx(os.path.join(raw, img_name), imgs)
-        idx.write_idx(os.path.join(raw, lbl_name), labels)
+        data.write_idx(os.path.join(raw, img_name), imgs)
+        data.write_idx(os.path.join(raw, lbl_name), labels)
     return str(root)
 
 
@@ -76,7 +74,7 @@ def tiny_checkpoint(tmp_path_factory):
             loss.backward()
             opt.step()
     path = str(root / "checkpoint.pt")
-    checkpoint.save_checkpoint(path, model, opt, epoch=3, seed=0, train_args={"epochs": 3}, metrics=[])
+    vae.save_checkpoint(path, model, opt, epoch=3, seed=0, train_args={"epochs": 3}, metrics=[])
     return {"path": path, "data_dir": data_dir}
 
 
@@ -120,8 +118,8 @@ def kl_exported(tiny_checkpoint, tmp_path_factory):
     torch.save(ckpt, folder / "checkpoint.pt")
     paths = {k: str(folder / f"{k}.onnx") for k in ("decoder", "encoder")}
     with contextlib.redirect_stdout(io.StringIO()):
-        export_onnx.main(["--checkpoint", str(folder / "checkpoint.pt"), "--out", paths["decoder"],
-                          "--encoder", paths["encoder"]])
+        assert export_onnx.main(["--checkpoint", str(folder / "checkpoint.pt"), "--out", paths["decoder"],
+                                 "--encoder", paths["encoder"]]) == 0
     return dict(paths, checkpoint=str(folder / "checkpoint.pt"), data_dir=tiny_checkpoint["data_dir"])
 
 

@@ -14,12 +14,11 @@ import zipfile
 import pytest
 import torch
 
-import checkpoint
 import evaluate
 import explore
 import export_onnx
 from plumbing import files as fileio
-import fid_classifier
+import fid
 import sample
 import sweep
 import train
@@ -81,20 +80,20 @@ def test_a_checkpoint_that_could_unpack_to_more_than_it_holds_is_refused_before_
     def never(*a, **k):
         raise AssertionError("torch.load was reached")
 
-    monkeypatch.setattr(checkpoint.torch, "load", never)
-    with pytest.raises(checkpoint.CheckpointError, match="is compressed, which torch.save never does"):
-        checkpoint.read_checkpoint(packed)
-    with pytest.raises(checkpoint.CheckpointError, match="records declare .* bytes, more than its"):
-        checkpoint.read_checkpoint(small)
+    monkeypatch.setattr(vae.torch, "load", never)
+    with pytest.raises(vae.CheckpointError, match="is compressed, which torch.save never does"):
+        vae.read_checkpoint(packed)
+    with pytest.raises(vae.CheckpointError, match="records declare .* bytes, more than its"):
+        vae.read_checkpoint(small)
     legacy = tmp_path / "legacy.pt"                                 # the older format allocates what it declares
     torch.save({"a": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
-    with pytest.raises(checkpoint.CheckpointError, match="not a zip archive"):
-        checkpoint.read_checkpoint(legacy)
+    with pytest.raises(vae.CheckpointError, match="not a zip archive"):
+        vae.read_checkpoint(legacy)
 
 
 def test_a_long_run_of_the_largest_model_loads(tmp_path):
     # every epoch's record its own lists, as train.py's history holds them: no size cap may refuse a real run
-    model = vae.BetaVAE(vae.VAEConfig(latent_dim=vae.LIMITS["latent_dim"][1]))
+    model = vae.BetaVAE(vae.VAEConfig(latent_dim=vae.SETTINGS["latent_dim"].high))
     opt = torch.optim.Adam(model.parameters())
     logits, mu, logvar = model(torch.zeros(2, 1, 28, 28))
     (logits.sum() + mu.sum() + logvar.sum()).backward()
@@ -107,9 +106,9 @@ def test_a_long_run_of_the_largest_model_loads(tmp_path):
     history = [{"epoch": e, "step": e, "train": record(e), "test": record(-e), "img_per_s": 1.0}
                for e in range(1, 201)]
     path = tmp_path / "checkpoint.pt"
-    checkpoint.save_checkpoint(path, model, opt, 200, 0, {"epochs": 200}, history)
+    vae.save_checkpoint(path, model, opt, 200, 0, {"epochs": 200}, history)
     assert path.stat().st_size > 10 << 20
-    model2, ckpt = checkpoint.load_checkpoint(path)
+    model2, ckpt = vae.load_checkpoint(path)
     assert len(ckpt["metrics"]) == 200
 
 
@@ -156,8 +155,8 @@ def first_state(c):
 ])
 def test_checkpoint_fields_no_run_writes_are_damage_named_at_load(tiny_checkpoint, tmp_path, change, needle):
     path = changed_copy(tiny_checkpoint, tmp_path, change)
-    with pytest.raises(checkpoint.CheckpointError) as e:
-        checkpoint.load_checkpoint(path)
+    with pytest.raises(vae.CheckpointError) as e:
+        vae.load_checkpoint(path)
     assert "is damaged" in str(e.value) and needle in str(e.value), str(e.value)
 
 
@@ -311,14 +310,15 @@ def fake_report(run_dir, checkpoint_path):
 
 def test_sweep_summary_of_a_folder_that_is_not_utf8_and_its_leftovers(tmp_path):
     out = os.path.join(str(tmp_path), os.fsdecode(b"sweep-\xff"))
-    fake_report(os.path.join(out, "beta1_seed0"), os.path.join(out, "beta1_seed0", "checkpoint.pt"))
+    run = os.fsdecode(b"beta1-\xff")  # a run folder, and the sweep's, named with bytes that are not UTF-8
+    fake_report(os.path.join(out, run), os.path.join(out, run, "checkpoint.pt"))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     stale = os.path.join(out, f".sweep.csv.{gone.pid}-{fileio._host()}.k1ll3d_x.tmp")
     open(stale, "wb").close()
     code, err = call(sweep.main, ["--aggregate", "--out-dir", out])
     assert code == 0 and "Traceback" not in err, err
-    assert "sweep-\\udcff" in open(os.path.join(out, "sweep.csv"), encoding="utf-8").read()
+    assert "beta1-\\udcff" in open(os.path.join(out, "sweep.csv"), encoding="utf-8").read()
     assert not os.path.exists(stale)
 
 
@@ -353,11 +353,11 @@ def dead_pid():
 
 def test_the_classifier_cache_folder_is_cleaned_of_killed_writes(tmp_path):
     data_dir = write_dataset(tmp_path / "data", n_train=64, n_test=32)
-    path = fid_classifier.classifier_cache_path(data_dir, epochs=1, max_train=64)
+    path = fid.classifier_cache_path(data_dir, epochs=1)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     stale = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{dead_pid()}-{fileio._host()}.k1ll3d_x.tmp")
     open(stale, "wb").close()
-    fid_classifier.load_classifier(data_dir, "cpu", epochs=1, max_train=64)
+    fid.load_classifier(data_dir, "cpu", epochs=1)
     assert os.path.isfile(path) and not os.path.exists(stale)
 
 

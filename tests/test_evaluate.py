@@ -7,9 +7,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import evaluate
 from conftest import run_main
 
@@ -62,15 +64,25 @@ def test_evaluate_writes_every_key_and_figure(evaluated, tiny_checkpoint):
     assert report["test"]["neg_elbo"] == pytest.approx(report["test"]["recon"] + report["test"]["kl"])
     assert report["test"]["n_images"] == 128 and report["test"]["iwae_k"] == 4
     assert len(report["kl_per_dim"]) == report["model_args"]["latent_dim"] == 4
-    assert 0 <= report["active_units"] <= 4
+    # one definition of "in use" everywhere: test KL above 0.01 nats
+    assert report["active_kl"] == 0.01 and report["active_units"] == sum(v > 0.01 for v in report["kl_per_dim"])
+    cb = report["continuous_bernoulli"]
+    assert cb["neg_elbo"] == pytest.approx(cb["recon"] + report["test"]["kl"]) and cb["iwae_nll"] <= cb["neg_elbo"]
+    assert cb["neg_elbo_bits_per_dim"] == pytest.approx(cb["neg_elbo"] / (784 * math.log(2)))
+    assert "not a log-likelihood" in report["test"]["units"] and "continuous Bernoulli" in result.stdout
     assert 0.0 <= report["linear_probe_acc"] <= 1.0 and 0.0 <= report["classifier_test_acc"] <= 1.0
     for extractor in ("pixels", "classifier"):
         fid = report["fid"][extractor]
         assert fid["n_real"] == fid["n_reconstruction"] == fid["n_generation"] == 128  # the whole test split
         assert fid["reconstruction"] >= 0 and fid["generation"] >= 0
     assert report["fid"]["pixels"]["feature_dim"] == 784 and report["fid"]["classifier"]["feature_dim"] == 64
-    assert report["checkpoint"] == os.path.abspath(tiny_checkpoint["path"])
-    assert report["data"] == {"data_dir": os.path.abspath(data_dir), "n_train": 256, "n_test": 128}
+    assert report["checkpoint"] == os.path.join(os.path.basename(os.path.dirname(tiny_checkpoint["path"])),
+                                                "checkpoint.pt") and len(report["checkpoint_sha256"]) == 64
+    data = report["data"]
+    assert (data["dataset"], data["n_train"], data["n_test"]) == ("fashion-mnist", 256, 128)
+    assert data["name"] == "Fashion-MNIST subset (256 train / 128 test images)"
+    text = json.dumps(report)  # no local path: a report can be shared
+    assert str(root) not in text and os.path.abspath(data_dir) not in text and os.path.expanduser("~") + "/" not in text
     assert report["seed"] == 0 and report["device"] in ("cpu", "cuda", "mps")
     assert set(report["timings_s"]) == {"load", "elbo_iwae", "encode", "probe", "decomposition", "classifier",
                                         "decode", "fid_pixels", "fid_classifier", "figures", "total"}
@@ -92,7 +104,7 @@ def test_same_seed_same_report_and_out_dir_defaults_to_eval_beside_the_checkpoin
     first, second = (json.loads((root / name / "report.json").read_text()) for name in ("first", "second/eval"))
     assert not first["classifier_from_cache"] and second["classifier_from_cache"]
     for report in (first, second):
-        for key in ("timings_s", "classifier_from_cache", "checkpoint"):
+        for key in ("timings_s", "classifier_from_cache", "checkpoint"):  # the copy's folder differs, not its bytes
             report.pop(key)
     assert first == second
 
@@ -113,7 +125,7 @@ import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
 import evaluate
-evaluate.main({argv!r})
+sys.exit(evaluate.main({argv!r}))
 """], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot write report.json and the figures in {out}")
@@ -124,10 +136,12 @@ evaluate.main({argv!r})
 # ------------------------------------------------------------------------------------------ bad input
 
 def fails(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(argv)
+    try:
+        code = evaluate.main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2
+    assert code == 2
     assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
     return err[-1]
 
@@ -216,3 +230,87 @@ def test_help_states_every_default_and_snake_case_aliases_parse(capsys):
     args = evaluate.parse_args(["--checkpoint", "c.pt", "--data_dir", "d", "--out_dir", "o", "--iwae_k", "5",
                                 "--batch_size", "7", "--n_show", "3"])
     assert (args.data_dir, args.out_dir, args.iwae_k, args.batch_size, args.n_show) == ("d", "o", 5, 7, 3)
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does_and_says_what_was_written(tmp_path, tiny_data, tiny_checkpoint):
+    """SIGTERM in the middle leaves no folder behind; an interrupt during the final renames waits for them and then
+    says the files were written (they were), never that they were not."""
+    out = tmp_path / "new" / "eval"
+    script = f"""
+import os, signal, sys, metrics, evaluate
+real = metrics.elbo_decomposition
+def slow(*a, **k):
+    os.kill(os.getpid(), signal.SIGTERM)   # arrives while the evaluation runs
+    return real(*a, **k)
+metrics.elbo_decomposition = slow
+sys.exit(evaluate.main(["--checkpoint", {tiny_checkpoint['path']!r}, "--data-dir", {tiny_data!r}, "--iwae-k", "2",
+                        "--out-dir", {str(out)!r}]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == \
+        "error: interrupted; report.json and the figures were not written", proc.stderr
+    assert not (tmp_path / "new").exists()
+    script = script.replace("metrics.elbo_decomposition = slow", """
+import os
+real_replace = os.replace
+def replace(src, dst):   # Ctrl-C between the renames of the commit
+    real_replace(src, dst)
+    if dst.endswith("report.json"):
+        os.kill(os.getpid(), signal.SIGINT)
+os.replace = replace""")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == \
+        "error: interrupted after writing report.json and the figures", proc.stderr
+    assert sorted(os.listdir(out)) == sorted(["report.json", *FIGURES])  # every file of the commit, none half
+
+
+@pytest.fixture(scope="module")
+def sprites_run(tmp_path_factory):
+    """A small model trained for one epoch on the sprites set, evaluated with --save-latents (its FID classifier
+    trained for one epoch, cached in a folder of the test's own)."""
+    import fid
+    import train
+    from conftest import run_here
+
+    root = tmp_path_factory.mktemp("sprites")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fid, "CLASSIFIER_EPOCHS", 1)
+    mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
+    proc = run_here(train, "--dataset", "sprites", "--epochs", "1", "--latent-dim", "5", "--compile", "off",
+                    "--out-dir", root / "run")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_here(evaluate, "--checkpoint", root / "run" / "checkpoint.pt", "--iwae-k", "2", "--save-latents",
+                    root / "z.npz", "--n-show", "4")
+    mp.undo()
+    assert proc.returncode == 0, proc.stderr
+    return root, json.loads((root / "run" / "eval" / "report.json").read_text()), proc
+
+
+def test_on_sprites_the_report_holds_every_disentanglement_metric(sprites_run):
+    root, report, proc = sprites_run
+    dis = report["disentanglement"]
+    for key in ("mig", "sap", "dci_disentanglement", "dci_completeness", "dci_informativeness", "factorvae_score"):
+        assert isinstance(dis[key], float) and 0.0 <= dis[key] <= 1.0 + 1e-9, key
+    assert len(dis["latents"]) == 5 and {d["factor"] for d in dis["latents"]} <= set(data.SPRITE_FACTORS)
+    assert report["data"]["dataset"] == "sprites" and "disentanglement: mig" in proc.stdout
+
+
+def test_saved_latents_let_numpy_alone_recompute_mig(sprites_run):
+    root, report, _ = sprites_run
+    with np.load(root / "z.npz") as z:
+        mu, logvar, labels, factors = z["mu"], z["logvar"], z["labels"], z["factors"]
+        assert list(z["factor_names"]) == list(data.SPRITE_FACTORS)
+    test_images, test_factors = data.sprite_split("test")
+    assert mu.shape == logvar.shape == (len(test_images), 5) and np.array_equal(factors, test_factors)
+    assert np.array_equal(labels, test_factors[:, 0])  # in order: the test split's own
+    gaps = []  # MIG with numpy alone, as the docs describe it
+    for f in factors.T:
+        h = -sum(p * np.log(p) for p in np.bincount(f) / len(f) if p > 0)
+        mis = []
+        for c in mu.T:
+            b = np.digitize(c, np.histogram(c, 20)[1][:-1])
+            joint = np.histogram2d(b, f, bins=(np.arange(b.max() + 2), np.arange(f.max() + 2)))[0] / len(f)
+            outer = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True)
+            mis.append(np.sum(joint[joint > 0] * np.log(joint[joint > 0] / outer[joint > 0])) / h)
+        gaps.append(np.subtract(*sorted(mis)[-1:-3:-1]))
+    assert np.mean(gaps) == pytest.approx(report["disentanglement"]["mig"], abs=0.01)

@@ -8,19 +8,23 @@ import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
+import types
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import data
 from PIL import Image
 
-from plumbing import browser
+from plumbing import browser, onnx_check
 import explore
 from plumbing import files as fileio
-import idx
 from conftest import KL, run_without_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +132,9 @@ def test_the_site_holds_page_models_runtime_and_metadata(site, kl_exported):
     assert meta["format"] == "beta-vae-explorer" and meta["latent_dim"] == 4 and meta["image_shape"] == [1, 28, 28]
     assert [x["index"] for x in meta["dims"]] == [1, 3, 2, 0]  # largest KL first
     assert [x["kl"] for x in meta["dims"]] == sorted(KL, reverse=True)
-    assert [x["unused"] for x in meta["dims"]] == [False, False, False, True]  # KL 0.01 < 0.05 nats
+    assert [x["unused"] for x in meta["dims"]] == [False, False, False, True]  # KL 0.01 <= 0.01 nats
+    assert meta["unused_kl"] == onnx_check.ACTIVE_KL == 0.01
+    assert meta["model"]["trained_on"].startswith("Fashion-MNIST, ")
     assert meta["onnxruntime_web"] == json.load(open(os.path.join(ROOT, "web", "package.json")))[
         "dependencies"]["onnxruntime-web"]
     assert meta["points"]["count"] == POINTS and meta["points"]["axes"] == [1, 3]
@@ -138,7 +144,7 @@ def test_the_site_holds_page_models_runtime_and_metadata(site, kl_exported):
 
 
 def test_the_scatter_holds_the_encoders_posterior_means_of_the_test_images(site, kl_exported):
-    images, labels = idx.read_split(kl_exported["data_dir"], "test")
+    images, labels = data.read_split(kl_exported["data_dir"], "test")
     blob = open(os.path.join(site, "points.bin"), "rb").read()
     assert len(blob) == POINTS * (4 * 4 + 1 + 784)
     mu = np.frombuffer(blob[:POINTS * 16], "<f4").reshape(POINTS, 4)
@@ -164,6 +170,61 @@ def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, web
     assert sorted(os.listdir(out)) == sorted([*explore.PAGE, "ort", "model.json", "decoder.onnx"])
     meta = json.load(open(os.path.join(out, "model.json")))
     assert meta["encoder"] is None and meta["points"] is None
+
+
+def test_not_in_use_means_kl_at_most_active_kl():
+    """0.03 nats is in use now (it was "unused" below 0.05); 0.01 and 0 are not."""
+    dec = types.SimpleNamespace(latent=4, kl=[0.03, 0.01, 0.0, 1.2], image_shape=(1, 28, 28), meta={})
+    meta = explore.site_meta(dec, None, None, "1.0.0")
+    assert [(x["index"], x["unused"]) for x in meta["dims"]] == [(3, False), (0, False), (1, True), (2, True)]
+
+
+def test_a_note_says_when_the_run_trained_past_the_exported_epoch(kl_exported, web, tmp_path, monkeypatch):
+    monkeypatch.setattr(explore, "WEB", web)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(kl_exported["decoder"], run / "decoder.onnx")  # exported at epoch 3
+
+    def build(last_epoch):
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "test": {"kl": 1.0}}) + "\n"
+                                                   for e in range(1, last_epoch + 1)))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert explore.main(["--onnx", str(run / "decoder.onnx"), "--out", str(tmp_path / "site")]) is None
+        return out.getvalue()
+
+    notes = [line for line in build(5).splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {run / 'decoder.onnx'} is from epoch 3, but its run has trained to epoch 5: export it "
+                     "again to explore the latest model"]
+    assert "note: " not in build(3)  # the run stopped where the file was exported: nothing to say
+
+
+def test_ctrl_c_while_building_is_one_line_and_leaves_the_old_site(kl_exported, web, tmp_path, monkeypatch):
+    monkeypatch.setattr(explore, "WEB", web)
+    out = tmp_path / "site"
+    with contextlib.redirect_stdout(io.StringIO()):
+        explore.main(["--onnx", kl_exported["decoder"], "--out", str(out)])
+    before = {name: (out / name).read_bytes() for name in ("model.json", "decoder.onnx")}
+    real = explore.replace_dir
+
+    def interrupted_half_way(path, build):
+        def half(folder):
+            build(folder)
+            raise KeyboardInterrupt  # Ctrl-C with the new site all but in place
+        real(path, half)
+
+    monkeypatch.setattr(explore, "replace_dir", interrupted_half_way)
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as e, monkeypatch.context() as m, contextlib.redirect_stdout(io.StringIO()) as o:
+        m.setattr(sys, "stderr", err)
+        try:
+            explore.main(["--onnx", kl_exported["decoder"], "--encoder", kl_exported["encoder"], "--out", str(out)])
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C left explore.main as a traceback")
+    assert e.value.code == 130 and o.getvalue() == ""
+    assert err.getvalue() == "error: interrupted; the site was not written (a site already there is as it was)\n"
+    assert sorted(os.listdir(tmp_path)) == ["site"]  # no half-built folder beside it
+    assert {name: (out / name).read_bytes() for name in before} == before and not (out / "encoder.onnx").exists()
 
 
 @pytest.mark.parametrize("case, needle", [
@@ -306,6 +367,79 @@ def test_serve_prints_the_url_and_stops_cleanly(kl_exported, web, tmp_path):
                 out, err = proc.communicate()
             pytest.fail(f"explore.py --serve did not stop on Ctrl-C within 20 s; its stacks:\n{err[-6000:]}")
     assert proc.returncode == 0 and "stopped" in out and err == ""
+
+
+@contextlib.contextmanager
+def watched_server(site, monkeypatch, send_buffer=None):
+    """explore's server for `site` in this process, its stderr captured: yields (server, stderr, the exceptions
+    passed to handle_error, a semaphore released as each request's thread ends). send_buffer: the bytes each
+    connection's kernel buffer may hold, so a response larger than that is still being written when a client goes."""
+    err, errors, ended = io.StringIO(), [], threading.Semaphore(0)
+    monkeypatch.setattr(sys, "stderr", err)  # where socketserver prints a handler's traceback
+    srv = explore.make_server(site, 0)
+    get_request, process = srv.get_request, srv.process_request_thread
+
+    def accept():
+        conn, address = get_request()
+        if send_buffer:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        return conn, address
+
+    def handle_error(request, address):
+        errors.append(sys.exc_info()[1])
+        type(srv).handle_error(srv, request, address)  # explore's own, which decides what is printed
+
+    def thread(request, address):
+        try:
+            process(request, address)
+        finally:
+            ended.release()
+
+    srv.get_request, srv.handle_error, srv.process_request_thread = accept, handle_error, thread
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv, err, errors, ended
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_client_that_drops_a_download_leaves_no_traceback(site, monkeypatch):
+    size = os.path.getsize(os.path.join(site, "decoder.onnx"))
+    with watched_server(site, monkeypatch, send_buffer=4096) as (srv, err, errors, ended):
+        port = srv.server_address[1]
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(f"GET /decoder.onnx HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        assert client.recv(1024).startswith(b"HTTP/1.0 200")
+        time.sleep(0.1)  # the server fills the buffers and waits to write more
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # gone mid-download, as a closed tab: a reset, not an orderly end
+        assert ended.acquire(timeout=10)
+        assert len(errors) == 1 and isinstance(errors[0], ConnectionError), errors  # the server was cut off
+        status, _, body = get(srv, "/decoder.onnx")  # and serves the next client as before
+        assert status == 200 and len(body) == size
+        assert err.getvalue() == ""
+
+
+def test_a_stalled_client_neither_holds_the_server_nor_its_connection(site, monkeypatch):
+    assert explore.SiteHandler.timeout is not None and 0 < explore.SiteHandler.timeout <= 10  # seconds: shortened
+    # below to keep the test fast
+    monkeypatch.setattr(explore.SiteHandler, "timeout", 0.5)
+    with watched_server(site, monkeypatch) as (srv, err, errors, ended):
+        port = srv.server_address[1]
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stalled.sendall(f"GET /model.json HTTP/1.1\r\nHost: 127.0.0.1:{port}".encode())  # half a request, then nothing
+        start = time.monotonic()
+        assert get(srv, "/model.json")[0] == 200  # others are served meanwhile
+        try:
+            assert stalled.recv(1024) == b""  # the server gave up on it and closed it
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - start < 5
+        stalled.close()
+        assert ended.acquire(timeout=5) and ended.acquire(timeout=5)  # both requests' threads are done
+        assert errors == [] and err.getvalue() == ""
 
 
 # -------------------------------------------------------------------------------------------------- the browser

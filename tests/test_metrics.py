@@ -1,110 +1,23 @@
-"""metrics.py: the Fréchet distance, the likelihood bounds, latent diagnostics and the classifier feature extractor."""
-import glob
-import os
-import warnings
+"""metrics.py: the likelihood bounds (the seed's BCE and the continuous Bernoulli), latent diagnostics, and the
+disentanglement metrics, each on constructed cases whose answer is known."""
+import functools
+import math
 
 import numpy as np
 import pytest
-import scipy.linalg
+import scipy.integrate
 import torch
+from sklearn.metrics import mutual_info_score
 
-import checkpoint
 import data
-import fast_decoder
-import fid_classifier
 import metrics
 import vae
-from conftest import write_dataset
-
-
-def random_cov(d, seed, scale=1.0):
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal((2 * d, d))
-    return scale * a.T @ a / (2 * d) + 0.05 * np.eye(d)
-
-
-# ------------------------------------------------------------------------------------------ Fréchet distance
-
-def test_frechet_distance_is_zero_for_identical_statistics():
-    for d in (1, 16, 128):
-        mu, sigma = np.random.default_rng(d).standard_normal(d), random_cov(d, seed=d, scale=3.0)
-        assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
-
-
-def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
-    rng = np.random.default_rng(0)
-    mu1, mu2 = rng.standard_normal(20), rng.standard_normal(20)
-    var1, var2 = rng.uniform(0.1, 4.0, 20), rng.uniform(0.1, 4.0, 20)
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)
-    got = metrics.frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2))
-    assert got == pytest.approx(expected, rel=1e-10)
-
-
-def test_frechet_distance_agrees_with_sqrtm_on_well_conditioned_non_commuting_covariances():
-    s1, s2 = random_cov(12, seed=1), random_cov(12, seed=2)
-    mu1, mu2 = np.zeros(12), np.full(12, 0.5)
-    reference = 12 * 0.25 + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
-    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-8)
-
-
-def test_frechet_distance_is_symmetric_and_takes_tensors():
-    s1, s2 = random_cov(30, seed=3), random_cov(30, seed=4, scale=2.0)
-    mu1, mu2 = np.ones(30), np.zeros(30)
-    forward = metrics.frechet_distance(mu1, s1, mu2, s2)
-    backward = metrics.frechet_distance(torch.tensor(mu2), torch.tensor(s2), torch.tensor(mu1), torch.tensor(s1))
-    assert forward > 1.0
-    assert forward == pytest.approx(backward, rel=1e-10)
-
-
-def test_frechet_distance_is_finite_and_non_negative_on_rank_deficient_covariances():
-    rng = np.random.default_rng(5)
-    for n in (2, 5, 13, 31):  # far fewer samples than 50 dimensions: both covariances singular
-        d = 50
-        f1, f2 = rng.standard_normal((n, d)), rng.standard_normal((n, d)) * 1e-3
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            stats1, stats2 = metrics.feature_stats(f1), metrics.feature_stats(f2)
-        for a, b in ((stats1, stats2), (stats1, stats1), (stats2, stats2)):
-            value = metrics.frechet_distance(*a, *b)
-            assert np.isfinite(value) and value >= 0.0
-        assert metrics.frechet_distance(*stats1, *stats1) < 1e-8
-    zero = np.zeros((4, 4))  # degenerate Gaussians: only the means are left
-    assert metrics.frechet_distance(np.zeros(4), zero, np.full(4, 2.0), zero) == pytest.approx(16.0)
-
-
-def test_frechet_distance_rejects_non_finite_and_mismatched_statistics():
-    s = np.eye(3)
-    with pytest.raises(ValueError, match="non-finite"):
-        metrics.frechet_distance(np.array([0.0, np.nan, 0.0]), s, np.zeros(3), s)
-    with pytest.raises(ValueError, match="covariances"):
-        metrics.frechet_distance(np.zeros(3), s, np.zeros(4), np.eye(4))
-
-
-def test_fid_from_features_warns_when_samples_are_fewer_than_dimensions():
-    with pytest.warns(UserWarning, match="10 samples of 20-dimensional"):
-        metrics.fid_from_features(torch.randn(10, 20), torch.randn(30, 20))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # enough samples: no warning
-        metrics.fid_from_features(torch.randn(40, 20), torch.randn(30, 20))
-
-
-def test_fid_from_features_sees_a_mean_shift():
-    f = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
-    assert metrics.fid_from_features(f, f) < 1e-8
-    assert metrics.fid_from_features(f, f + 0.5) == pytest.approx(8 * 0.25, rel=1e-9)  # same covariance
-
-
-def test_pixel_features_are_flattened_images():
-    images = torch.rand(7, 1, 28, 28)
-    f = metrics.pixel_features(images)
-    assert f.shape == (7, 784) and torch.equal(f[3], images[3].flatten())
-
 
 # ------------------------------------------------------------------------------------------ likelihood bounds
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoint):
-    model, _ = checkpoint.load_checkpoint(tiny_checkpoint["path"])
+    model, _ = vae.load_checkpoint(tiny_checkpoint["path"])
     return model, data.load(tiny_checkpoint["data_dir"], "test", "cpu")
 
 
@@ -156,51 +69,6 @@ def test_bernoulli_nll_equals_the_training_reconstruction_term():
     assert torch.allclose(metrics.bernoulli_nll(logits, target), expected, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("c_in,c_out,size,padding,output_padding", [
-    (32, 16, 3, 0, 0), (16, 8, 7, 1, 1), (8, 1, 14, 1, 1), (3, 5, 6, 1, 0), (4, 2, 5, 0, 1)])
-def test_sub_pixel_convolution_equals_the_transposed_convolution(c_in, c_out, size, padding, output_padding):
-    torch.manual_seed(0)
-    convt = torch.nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=padding, output_padding=output_padding)
-    x = torch.randn(5, c_in, size, size)
-    with torch.no_grad():
-        expected, got = convt(x), fast_decoder.SubPixelConvTranspose(convt)(x)
-    assert got.shape == expected.shape
-    assert torch.allclose(got, expected, atol=1e-5)
-
-
-def test_fast_copy_reproduces_the_decoder_and_leaves_the_model_alone(tiny_model):
-    model, _ = tiny_model
-    fast = fast_decoder.fast_copy(model)
-    assert fast is not model and not fast.training
-    assert sum(isinstance(m, fast_decoder.SubPixelConvTranspose) for m in fast.modules()) == 3
-    assert not any(isinstance(m, fast_decoder.SubPixelConvTranspose) for m in model.modules())
-    z = torch.randn(50, 4, generator=torch.Generator().manual_seed(1)) * 3
-    with torch.no_grad():
-        assert torch.allclose(fast.decoder.logits(z), model.decoder.logits(z), atol=1e-4)
-    training = vae.BetaVAE(vae.VAEConfig(latent_dim=3))  # train mode: batch norm must not see the check's latents
-    before = {k: v.clone() for k, v in training.state_dict().items()}
-    assert not fast_decoder.fast_copy(training).training and training.training
-    assert all(torch.equal(v, before[k]) for k, v in training.state_dict().items())
-
-
-# ------------------------------------------------------------------------------------------ latent diagnostics
-
-def test_active_units_counts_dimensions_whose_posterior_mean_varies():
-    g = torch.Generator().manual_seed(0)
-    n = 2000
-    mu = torch.stack([
-        torch.randn(n, generator=g),              # variance 1: active
-        torch.full((n,), 3.0),                    # constant, however far from 0: inactive
-        0.05 * torch.randn(n, generator=g),       # variance 0.0025: inactive
-        0.2 * torch.randn(n, generator=g),        # variance 0.04: active
-        torch.arange(n).remainder(2) * 2.0 - 1,   # ±1: active
-    ], dim=1)
-    count, variances = metrics.active_units(mu)
-    assert count == 3
-    assert [v > 0.01 for v in variances] == [True, False, False, True, True]
-    assert metrics.active_units(mu, threshold=2.0)[0] == 0
-
-
 def test_linear_probe_scores_100_percent_on_separable_latents_and_chance_on_noise():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(10, 6, generator=g) * 5
@@ -215,60 +83,140 @@ def test_linear_probe_scores_100_percent_on_separable_latents_and_chance_on_nois
     assert metrics.linear_probe_accuracy(torch.randn(500, 6, generator=g), y_train, noise, y_test) < 0.3
 
 
-# ------------------------------------------------------------------------------------------ classifier features
-
-def test_classifier_is_cached_deterministic_and_retrained_when_the_data_changes(tiny_data):
-    net, info = fid_classifier.load_classifier(tiny_data, "cpu", epochs=2)
-    assert not info["from_cache"] and os.path.isfile(info["path"])
-    assert os.path.dirname(info["path"]) == os.path.join(tiny_data, "FashionMNIST")  # beside the data: writable
-    assert 0.0 <= info["test_acc"] <= 1.0
-    images = data.load(tiny_data, "test", "cpu").images.float() / 255.0
-    features = fid_classifier.classifier_features(net, images)
-    assert features.shape == (len(images), fid_classifier.FEATURE_DIM)
-
-    again, info_again = fid_classifier.load_classifier(tiny_data, "cpu", epochs=2)
-    assert info_again["from_cache"] and info_again["path"] == info["path"]
-    assert info_again["test_acc"] == info["test_acc"]
-    assert torch.equal(fid_classifier.classifier_features(again, images), features)
-    assert torch.equal(fid_classifier.classifier_features(again, images), fid_classifier.classifier_features(again, images))
-
-    write_dataset(tiny_data, n_train=200, seed=7)  # other training data (and test data) in the same folder
-    changed, info_changed = fid_classifier.load_classifier(tiny_data, "cpu", epochs=2)
-    assert not info_changed["from_cache"] and info_changed["path"] != info["path"]
-    assert not torch.equal(fid_classifier.classifier_features(changed, images), features)
-    assert len(glob.glob(os.path.join(tiny_data, "FashionMNIST", "classifier-*.pt"))) == 2
+# ----------------------------------------------------------------------------------- the continuous Bernoulli
 
 
-def test_classifier_training_is_reproducible_from_its_seed(tiny_data):
-    train, test = data.load(tiny_data, "train", "cpu"), data.load(tiny_data, "test", "cpu")
-    a, acc_a = fid_classifier.train_classifier(train, test, "cpu", epochs=1)
-    b, acc_b = fid_classifier.train_classifier(train, test, "cpu", epochs=1)
-    c, _ = fid_classifier.train_classifier(train, test, "cpu", epochs=1, seed=1)
-    images = test.images.float() / 255.0
-    assert acc_a == acc_b
-    assert torch.allclose(fid_classifier.classifier_features(a, images), fid_classifier.classifier_features(b, images), atol=1e-5)
-    assert not torch.allclose(fid_classifier.classifier_features(a, images), fid_classifier.classifier_features(c, images))
+def integral_norm(lam):
+    """log C(λ) by numerical integration: 1 / C = ∫₀¹ λ^x (1 − λ)^(1 − x) dx."""
+    value, _ = scipy.integrate.quad(lambda x: math.exp(x * math.log(lam) + (1 - x) * math.log1p(-lam)), 0, 1,
+                                    epsabs=0, epsrel=1e-13)  # fmt: skip
+    return -math.log(value)
 
 
-def test_damaged_classifier_cache_is_rebuilt(tiny_data):
-    path = fid_classifier.classifier_cache_path(tiny_data, epochs=1)
-    with open(path, "wb") as f:
-        f.write(b"not a checkpoint")
-    net, info = fid_classifier.load_classifier(tiny_data, "cpu", epochs=1)
-    assert not info["from_cache"] and info["path"] == path
-    assert fid_classifier.load_classifier(tiny_data, "cpu", epochs=1)[1]["from_cache"]
+@pytest.mark.parametrize("lam", [0.5, 0.5 + 1e-7, 0.5 - 1e-7, 0.5 + 1e-4, 0.5 - 1e-2, 0.5 + 1e-2, 0.1, 0.9, 1e-3,
+                                 1 - 1e-3, 1e-8])  # fmt: skip
+def test_the_continuous_bernoulli_normaliser_is_the_integral_also_near_one_half(lam):
+    logit = torch.tensor([math.log(lam) - math.log1p(-lam)], dtype=torch.float64)
+    assert metrics.cb_log_norm(logit).item() == pytest.approx(integral_norm(lam), rel=1e-9, abs=1e-12)
+    got32 = metrics.cb_log_norm(logit.float()).item()
+    assert got32 == pytest.approx(integral_norm(lam), rel=1e-5)  # float32 too: no 0/0 at λ = 1/2
 
 
-def test_classifier_cache_falls_back_to_the_user_cache_when_the_data_folder_is_read_only(tiny_data, tmp_path,
-                                                                                         monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    folder = os.path.join(tiny_data, "FashionMNIST")
-    os.chmod(folder, 0o555)  # a shared, read-only data set (root would pass os.access: the mode bits decide)
-    try:
-        path = fid_classifier.classifier_cache_path(tiny_data, epochs=1)
-        assert path.startswith(str(tmp_path / "cache" / fid_classifier.PROJECT) + os.sep)
-        _, info = fid_classifier.load_classifier(tiny_data, "cpu", epochs=1)
-        assert os.path.isfile(path) and info["path"] == path
-        assert not glob.glob(os.path.join(folder, "classifier-*.pt"))
-    finally:
-        os.chmod(folder, 0o755)
+def test_the_continuous_bernoulli_is_a_density_with_finite_gradients():
+    logits = torch.tensor([-80.0, -5.0, -1e-3, 0.0, 2e-3, 1.0, 30.0, 1e4], dtype=torch.float64, requires_grad=True)
+    metrics.cb_log_norm(logits).sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[3] == 0  # even in l: flat at 0
+    for lam in (0.02, 0.5, 0.7):
+        logit = math.log(lam / (1 - lam))
+
+        def density(x):
+            t = torch.tensor([x], dtype=torch.float64)
+            nll = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([logit], dtype=torch.float64), t)
+            return math.exp(-(nll - metrics.cb_log_norm(torch.tensor([logit], dtype=torch.float64))).item())
+
+        assert scipy.integrate.quad(density, 0, 1)[0] == pytest.approx(1.0, rel=1e-9)
+
+
+def test_the_bounds_under_the_continuous_bernoulli_add_the_normaliser(tiny_model):
+    model, test = tiny_model
+    r = bounds(model, test, 1)
+    cb = r["continuous_bernoulli"]
+    x, target, _ = next(test.batches(len(test)))
+    with torch.no_grad():  # k = 1 with the same noise: recon_cb = recon − Σ log C at the same logits
+        mu, logvar = model.encode(x)
+        eps = torch.randn(1, len(x), 4, generator=torch.Generator().manual_seed(0))
+        logits = model.decoder.logits(vae.reparameterize(mu, logvar, eps)[0])
+    log_c = metrics.cb_log_norm(logits).flatten(1).sum(1).double().mean().item()
+    assert cb["recon"] == pytest.approx(r["recon"] - log_c, rel=1e-5)
+    assert cb["neg_elbo"] == pytest.approx(cb["recon"] + r["kl"], rel=1e-9)
+    assert cb["neg_elbo_bits_per_dim"] == pytest.approx(cb["neg_elbo"] / (784 * math.log(2)), rel=1e-9)
+    assert cb["neg_elbo"] < r["neg_elbo"]  # log C ≥ log 2 > 0 at every pixel
+
+
+# ------------------------------------------------------------------------------------------ disentanglement
+
+LEVELS = (3, 4, 5, 6, 8)
+FACTORS = np.stack(np.meshgrid(*map(np.arange, LEVELS), indexing="ij"), -1).reshape(-1, len(LEVELS))  # 2,880 rows
+CHANCE = float(np.mean([1 / n for n in LEVELS]))  # guessing a uniform factor
+
+
+def _rotate(codes, angle=np.pi / 4):
+    """Mix latents 0 and 1, so factors 0 and 1."""
+    out, c, s = codes.copy(), np.cos(angle), np.sin(angle)
+    out[:, 0], out[:, 1] = c * codes[:, 0] - s * codes[:, 1], s * codes[:, 0] + c * codes[:, 1]
+    return out
+
+
+def _representations():
+    rng, n = np.random.default_rng(0), len(FACTORS)
+    z = (FACTORS - FACTORS.mean(0)) / FACTORS.std(0)
+    perfect = np.c_[z, rng.normal(size=(n, 2)), np.zeros((n, 1))]  # the factors, two noise latents, a constant one
+    d = perfect.shape[1]
+    scale = rng.uniform(0.5, 3.0, d) * np.array([-1, 1, -1, 1, 1, -1, 1, -1])
+    return {"perfect": perfect, "transformed": (perfect * scale + rng.normal(size=d))[:, rng.permutation(d)],
+            "rotated": _rotate(perfect), "noise": rng.normal(size=(n, d))}  # fmt: skip
+
+
+REPS = _representations()
+HEADLINES = {"mig": "mig", "sap": "sap", "dci_disentanglement": "disentanglement", "dci_completeness": "completeness",
+             "dci_informativeness": "informativeness", "factorvae_score": "factorvae_score"}  # fmt: skip
+
+
+@functools.cache
+def score(rep):
+    """Every supervised metric of a representation, as evaluate.py computes them."""
+    return metrics.disentanglement(REPS[rep], FACTORS, [f"f{k}" for k in range(len(LEVELS))])
+
+
+def test_mig_is_disentanglement_libs_and_numpy_alone_recomputes_it():
+    codes = REPS["rotated"]
+    binned = [np.digitize(c, np.histogram(c, 20)[1][:-1]) for c in codes.T]
+    mi = np.array([[mutual_info_score(f, b) for f in FACTORS.T] for b in binned])  # their MI: sklearn's, nats
+    top = np.sort(mi / [mutual_info_score(f, f) for f in FACTORS.T], axis=0)
+    assert metrics.mig(codes, FACTORS)["mig"] == pytest.approx(np.mean(top[-1] - top[-2]), abs=1e-12)
+
+
+def test_the_factors_themselves_score_at_or_near_one():
+    s = score("perfect")
+    assert s["mig"] > 0.98 and s["factorvae_score"] > 0.99
+    assert min(s["dci_disentanglement"], s["dci_completeness"], s["dci_informativeness"]) > 0.98
+    # SAP's ceiling: a 1-D linear classifier's best accuracy on a factor of L levels is about 1/L+ (one threshold),
+    # and the runner-up latent is at chance, so the gap stays well below 1 even for perfect codes
+    assert s["sap"] > 0.3
+    assert [s["latents"][d]["factor"] for d in range(5)] == ["f0", "f1", "f2", "f3", "f4"]
+
+
+@pytest.mark.parametrize("metric", list(HEADLINES))
+def test_a_permuted_rescaled_and_sign_flipped_copy_scores_the_same(metric):
+    assert score("transformed")[metric] == pytest.approx(score("perfect")[metric], abs=0.02)
+
+
+@pytest.mark.parametrize("metric", list(HEADLINES))
+def test_a_rotation_that_mixes_two_factors_scores_lower(metric):
+    if metric == "dci_informativeness":  # the information is all still there, only mixed: it stays
+        assert score("rotated")[metric] > 0.95
+    else:
+        assert score("rotated")[metric] < score("perfect")[metric] - 0.05
+
+
+@pytest.mark.parametrize("metric, chance", [("mig", 0.0), ("sap", 0.0), ("dci_disentanglement", 0.0),
+                                            ("dci_completeness", 0.0), ("dci_informativeness", CHANCE),
+                                            ("factorvae_score", 1 / len(LEVELS))])  # fmt: skip
+def test_independent_noise_scores_near_chance(metric, chance):
+    assert score("noise")[metric] == pytest.approx(chance, abs=0.05)
+
+
+def test_udr_is_one_for_permuted_copies_and_near_zero_for_unrelated_runs():
+    rng = np.random.default_rng(1)
+    base = np.c_[FACTORS[:, 1:] * 1.0, np.zeros((len(FACTORS), 2))]  # a factor grid: uncorrelated latents, exactly
+    kl = [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    copy = base[:, [2, 0, 3, 1, 4, 5]] * [-2.0, 1.0, 3.0, -0.5, 1.0, 1.0] + 7.0
+    copy_kl = [kl[i] for i in [2, 0, 3, 1, 4, 5]]
+    assert metrics.udr([base, copy], [kl, copy_kl]) == pytest.approx([1.0, 1.0], abs=1e-9)
+    unrelated = rng.normal(size=(len(FACTORS), 6))
+    assert max(metrics.udr([base, unrelated], [kl, [1.0] * 6])) < 0.1
+    # the median over a run's pairs: three copies and an unrelated run keep the copies at 1
+    scores = metrics.udr([base, copy, -base, unrelated], [kl, copy_kl, kl, [1.0] * 6])
+    assert scores[:3] == pytest.approx([1.0] * 3, abs=1e-9) and scores[3] < 0.1
+    # a latent switched off (KL at most 0.01 nats) is not counted, however it correlates
+    assert metrics.udr([base, copy], [kl, copy_kl]) == metrics.udr([base, copy], [[1.0] * 4 + [0.01, 0.0], copy_kl])

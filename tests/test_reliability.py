@@ -10,10 +10,8 @@ import time
 import pytest
 import torch
 
-import checkpoint
 import data
 import export_onnx
-import idx
 import train
 import vae
 from conftest import make_images, run_here, run_offline, write_dataset
@@ -48,7 +46,7 @@ def test_bad_magic_number(tiny_data):
     b[2] = 0x0D  # float type instead of ubyte
     open(p, "wb").write(bytes(b))
     with pytest.raises(data.DataError, match="magic number"):
-        data.load_split(tiny_data, "train")
+        data.read_split(tiny_data, "train")
 
 
 def test_file_shorter_than_its_header_says(tiny_data):
@@ -56,14 +54,14 @@ def test_file_shorter_than_its_header_says(tiny_data):
     b = open(p, "rb").read()
     open(p, "wb").write(b[:-100])
     with pytest.raises(data.DataError, match="shorter than its header"):
-        data.load_split(tiny_data, "test")
+        data.read_split(tiny_data, "test")
 
 
 def test_labels_and_images_of_different_counts(tiny_data):
     imgs, labels = make_images(10, 0)
-    idx.write_idx(os.path.join(raw_dir(tiny_data), "train-labels-idx1-ubyte"), labels[:7])
+    data.write_idx(os.path.join(raw_dir(tiny_data), "train-labels-idx1-ubyte"), labels[:7])
     with pytest.raises(data.DataError, match="256 images but .* 7 labels"):
-        data.load_split(tiny_data, "train")
+        data.read_split(tiny_data, "train")
 
 
 def test_missing_data_without_network_in_train_py(tmp_path):
@@ -77,13 +75,13 @@ def test_unwritable_data_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(data.DataError, match="cannot create the data directory"):
-        data.load_split(str(blocker / "data"), "train")
+        data.load(str(blocker / "data"), "train", "cpu")
 
 
 def test_fuzzed_idx_files_end_in_a_clear_error(tmp_path):
     rng = random.Random(0)
     good = tmp_path / "good"
-    idx.write_idx(good, make_images(4, 0)[0])
+    data.write_idx(good, make_images(4, 0)[0])
     valid = good.read_bytes()
     p = str(tmp_path / "fuzz")
     cases = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))) for _ in range(150)]
@@ -92,7 +90,7 @@ def test_fuzzed_idx_files_end_in_a_clear_error(tmp_path):
     for case in cases:
         open(p, "wb").write(case)
         with pytest.raises(data.DataError):
-            idx.read_idx(p, 3)
+            data.read_idx(p, 3)
 
 
 # ----------------------------------------------------------------------------------------------------- flags
@@ -128,27 +126,27 @@ def test_unreadable_checkpoints_give_a_clear_error(tmp_path):
         p = tmp_path / name
         if content is not None:
             p.write_bytes(content)
-        with pytest.raises(checkpoint.CheckpointError):
-            checkpoint.load_checkpoint(p)
+        with pytest.raises(vae.CheckpointError):
+            vae.load_checkpoint(p)
 
 
 def test_foreign_and_old_checkpoints_are_named(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="missing format_version"):
-        checkpoint.load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(vae.CheckpointError, match="missing format_version"):
+        vae.load_checkpoint(tmp_path / "foreign.pt")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint dict"):
-        checkpoint.load_checkpoint(tmp_path / "tensor.pt")
+    with pytest.raises(vae.CheckpointError, match="not a checkpoint dict"):
+        vae.load_checkpoint(tmp_path / "tensor.pt")
     model = vae.BetaVAE(vae.VAEConfig(latent_dim=3))
-    checkpoint.save_checkpoint(tmp_path / "old.pt", model, None, 1, 0, {}, [], extra={"format_version": 0})
-    with pytest.raises(checkpoint.CheckpointError, match="format 0"):
-        checkpoint.load_checkpoint(tmp_path / "old.pt")
+    vae.save_checkpoint(tmp_path / "old.pt", model, None, 1, 0, {}, [], extra={"format_version": 0})
+    with pytest.raises(vae.CheckpointError, match="format 0"):
+        vae.load_checkpoint(tmp_path / "old.pt")
     ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
-    ckpt["format_version"] = checkpoint.CHECKPOINT_FORMAT
+    ckpt["format_version"] = vae.CHECKPOINT_FORMAT
     ckpt["model_args"]["latent_dim"] = 5  # weights for 3 dims, config for 5
     torch.save(ckpt, tmp_path / "mismatch.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="does not match this model"):
-        checkpoint.load_checkpoint(tmp_path / "mismatch.pt")
+    with pytest.raises(vae.CheckpointError, match="does not match this model"):
+        vae.load_checkpoint(tmp_path / "mismatch.pt")
 
 
 class _Exploit:
@@ -166,8 +164,8 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
     with open(tmp_path / "evil.pkl", "wb") as f:  # a plain pickle too, not only torch's zip format
         pickle.dump(_Exploit(str(target)), f)
     for path in (p, tmp_path / "evil.pkl"):
-        with pytest.raises(checkpoint.CheckpointError):
-            checkpoint.load_checkpoint(path)
+        with pytest.raises(vae.CheckpointError):
+            vae.load_checkpoint(path)
     assert not target.exists()
 
 
@@ -284,7 +282,7 @@ def test_two_runs_in_one_folder_do_not_corrupt_each_other(reference_run, tmp_pat
     finally:
         first.kill()
         first.communicate()
-    checkpoint.load_checkpoint(out / "checkpoint.pt")
+    vae.load_checkpoint(out / "checkpoint.pt")
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
@@ -306,10 +304,11 @@ def test_fuzzed_onnx_files_end_in_a_clear_error_in_sample_py(tmp_path, tiny_chec
     import io
 
     import export_onnx
-    import onnx_check
+    from plumbing import onnx_check
+
     good = tmp_path / "decoder.onnx"
     with contextlib.redirect_stdout(io.StringIO()):
-        export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", str(good)])
+        assert export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", str(good), "--no-encoder"]) == 0
     valid = good.read_bytes()
     rng = random.Random(2)
     cases = [os.urandom(rng.randint(0, 2048)) for _ in range(100)]
@@ -336,10 +335,10 @@ def test_idx_header_whose_size_overflows_int64_is_a_clear_error(tmp_path):
     p = tmp_path / "hostile"
     p.write_bytes(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 2**31, 2**31, 4))
     with pytest.raises(data.DataError, match="not \\(28, 28\\)"):
-        idx.read_idx(str(p), 3)
+        data.read_idx(str(p), 3)
     p.write_bytes(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 2**32 - 1, 28, 28))
     with pytest.raises(data.DataError, match="declares 4,294,967,295 items"):
-        idx.read_idx(str(p), 3)
+        data.read_idx(str(p), 3)
 
 
 def test_decoder_that_loads_but_fails_to_run_and_unwritable_outputs(tmp_path, tiny_checkpoint):
@@ -354,11 +353,11 @@ def test_decoder_that_loads_but_fails_to_run_and_unwritable_outputs(tmp_path, ti
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bad)
     # refused before it runs (tests/test_sample.py runs such a model past the checks to see the run-time error)
     assert_clean_error(run_script("sample.py", "--onnx", bad, "--n", 1, "--out", tmp_path / "x.png"),
-                       "is not an ONNX model this project can read")
+                       "is not a decoder that export_onnx.py wrote")
     good = tmp_path / "decoder.onnx"
-    assert run_here(export_onnx, "--checkpoint", tiny_checkpoint["path"], "--out", good).returncode == 0
-    assert_clean_error(run_here(export_onnx, "--checkpoint", tiny_checkpoint["path"], "--out", "/proc/decoder.onnx"),
-                       "cannot write /proc/decoder.onnx")
+    assert run_here(export_onnx, "--checkpoint", tiny_checkpoint["path"], "--out", good, "--no-encoder").returncode == 0
+    assert_clean_error(run_here(export_onnx, "--checkpoint", tiny_checkpoint["path"], "--out", "/proc/decoder.onnx",
+                                "--no-encoder"), "cannot write /proc/decoder.onnx")
     proc = run_script("sample.py", "--onnx", good, "--out", "/proc/x.png", "--npy", tmp_path / "x.npy")
     assert_clean_error(proc, "cannot write /proc/x.png")
     assert not (tmp_path / "x.npy").exists()  # the PNG goes first: a failed PNG leaves no half result behind

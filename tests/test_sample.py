@@ -1,10 +1,13 @@
-"""sample.py: runs where torch cannot be imported, writes labelled grids, is reproducible, refuses bad files and flags."""
+"""sample.py: runs where torch cannot be imported, writes labelled grids, is reproducible, refuses bad files and flags
+and never replaces a file unless told to."""
 import io
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import onnx
@@ -13,11 +16,10 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-import checkpoint
 from plumbing import files as fileio
-import onnx_check
+from plumbing import onnx_check
 import sample
-from conftest import KL, NO_TORCH, run_without_torch
+from conftest import KL, NO_TORCH, run_here, run_without_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "sample.py")
@@ -76,7 +78,7 @@ def test_defaults_need_only_onnx_and_write_into_the_current_folder(decoder, tmp_
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert pixels(tmp_path / "samples.png")[0] == "L"
-    defaults = ["samples.png", "samples.npy", "traverse.png", "interpolate.png"]
+    defaults = ["samples.png", "samples.npy", "traversals.png", "interpolations.png"]
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *defaults], cwd=ROOT, capture_output=True, text=True)
     assert ignored.stdout.split() == defaults  # the default outputs are in .gitignore
 
@@ -97,10 +99,20 @@ def test_traverse_rows_follow_kl_and_are_labelled(decoder, tmp_path):
         z[row, :, d] = np.linspace(-3, 3, 5)
     assert np.array_equal(np.load(tmp_path / "g.npy"), decode(decoder, z.reshape(-1, 4)))
     args = sample.parse_args(["--onnx", decoder, "--traverse", "--steps", "5"])
-    rows, ncol, labels, cols, what = sample.layout(args, onnx_check.load(decoder, "decoder"))
-    assert list(rows) == order and ncol == 5 and cols == ["-3.0", "-1.5", "+0.0", "+1.5", "+3.0"]
-    assert labels == ["z1  KL 2.50", "z3  KL 1.60", "z2  KL 0.70", "z0  KL 0.01  unused"]
-    assert "largest KL first" in what
+    latents, ncol, labels, cols, what = sample.layout(args, onnx_check.load(decoder, "decoder"))
+    assert np.array_equal(latents, z.reshape(-1, 4))  # rows in KL order, as decoded above
+    assert ncol == 5 and cols == ["-3.0", "-1.5", "+0.0", "+1.5", "+3.0"]
+    assert labels == ["z1  KL 2.50", "z3  KL 1.60", "z2  KL 0.70", "z0  KL 0.01  not in use"]  # KL <= 0.01 nats
+    assert "largest KL first" in what and "in use: KL > 0.01 nats" in what
+
+
+def test_not_in_use_means_kl_at_most_active_kl():
+    """The threshold is onnx_check.ACTIVE_KL (0.01 nats), inclusive: 0.03 is in use (it was "unused" below 0.05)."""
+    assert onnx_check.ACTIVE_KL == 0.01
+    model = types.SimpleNamespace(latent=4, kl=[0.03, 0.01, 0.0, 1.2])
+    args = sample.parse_args(["--traverse", "--steps", "3"])
+    _, _, labels, _, _ = sample.layout(args, model)
+    assert labels == ["z3  KL 1.20", "z0  KL 0.03", "z1  KL 0.01  not in use", "z2  KL 0.00  not in use"]
 
 
 def test_traverse_dims_keeps_the_largest_kl_rows(decoder, tmp_path):
@@ -132,12 +144,14 @@ def test_traverse_of_a_decoder_without_kl_is_in_index_order(tiny_checkpoint, tmp
 
     import export_onnx
     path = str(tmp_path / "plain.onnx")
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", path])  # its history is empty
+    with contextlib.redirect_stdout(io.StringIO()) as out:  # its history is empty
+        assert export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", path, "--no-encoder"]) == 0
     assert "note: no per-dimension KL" in out.getvalue()
-    args = sample.parse_args(["--onnx", path, "--traverse"])
-    rows, _, labels, _, what = sample.layout(args, onnx_check.load(path, "decoder"))
-    assert list(rows) == [0, 1, 2, 3] and labels == ["z0", "z1", "z2", "z3"] and "index order" in what
+    args = sample.parse_args(["--onnx", path, "--traverse", "--steps", "3"])
+    latents, _, labels, _, what = sample.layout(args, onnx_check.load(path, "decoder"))
+    rows = latents.reshape(4, 3, 4)
+    assert all(np.array_equal(rows[r, :, r], [-3, 0, 3]) for r in range(4))  # row r sweeps dimension r
+    assert labels == ["z0", "z1", "z2", "z3"] and "index order" in what
 
 
 def test_a_request_too_large_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
@@ -149,13 +163,21 @@ def test_a_request_too_large_for_memory_is_refused_before_decoding(tmp_path, mon
     import vae
     torch.manual_seed(0)
     ckpt, path = str(tmp_path / "wide.pt"), str(tmp_path / "wide.onnx")
-    checkpoint.save_checkpoint(ckpt, vae.BetaVAE(vae.VAEConfig(latent_dim=4096)), None, 0, 0, {}, [])
+    vae.save_checkpoint(ckpt, vae.BetaVAE(vae.VAEConfig(latent_dim=4096)), None, 0, 0, {}, [])
     with contextlib.redirect_stdout(io.StringIO()):
         export_onnx.main(["--checkpoint", ckpt, "--out", path, "--encoder", str(tmp_path / "wide_encoder.onnx")])
     # the largest files the exporter writes (latent 4096; the encoder is the larger) pass, well within MAX_BYTES
     assert onnx_check.load(str(tmp_path / "wide_encoder.onnx"), "encoder").latent == 4096
     assert os.path.getsize(tmp_path / "wide_encoder.onnx") < onnx_check.MAX_BYTES / 1.8
-    proc = run_sample("--onnx", path, "--traverse", "--steps", 101, "--out", "t.png", cwd=tmp_path)
+    # refused from the flags alone: under a 4 GiB address space, where its 12.6 GiB of latents cannot even be drawn
+    def at_most_4_gib():
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OPENBLAS_NUM_THREADS": "1",
+                                                                         "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, SAMPLE, "--onnx", path, "--traverse", "--steps", "101",
+                           "--out", "t.png"], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env,
+                          preexec_fn=at_most_4_gib)
     assert_one_error_line(proc, "4096 dims x 101 steps is 413,696 images")
     assert "--dims K" in proc.stderr and not (tmp_path / "t.png").exists()
     # the same model, asked for what fits, works; the work goes to onnxruntime in chunks no larger than checked
@@ -188,8 +210,9 @@ def test_onnxruntime_prints_nothing_of_its_own_when_a_model_fails_to_run(tmp_pat
                               [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])], [shape])
     data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     (tmp_path / "bad.onnx").write_bytes(data)
-    script = ("import sys, numpy as np, onnx_check\n"  # checks bypassed on purpose: run what they would refuse
-              "m = onnx_check.Model('bad.onnx', 'decoder', open('bad.onnx', 'rb').read(), {}, 3, (1, 2, 2), 7, 0)\n"
+    script = ("import sys, numpy as np\nfrom plumbing import onnx_check\n"  # checks bypassed on purpose
+              "m = onnx_check.Model('bad.onnx', 'decoder', open('bad.onnx', 'rb').read(), {}, 3, (1, 2, 2), 7, 0, "
+              "None, None)\n"
               "try:\n    onnx_check.run(m, onnx_check.session(m), np.zeros((2, 3), np.float32))\n"
               "except onnx_check.UsageError as e:\n    print('error:', e, file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120,
@@ -206,18 +229,19 @@ def carried_files():
 
 def test_the_sampler_runs_from_exactly_the_documented_files(decoder, tmp_path):
     files = carried_files()
-    assert files[0] == "sample.py" and "onnx_check.py" in files
+    assert files[0] == "sample.py" and "plumbing/onnx_check.py" in files and "figures.py" in files
     for name in files:
         os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
     shutil.copy(decoder, tmp_path / "decoder.onnx")
     proc = run_without_torch(str(tmp_path / "sample.py"), "--traverse", "--steps", 3, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "samples.png").exists()
+    assert (tmp_path / "traversals.png").exists()
     # and each listed file is needed: without the last one it fails
     os.remove(tmp_path / files[-1])
     proc = run_without_torch(str(tmp_path / "sample.py"), cwd=tmp_path)
-    assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr
+    missing = os.path.splitext(os.path.basename(files[-1]))[0]  # `from plumbing import x`: an ImportError
+    assert proc.returncode != 0 and re.search(rf"(ModuleNotFoundError|ImportError): .*\b{missing}\b", proc.stderr)
 
 
 def test_stale_temp_files_of_dead_processes_are_removed(decoder, tmp_path):
@@ -241,7 +265,7 @@ def test_stale_temp_files_of_dead_processes_are_removed(decoder, tmp_path):
     ("not_onnx", "is not an ONNX model"),
     ("encoder_like", "it maps images -> mu, logvar; a decoder maps float z -> images"),
     ("rank2_out", "images has shape ['batch', 784], not [batch, ...]"),
-    ("huge", "is larger than 8 MiB, far too big for a decoder"),
+    ("huge", f"is larger than {onnx_check.MAX_BYTES:,} bytes"),
     ("not_png", "--out out.jpg: the grid is written as PNG; give a name ending in .png"),
     ("bad_out", "its folder does not exist"),
     ("clobber", "is the same file as --onnx"),
@@ -302,5 +326,64 @@ def test_odd_file_names_neither_break_the_title_nor_the_last_line(decoder, tmp_p
     sample.main(["--onnx", str(odd), "--n", "4", "--out", out])
     stdout.flush()
     assert os.path.exists(out)
-    assert titles[0].count("\n") == 1 and titles[0].startswith("two\\nlines.onnx  beta 1  seed 0")
+    trained_on = onnx_check.load(decoder, "decoder").meta["trained_on"]  # what it learnt from, in the title
+    assert "Fashion-MNIST" in trained_on and "3 epochs" in trained_on
+    assert titles[0].count("\n") == 1 and titles[0].startswith(f"two\\nlines.onnx: {trained_on}\nseed 0,")
     assert stdout.buffer.getvalue().decode().startswith(f"wrote {tmp_path}{os.sep}\\udcff.png: 4 images")
+
+
+# ------------------------------------------------------------------------- default names, --overwrite, Ctrl-C
+
+def test_each_mode_writes_its_own_default_file(decoder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for flags, name in ((["--n", "4"], "samples.png"), (["--traverse", "--steps", "3"], "traversals.png"),
+                        (["--interpolate", "--steps", "3", "--rows", "2"], "interpolations.png")):
+        proc = run_here(sample, "--onnx", decoder, "--scale", "1", *flags)
+        assert proc.returncode == 0 and proc.stdout.startswith(f"wrote {name}: "), proc.stderr
+        assert pixels(tmp_path / name)[0] == "L"
+    # one mode never replaces another's grid
+    assert sorted(os.listdir(tmp_path)) == ["interpolations.png", "samples.png", "traversals.png"]
+
+
+def test_an_existing_output_is_refused_unless_overwrite_is_given(decoder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_here(sample, "--onnx", decoder, "--n", "4", "--npy", "s.npy").returncode == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("samples.png", "s.npy")}
+    for flags, named in ((["--npy", "s.npy"], "--out samples.png already exists"),    # both there
+                         (["--npy", "new.npy"], "--out samples.png already exists"),  # the grid alone
+                         (["--out", "new.png", "--npy", "s.npy"], "--npy s.npy already exists")):  # the arrays alone
+        proc = run_here(sample, "--onnx", decoder, "--n", "4", "--seed", "1", *flags)
+        assert_one_error_line(proc, named)
+        assert "--overwrite" in proc.stderr
+        assert {name: (tmp_path / name).read_bytes() for name in before} == before
+        assert sorted(os.listdir(tmp_path)) == ["s.npy", "samples.png"]  # and nothing new beside them
+    proc = run_here(sample, "--onnx", decoder, "--n", "4", "--seed", "1", "--npy", "s.npy", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert all((tmp_path / name).read_bytes() != old for name, old in before.items())  # seed 1's, not seed 0's
+    z = np.random.default_rng(1).standard_normal((4, 4))
+    assert np.array_equal(np.load(tmp_path / "s.npy"), decode(decoder, z))
+
+
+@pytest.mark.parametrize("when", ["decoding", "writing"])
+def test_ctrl_c_is_one_line(decoder, tmp_path, monkeypatch, when):
+    out = tmp_path / "g.png"
+    if when == "decoding":
+        def interrupted(*args):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(onnx_check, "run", interrupted)
+    else:  # Ctrl-C while atomic_write_all renames: it finishes, then says so
+        real = sample.atomic_write_all
+
+        def interrupted(items):
+            real(items)
+            raise fileio.Interrupted()
+        monkeypatch.setattr(sample, "atomic_write_all", interrupted)
+    try:
+        proc = run_here(sample, "--onnx", decoder, "--n", "4", "--out", out)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left sample.main as a traceback")
+    assert proc.returncode == 130 and proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    if when == "decoding":
+        assert proc.stderr == "error: interrupted; nothing was written\n" and os.listdir(tmp_path) == []
+    else:
+        assert proc.stderr == f"error: interrupted after writing {out}\n" and os.listdir(tmp_path) == ["g.png"]

@@ -8,14 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+import vae
 import torch
 
-import checkpoint
 import evaluate
 import export_onnx
 import sample
 import sweep
-import sweep_summary
 import train
 from conftest import in_process, run_main, write_dataset
 
@@ -125,16 +124,17 @@ def test_summary_csv_and_figures(swept):
     summary = (a / "summary.md").read_text()
     assert summary.startswith("# β sweep: Fashion-MNIST subset (256 train / 128 test images)")
     assert "| model | β | seeds | recon | KL | −ELBO | IWAE |" in summary and "| MI | TC | dim-wise KL |" in summary
-    for name in sweep_summary.FIGURES:
+    assert "2 runs (epochs 2, latent 3, batch 64, lr 0.001)" in summary and "| UDR |" not in summary  # one seed each
+    for name in ("rate_distortion.png", "decomposition.png", "units_probe.png", "traversals.png"):
         assert (a / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not [n for n in os.listdir(a) if n.endswith(".tmp")]
 
 
 def test_summary_statistics_are_mean_and_sample_std():
-    rows = [{"objective": "beta", "beta": 2.0, "seed": s, "epochs": 1, "latent_dim": 3, "alpha": 1.0, "gamma": 1.0,
-             "batch_size": 64, "lr": 1e-3, **{key: float(v) for _, key, _ in sweep_summary.COLUMNS}}
-            for s, v in ((0, 1.0), (1, 2.0), (2, 6.0))]
-    text = sweep_summary.summary_text(rows, sweep_summary.groups(rows))
+    rows = [{"objective": "beta", "beta": 2.0, "seed": s, "epochs": 1, "model_args.latent_dim": 3,
+             "model_args.alpha": 1.0, "model_args.gamma": 1.0, "train_args.batch_size": 64, "train_args.lr": 1e-3,
+             **{key: float(v) for _, key, _ in sweep.COLUMNS}} for s, v in ((0, 1.0), (1, 2.0), (2, 6.0))]
+    text = sweep.summary_text(rows, sweep.groups(rows), [])
     assert "| β-VAE | 2 | 0,1,2 | 3.0 ± 2.6 | 3.00 ± 2.65 |" in text  # mean 3, sample std √7
 
 
@@ -168,7 +168,7 @@ def test_tc_model_trains_resumes_evaluates_exports_and_samples(tmp_path):
     first = (run / "metrics.jsonl").read_text()
     with in_process() as (_, err):
         assert train.main(["--resume", "--epochs", "2", *common]) == 0, err.getvalue()
-    model, ckpt = checkpoint.load_checkpoint(run / "checkpoint.pt")
+    model, ckpt = vae.load_checkpoint(run / "checkpoint.pt")
     assert ckpt["epoch"] == 2 and (run / "metrics.jsonl").read_text().startswith(first)
     assert (ckpt["model_args"]["objective"], ckpt["model_args"]["beta"], ckpt["model_args"]["alpha"],
             ckpt["model_args"]["gamma"], ckpt["model_args"]["dataset_size"]) == ("tc", 6.0, 0.5, 1.0, 256)
@@ -196,14 +196,14 @@ def test_a_disk_that_fills_part_way_leaves_the_summary_as_it_was(swept, tmp_path
     out = tmp_path / "sweep"
     for run in ("beta1_seed0", "beta4_seed0"):
         shutil.copytree(swept["a"] / run / "eval", out / run / "eval")
-    names = ["sweep.csv", "summary.md", *sweep_summary.FIGURES]
-    for name in names:
+    figures = ("rate_distortion.png", "decomposition.png", "units_probe.png", "traversals.png")
+    for name in ["sweep.csv", "summary.md", *figures]:
         shutil.copy(swept["a"] / name, out / name)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     (out / "beta4_seed0" / "eval" / "report.json").unlink()
     del before[out / "beta4_seed0" / "eval" / "report.json"]
     limit = max(len(before[out / n]) for n in ("sweep.csv", "summary.md")) + 1
-    assert any(len(before[out / n]) > limit for n in sweep_summary.FIGURES)
+    assert any(len(before[out / n]) > limit for n in figures)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))   # Python ignores SIGXFSZ: a write fails with EFBIG
     try:
@@ -214,15 +214,16 @@ def test_a_disk_that_fills_part_way_leaves_the_summary_as_it_was(swept, tmp_path
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before   # no temp file, not one byte
 
 
-def test_a_summary_without_readable_traversals_removes_the_old_figure(swept, tmp_path):
+def test_a_summary_without_readable_checkpoints_removes_the_old_traversals(swept, tmp_path, capsys):
     out = tmp_path / "sweep"
     for run in ("beta1_seed0", "beta4_seed0"):
-        shutil.copytree(swept["a"] / run / "eval", out / run / "eval")
-        (out / run / "eval" / "traversals.png").unlink()
-    shutil.copy(swept["a"] / "traversals.png", out / "traversals.png")   # an earlier summary's
-    written = sweep_summary.write(out)
+        shutil.copytree(swept["a"] / run / "eval", out / run / "eval")  # reports, but no checkpoint to draw from
+    shutil.copy(swept["a"] / "traversals.png", out / "traversals.png")  # an earlier summary's
+    written = sweep.write_summary(out)
     assert "traversals.png" not in written and not (out / "traversals.png").exists()
-    assert (out / "summary.md").read_text().splitlines()[-1] == "Figures: " + ", ".join(sweep_summary.FIGURES[:3])
+    assert (out / "summary.md").read_text().splitlines()[-1] == "Figures: rate_distortion.png, decomposition.png, " \
+        "units_probe.png"
+    assert capsys.readouterr().err == ""  # a sweep kept without its checkpoints is no error
 
 
 def test_runs_made_otherwise_are_not_finished_and_close_betas_stay_apart(swept, tmp_path, capsys):
@@ -237,13 +238,106 @@ def test_runs_made_otherwise_are_not_finished_and_close_betas_stay_apart(swept, 
     close = sweep.parse_args(["--beta", "1.0000001", "1.0000002", "0.5", "--seeds", "0", "--out-dir", str(tmp_path)])
     names = [r["name"] for r in sweep.grid(close)]
     assert names == ["beta1.0000001_seed0", "beta1.0000002_seed0", "beta0.5_seed0"]
-    assert "--beta 1.0000002 " in sweep.command_line(sweep.grid(close)[1], close)
+    assert "1.0000002" in sweep.commands(sweep.grid(close)[1], close)[0]
 
 
-def test_a_damaged_figure_is_left_out_of_the_summary_with_a_warning(swept, tmp_path):
+def test_a_damaged_checkpoint_is_left_out_of_the_traversals_with_a_warning(swept, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(swept["a"], out)
-    (out / "beta1_seed0" / "eval" / "traversals.png").write_bytes(b"junk")
+    (out / "beta1_seed0" / "checkpoint.pt").write_bytes(b"junk")
     code, err = run_main(sweep, ["--out-dir", str(out), "--aggregate"])
-    assert code == 0 and "Traceback" not in err and "warning:" in err and "traversals.png cannot be read" in err
+    assert code == 0 and "Traceback" not in err and err.count("warning:") == 1 and "left out of traversals" in err
     assert (out / "summary.md").is_file() and (out / "traversals.png").is_file()
+
+
+def test_the_traversals_figure_is_grey_and_drawn_at_full_size(swept):
+    from PIL import Image
+
+    with Image.open(swept["a"] / "traversals.png") as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()  # no false colour
+    # nothing is shrunk: two panels of 11 images of 28 pixels drawn 3 pixels a pixel (with 2 of padding) side by
+    # side, so their 13-pixel row labels stay readable at 100% zoom, where a scaled-down plot made them 5 pixels high
+    assert rgb.shape[1] >= 2 * 11 * 30 * 3
+
+
+def test_udr_joins_the_table_for_settings_with_two_or_more_seeds(swept, tmp_path):
+    out = tmp_path / "udr"
+    shutil.copytree(swept["a"] / "beta1_seed0", out / "beta1_seed0")
+    shutil.copytree(swept["a"] / "beta1_seed0", out / "beta1_seed1")  # a second seed: the same model, copied
+    report = json.loads((out / "beta1_seed1" / "eval" / "report.json").read_text())
+    report["train_args"]["seed"] = 1
+    (out / "beta1_seed1" / "eval" / "report.json").write_text(json.dumps(report))
+    assert sweep.write_summary(out)
+    rows = (out / "sweep.csv").read_text().splitlines()
+    udr = [float(v) for v in (r.split(",")[rows[0].split(",").index("udr")] for r in rows[1:])]
+    in_use = sum(v > 0.01 for v in report["kl_per_dim"])
+    assert udr == ([1.0, 1.0] if in_use else [0.0, 0.0])  # two copies of one representation agree completely
+    assert "| UDR |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("poison", [
+    lambda r: r["model_args"].__setitem__("beta", "4"), lambda r: r["model_args"].__setitem__("beta", None),
+    lambda r: r["test"].__setitem__("kl", 10**4000 // 10**3999 * 10**3999), lambda r: r["model_args"].__setitem__(
+        "objective", 3), lambda r: r["test"].__setitem__("recon", float("nan"))])
+def test_a_poisoned_report_is_left_out_with_one_line_and_the_summary_still_written(swept, tmp_path, poison):
+    out = tmp_path / "poisoned"
+    for run in ("beta1_seed0", "beta4_seed0"):
+        shutil.copytree(swept["a"] / run / "eval", out / run / "eval")
+    path = out / "beta4_seed0" / "eval" / "report.json"
+    report = json.loads(path.read_text())
+    poison(report)
+    path.write_text(json.dumps(report, allow_nan=True))
+    code, err = run_main(sweep, ["--out-dir", str(out), "--aggregate"])
+    assert code == 0 and "Traceback" not in err, err
+    assert err.count("\n") == 1 and f"warning: {path} is not a report evaluate.py wrote" in err
+    assert len((out / "sweep.csv").read_text().splitlines()) == 2  # the header and the one good run
+
+
+def test_reports_nested_deep_or_that_are_not_regular_files_never_stall_the_summary(swept, tmp_path):
+    out = tmp_path / "odd"
+    for run in ("beta1_seed0", "beta4_seed0", "deep", "fifo", "zero"):
+        (out / run / "eval").mkdir(parents=True)
+    shutil.copy(swept["a"] / "beta1_seed0" / "eval" / "report.json", out / "beta1_seed0" / "eval")
+    (out / "deep" / "eval" / "report.json").write_text("[" * 100_000 + "]" * 100_000)
+    os.mkfifo(out / "fifo" / "eval" / "report.json")  # a reader that opened it would wait forever
+    os.symlink("/dev/zero", out / "zero" / "eval" / "report.json")  # and one that read it would never stop
+    proc = subprocess.run(sweep_cmd("--out-dir", out, "--aggregate"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("warning:") == 1 and "deep" in proc.stderr  # the FIFO and /dev/zero are no reports
+    assert len((out / "sweep.csv").read_text().splitlines()) == 2
+
+
+def test_a_sweep_killed_takes_its_runs_with_it(tmp_path):
+    """SIGKILL of the sweep (which can pass nothing on) ends its train.py jobs too: the same command at once
+    resumes instead of finding another train.py writing."""
+    import signal
+    import time
+
+    data_dir = write_dataset(tmp_path / "data", n_train=2000)
+    argv = sweep_cmd("--beta", "1", "--seeds", "0", "--epochs", "50", "--latent-dim", "3", "--compile", "off",
+                     "--data-dir", data_dir, "--out-dir", tmp_path / "out")
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "out" / "beta1_seed0" / "train.log"
+    deadline = time.time() + 120
+    while not (log.exists() and "epoch   1/" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    time.sleep(1)
+    lock = subprocess.run([sys.executable, "-c", f"import fcntl; f = open({str(log.parent / '.lock')!r}, 'a+'); "
+                           "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)"], capture_output=True, text=True)
+    assert lock.returncode == 0, "a train.py of the killed sweep still holds its run folder"
+
+
+def test_an_unwritable_out_dir_says_so_and_runs_nothing(tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    code, err = run_main(sweep, ["--beta", "1", "--seeds", "0", "--out-dir", str(tmp_path / "out")])
+    assert code == 2 and err.startswith("error: cannot write to --out-dir") and "nothing was run" in err
+    assert "sweep.log" not in err

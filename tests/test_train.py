@@ -8,8 +8,8 @@ import sys
 import torch
 from PIL import Image
 
-import checkpoint
 import train
+import vae
 from conftest import run_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def test_one_epoch_writes_every_output(tiny_data, tmp_path):
     for name in ("samples.png", "reconstructions.png", "loss.png"):
         with Image.open(out / name) as im:
             im.verify()
-    model, ckpt = checkpoint.load_checkpoint(out / "checkpoint.pt")
+    model, ckpt = vae.load_checkpoint(out / "checkpoint.pt")
     assert model.config.latent_dim == 3 and ckpt["epoch"] == 1 and ckpt["seed"] == 5
     assert ckpt["train_args"]["batch_size"] == 32 and len(ckpt["metrics"]) == 1
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
