@@ -60,31 +60,37 @@ def read_idx(path, ndim):
         return data
 
     try:
-        with open_regular(path) as raw, (gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw) as f:
+        with open_regular(path) as raw, gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw as f:
             head = f.read(4)
             if len(head) < 4:
                 raise damaged(f"is {len(head)} bytes, too short for an IDX header")
             if struct.unpack(">HBB", head) != (0, 8, ndim):
-                raise damaged(f"has a bad magic number 0x{head.hex()} (expected 0x0000080{ndim}): it is not a "
-                              "Fashion-MNIST IDX file")
+                raise damaged(
+                    f"has a bad magic number 0x{head.hex()} (expected 0x0000080{ndim}): it is not a "
+                    "Fashion-MNIST IDX file"
+                )
             dims = struct.unpack(">" + "I" * ndim, exactly(f, 4 * ndim))
             if dims[1:] != {3: (28, 28), 1: ()}[ndim]:
-                raise damaged(f"holds items of shape {dims[1:]}, not {(28, 28) if ndim == 3 else ()}: it is not "
-                              "Fashion-MNIST")
+                raise damaged(
+                    f"holds items of shape {dims[1:]}, not {(28, 28) if ndim == 3 else ()}: it is not Fashion-MNIST"
+                )
             if dims[0] > MAX_ITEMS:
                 raise damaged(f"declares {dims[0]:,} items, more than any Fashion-MNIST file ({MAX_ITEMS:,} at most)")
             size, head_size = math.prod(dims), 4 + 4 * ndim
             if f is raw and (actual := os.fstat(raw.fileno()).st_size - head_size) != size:  # before the body
-                raise damaged(f"is {actual + head_size} bytes, {'shorter' if actual < size else 'longer'} than its "
-                              f"header says ({size + head_size} for shape {dims}): the file is damaged")
+                raise damaged(
+                    f"is {actual + head_size} bytes, {'shorter' if actual < size else 'longer'} than its "
+                    f"header says ({size + head_size} for shape {dims}): the file is damaged"
+                )
             body = exactly(f, size)
             if f is not raw and f.read(1):
                 raise damaged(f"holds more than the {size} bytes its header declares (shape {dims})")
     except NotReadable as e:
         raise DataError(f"{path} {e}: replace it with the Fashion-MNIST file of that name") from None
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a bad deflate stream, zlib.error
-        raise DataError(f"cannot read {path} ({type(e).__name__}: {e}); delete it so it is downloaded again (or "
-                        "replace it)") from None
+        raise DataError(
+            f"cannot read {path} ({type(e).__name__}: {e}); delete it so it is downloaded again (or replace it)"
+        ) from None
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
@@ -93,12 +99,16 @@ def read_split(data_dir, split):
     img_name, lbl_name = FILES[split]
     img_path, lbl_path = find(data_dir, img_name), find(data_dir, lbl_name)
     if img_path is None or lbl_path is None:
-        raise DataError(f"Fashion-MNIST {split} files are not in {raw_dir(data_dir)}: put {img_name} and {lbl_name} "
-                        "(or their .gz) there")
+        raise DataError(
+            f"Fashion-MNIST {split} files are not in {raw_dir(data_dir)}: put {img_name} and {lbl_name} "
+            "(or their .gz) there"
+        )
     images, labels = read_idx(img_path, 3), read_idx(lbl_path, 1)
     if len(images) != len(labels):
-        raise DataError(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels: the two files "
-                        "do not belong together; replace both")
+        raise DataError(
+            f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels: the two files "
+            "do not belong together; replace both"
+        )
     if len(images) == 0:
         raise DataError(f"{img_path} holds no images; replace it")
     if labels.max() >= len(CLASSES):
@@ -142,11 +152,15 @@ def ensure_files(data_dir, splits=("train", "test"), download=True):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cannot create the data directory {data_dir} ({e.strerror}): pass a writable --data-dir, "
-                        "or one that already holds FashionMNIST/raw") from None
+        raise DataError(
+            f"cannot create the data directory {data_dir} ({e.strerror}): pass a writable --data-dir, "
+            "or one that already holds FashionMNIST/raw"
+        ) from None
     if not os.access(folder, os.W_OK):
-        raise DataError(f"the data directory {data_dir} is not writable, so Fashion-MNIST cannot be downloaded there: "
-                        "pass a writable --data-dir, or one that already holds FashionMNIST/raw")
+        raise DataError(
+            f"the data directory {data_dir} is not writable, so Fashion-MNIST cannot be downloaded there: "
+            "pass a writable --data-dir, or one that already holds FashionMNIST/raw"
+        )
     md5, reason = {os.path.splitext(f)[0]: (f, h) for f, h in FashionMNIST.resources}, None
     for name in missing:
         archive, checksum = md5[name]
@@ -164,8 +178,10 @@ def ensure_files(data_dir, splits=("train", "test"), download=True):
         for d in created:  # files that did arrive stay, for the next attempt
             with contextlib.suppress(OSError):
                 os.rmdir(d)
-        raise DataError(f"Fashion-MNIST could not be downloaded ({reason}): put {', '.join(still)} (or their .gz) in "
-                        f"{folder}, or pass --data-dir to a folder that holds FashionMNIST/raw")
+        raise DataError(
+            f"Fashion-MNIST could not be downloaded ({reason}): put {', '.join(still)} (or their .gz) in "
+            f"{folder}, or pass --data-dir to a folder that holds FashionMNIST/raw"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- sprites
@@ -292,6 +308,7 @@ def fingerprint(dataset, data_dir, split="train"):
     parts = []
     for name in FILES[split]:
         p = find(data_dir, name)
-        parts.append(f"{name}:missing" if p is None else f"{os.path.basename(p)}:{os.stat(p).st_size}:"
-                     f"{os.stat(p).st_mtime_ns}")
+        parts.append(
+            f"{name}:missing" if p is None else f"{os.path.basename(p)}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}"
+        )
     return "|".join(parts)

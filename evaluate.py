@@ -40,21 +40,45 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Evaluate a trained β-VAE.")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py (required)")
     p.add_argument("--dataset", choices=data.DATASETS, help="the data to evaluate on (default: the run's)")
-    p.add_argument("--data-dir", "--data_dir", default="./data", help="folder holding FashionMNIST/raw; downloaded "
-                   "there if missing (default: ./data)")
-    p.add_argument("--out-dir", "--out_dir", help="where report.json and the figures go (default: eval/ beside the "
-                   "checkpoint)")
+    p.add_argument(
+        "--data-dir",
+        "--data_dir",
+        default="./data",
+        help="folder holding FashionMNIST/raw; downloaded there if missing (default: ./data)",
+    )
+    p.add_argument(
+        "--out-dir", "--out_dir", help="where report.json and the figures go (default: eval/ beside the checkpoint)"
+    )
     add_setting(p, "iwae_k", vae.SETTINGS["iwae_k"])
-    p.add_argument("--save-latents", "--save_latents", help="also write the test images' posterior means and "
-                   "log-variances, with their labels (and factors), to this .npz file (default: not written)")
-    p.add_argument("--seed", type=int, default=0, help="seeds every random draw: IWAE samples, prior samples, image "
-                   "pairs (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
-                   "(default: auto)")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=1000, help="images per forward pass when "
-                   "encoding, decoding and extracting features, 1 to 1000000 (default: 1000)")
-    p.add_argument("--n-show", "--n_show", type=int, default=10, help="images per row in the figures; samples.png "
-                   "shows n-show x n-show, 1 to 32 (default: 10)")
+    p.add_argument(
+        "--save-latents",
+        "--save_latents",
+        help="also write the test images' posterior means and "
+        "log-variances, with their labels (and factors), to this .npz file (default: not written)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds every random draw: IWAE samples, prior samples, image pairs (default: 0)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
+    )
+    p.add_argument(
+        "--batch-size",
+        "--batch_size",
+        type=int,
+        default=1000,
+        help="images per forward pass when encoding, decoding and extracting features, 1 to 1000000 (default: 1000)",
+    )
+    p.add_argument(
+        "--n-show",
+        "--n_show",
+        type=int,
+        default=10,
+        help="images per row in the figures; samples.png shows n-show x n-show, 1 to 32 (default: 10)",
+    )
     return p.parse_args(argv)
 
 
@@ -120,8 +144,10 @@ def refuse_non_finite(args, numbers):
     """Finite weights can still overflow (a log-variance of 200 makes exp() infinite): such numbers are no result."""
     found = first_non_finite(numbers)
     if found:
-        raise UsageError(f"the evaluation of {args.checkpoint} gave {found[0]} = {found[1]}: its weights are finite "
-                         "but overflow on this data; nothing was written: use an earlier checkpoint or retrain")
+        raise UsageError(
+            f"the evaluation of {args.checkpoint} gave {found[0]} = {found[1]}: its weights are finite "
+            "but overflow on this data; nothing was written: use an earlier checkpoint or retrain"
+        )
 
 
 def evaluate(args, caught):
@@ -134,8 +160,10 @@ def evaluate(args, caught):
         data.ensure_files(args.data_dir)  # both splits at once: one message names every missing file
     train, test = (data.load(args.data_dir, split, device, args.dataset) for split in ("train", "test"))
     if len(test) < 2:
-        raise UsageError(f"the test split in {args.data_dir} has {len(test)} image; the FIDs and the interpolation "
-                         "figure need at least 2: use a data folder with more test images")
+        raise UsageError(
+            f"the test split in {args.data_dir} has {len(test)} image; the FIDs and the interpolation "
+            "figure need at least 2: use a data folder with more test images"
+        )
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     inputs = {"--checkpoint": args.checkpoint, **{f"data file {n}": data.find(args.data_dir, n) for s in
               data.FILES.values() for n in s}}  # fmt: skip
@@ -155,8 +183,10 @@ def evaluate(args, caught):
         try:  # as one: a report never sits beside figures of another evaluation
             atomic_write_all(items)
         except OSError as e:
-            raise UsageError(f"cannot write report.json and the figures in {out_dir} ({e.strerror or e}): free space "
-                             "or pass another --out-dir; nothing in it was changed") from None
+            raise UsageError(
+                f"cannot write report.json and the figures in {out_dir} ({e.strerror or e}): free space "
+                "or pass another --out-dir; nothing in it was changed"
+            ) from None
     except Interrupted:
         raise
     except BaseException:
@@ -185,16 +215,19 @@ def measure(args, model, ckpt, train, test, device, t_start):
     probe = timed("probe", metrics.linear_probe_accuracy, mu_train, y_train, mu, y)
     decomposition = timed("decomposition", metrics.elbo_decomposition, mu, logvar,
                           torch.Generator().manual_seed(args.seed + 3))  # fmt: skip
-    classifier, cls_info = timed("classifier", fid.load_classifier, args.data_dir, device, train, test, args.dataset,
-                                 progress=True)
+    classifier, cls_info = timed(
+        "classifier", fid.load_classifier, args.data_dir, device, train, test, args.dataset, progress=True
+    )
     t = time.perf_counter()
     real = test.images.float().cpu() / 255.0
     recon, generated = metrics.decode_batched(model, mu, args.batch_size), metrics.prior_samples(
         model, len(test), gen_prior, args.batch_size)  # fmt: skip
     timings["decode"] = time.perf_counter() - t
     fids = {}
-    for name, extract in (("pixels", fid.pixel_features),
-                          ("classifier", lambda im: fid.classifier_features(classifier, im, args.batch_size))):
+    for name, extract in (
+        ("pixels", fid.pixel_features),
+        ("classifier", lambda im: fid.classifier_features(classifier, im, args.batch_size)),
+    ):
         t = time.perf_counter()
         real_stats = fid.feature_stats(extract(real))
         fids[name] = {part: fid.frechet_distance(*real_stats, *fid.feature_stats(extract(images)))
@@ -301,7 +334,9 @@ def print_table(report):
         rows += [(f"disentanglement: {k}", dis[k]) for k in ("mig", "sap", "dci_disentanglement",
                  "dci_completeness", "dci_informativeness", "factorvae_score")]  # fmt: skip
     rows.append(("evaluation time (s)", report["timings_s"]["total"]))
-    print(f"{report['checkpoint']}: {report['data']['name']}, FIDs against all {report['data']['n_test']:,} test images")
+    print(
+        f"{report['checkpoint']}: {report['data']['name']}, FIDs against all {report['data']['n_test']:,} test images"
+    )
     for label, value in rows:
         print(f"  {label:<44} {value:.4f}" if isinstance(value, float) else f"  {label:<44} {value}")
     print("  KL per dim: " + " ".join(f"{v:.2f}" for v in report["kl_per_dim"]))
@@ -327,8 +362,10 @@ def stale_exports(args, report):
         except (UsageError, ValueError):
             continue
         if 0 <= epochs < report["epoch"]:
-            print(f"note: {name} in {folder} is from epoch {epochs}, this checkpoint from epoch {report['epoch']}: "
-                  f"export it again (python export_onnx.py --checkpoint {args.checkpoint} --overwrite)")
+            print(
+                f"note: {name} in {folder} is from epoch {epochs}, this checkpoint from epoch {report['epoch']}: "
+                f"export it again (python export_onnx.py --checkpoint {args.checkpoint} --overwrite)"
+            )
 
 
 def main(argv=None):
@@ -344,8 +381,10 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OSError as e:  # anything else the file system refused
-            print(f"error: cannot read or write {e.filename or 'a file'} ({e.strerror or e}); nothing was written",
-                  file=sys.stderr)
+            print(
+                f"error: cannot read or write {e.filename or 'a file'} ({e.strerror or e}); nothing was written",
+                file=sys.stderr,
+            )
             return 2
         except Interrupted:
             print("error: interrupted after writing report.json and the figures", file=sys.stderr)
@@ -358,8 +397,10 @@ def main(argv=None):
     for message in report["warnings"]:
         print(f"warning: {message}", file=sys.stderr)
     print_table(report)
-    print(f"wrote {os.path.join(out_dir, 'report.json')} and {', '.join(FIGURES)}"
-          + (f"; {args.save_latents}" if args.save_latents else ""))
+    print(
+        f"wrote {os.path.join(out_dir, 'report.json')} and {', '.join(FIGURES)}"
+        + (f"; {args.save_latents}" if args.save_latents else "")
+    )
     stale_exports(args, report)
     return 0
 

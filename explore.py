@@ -10,6 +10,7 @@ here by the encoder ONNX in onnxruntime) that decodes what the pointer is on. `w
 The site holds everything it needs (page, models, metadata as JSON, the pinned runtime from web/node_modules), so it
 works with no network. Opened as a file:// URL the browser refuses to load its JavaScript module: serve it.
 """
+
 import http.server
 import json
 import os
@@ -31,24 +32,42 @@ RUNTIME = ("ort.wasm.bundle.min.mjs", "ort-wasm-simd-threaded.wasm")  # the smal
 SITE_FILES = (*PAGE, "model.json", "decoder.onnx", "encoder.onnx", "points.bin")  # and ort/ holding RUNTIME
 SITE_FORMAT = "beta-vae-explorer"
 INSTALL = "npm ci --prefix web"
-TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".mjs": "text/javascript",
-         ".css": "text/css", ".json": "application/json", ".wasm": "application/wasm", ".png": "image/png"}
+TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".css": "text/css",
+    ".json": "application/json",
+    ".wasm": "application/wasm",
+    ".png": "image/png",
+}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Build (and serve) a static latent-space explorer for decoder.onnx.")
     p.add_argument("--onnx", default="decoder.onnx", help="decoder written by export_onnx.py (default decoder.onnx)")
-    p.add_argument("--encoder", default=None, help="encoder written by export_onnx.py --encoder: adds the drawing "
-                   "pad and image drop (default: none)")
-    p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
-                   help="folder holding FashionMNIST/raw: adds a scatter of test images (needs --encoder; "
-                   "default none)")
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder written by export_onnx.py --encoder: adds the drawing pad and image drop (default: none)",
+    )
+    p.add_argument(
+        "--data-dir",
+        "--data_dir",
+        dest="data_dir",
+        default=None,
+        help="folder holding FashionMNIST/raw: adds a scatter of test images (needs --encoder; default none)",
+    )
     p.add_argument("--points", type=int, default=2000, help="test images in the scatter, 1-10000 (default 2000)")
     p.add_argument("--out", default="site", help="folder to write the site into, replaced as a whole (default site)")
     p.add_argument("--serve", action="store_true", help="then serve it on 127.0.0.1 and print the URL (default off)")
     p.add_argument("--port", type=int, default=8000, help="port for --serve, 0 for any free one (default 8000)")
-    p.add_argument("--screenshot", default=None, help="also save a PNG of the page as headless Chromium shows it "
-                   "(needs chromium, chromium-driver and selenium; default: none)")
+    p.add_argument(
+        "--screenshot",
+        default=None,
+        help="also save a PNG of the page as headless Chromium shows it "
+        "(needs chromium, chromium-driver and selenium; default: none)",
+    )
     return p.parse_args(argv)
 
 
@@ -62,25 +81,34 @@ def check_args(args):
     out = os.path.realpath(args.out)
     inside = [f for f, p in inputs.items() if p is not None and os.path.realpath(p).startswith(out + os.sep)]
     if clash or inside:
-        raise UsageError(f"{clash or f'{inside[0]} {inputs[inside[0]]} is inside --out {args.out}'}: the site "
-                         "folder is replaced as a whole, so it must not hold the inputs; choose another --out")
+        raise UsageError(
+            f"{clash or f'{inside[0]} {inputs[inside[0]]} is inside --out {args.out}'}: the site "
+            "folder is replaced as a whole, so it must not hold the inputs; choose another --out"
+        )
     if not os.path.isdir(os.path.dirname(out)):
         raise UsageError(f"--out {args.out}: its parent folder does not exist; create it or choose another path")
-    if args.screenshot and (os.path.realpath(args.screenshot).startswith(out + os.sep)
-                            or not os.path.isdir(os.path.dirname(os.path.abspath(args.screenshot)))
-                            or not args.screenshot.lower().endswith(".png")):
-        raise UsageError(f"--screenshot {args.screenshot} must be a .png in an existing folder outside --out "
-                         f"{args.out}")
+    if args.screenshot and (
+        os.path.realpath(args.screenshot).startswith(out + os.sep)
+        or not os.path.isdir(os.path.dirname(os.path.abspath(args.screenshot)))
+        or not args.screenshot.lower().endswith(".png")
+    ):
+        raise UsageError(
+            f"--screenshot {args.screenshot} must be a .png in an existing folder outside --out {args.out}"
+        )
     if args.screenshot and browser.missing():
         raise UsageError(f"--screenshot {browser.missing()}")
     extra = foreign_names(out) if os.path.lexists(out) else []
     if extra is None:
-        raise UsageError(f"--out {args.out} exists and is not a site explore.py wrote, so it is left alone: "
-                         "choose another --out, or remove it yourself")
+        raise UsageError(
+            f"--out {args.out} exists and is not a site explore.py wrote, so it is left alone: "
+            "choose another --out, or remove it yourself"
+        )
     if extra:  # a hosted copy may hold .git, CNAME, notes: replacing the folder would delete them
-        raise UsageError(f"--out {args.out} holds files explore.py did not write ({', '.join(map(shown, extra[:3]))}"
-                         f"{f' and {len(extra) - 3} more' if len(extra) > 3 else ''}) that replacing the site would "
-                         "delete: move them out, or build into a new --out and copy the site over yours")
+        raise UsageError(
+            f"--out {args.out} holds files explore.py did not write ({', '.join(map(shown, extra[:3]))}"
+            f"{f' and {len(extra) - 3} more' if len(extra) > 3 else ''}) that replacing the site would "
+            "delete: move them out, or build into a new --out and copy the site over yours"
+        )
 
 
 def foreign_names(folder):
@@ -97,8 +125,9 @@ def foreign_names(folder):
     for name in names:
         path = os.path.join(folder, name)
         if name == "ort" and os.path.isdir(path) and not os.path.islink(path):
-            extra += [f"ort/{n}" for n in sorted(os.listdir(path))
-                      if n not in RUNTIME or os.path.isdir(os.path.join(path, n))]
+            extra += [
+                f"ort/{n}" for n in sorted(os.listdir(path)) if n not in RUNTIME or os.path.isdir(os.path.join(path, n))
+            ]
         elif name not in SITE_FILES or os.path.isdir(path):
             extra.append(name)
     return extra
@@ -111,12 +140,15 @@ def runtime():
         pinned = json.loads(read_regular(os.path.join(WEB, "package.json"), 2**20))["dependencies"]["onnxruntime-web"]
         installed = json.loads(read_regular(os.path.join(dist, "package.json"), 2**20))["version"]
     except (NotReadable, ValueError, KeyError, TypeError):
-        raise UsageError(f"onnxruntime-web is not installed in web/node_modules: run `{INSTALL}` "
-                         "(needs node and npm)") from None
+        raise UsageError(
+            f"onnxruntime-web is not installed in web/node_modules: run `{INSTALL}` (needs node and npm)"
+        ) from None
     files = [os.path.join(dist, "dist", name) for name in RUNTIME]
     if installed != pinned or not all(os.path.isfile(p) for p in files):
-        raise UsageError(f"web/node_modules holds onnxruntime-web {installed}, not the pinned {pinned}, or lacks its "
-                         f"wasm files: run `{INSTALL}`")
+        raise UsageError(
+            f"web/node_modules holds onnxruntime-web {installed}, not the pinned {pinned}, or lacks its "
+            f"wasm files: run `{INSTALL}`"
+        )
     return installed, files
 
 
@@ -125,11 +157,15 @@ def load_models(args):
     dec = onnx_check.load(args.onnx, "decoder")
     enc = onnx_check.load(args.encoder, "encoder") if args.encoder else None
     if enc is not None and (enc.latent, enc.image_shape) != (dec.latent, dec.image_shape):
-        raise UsageError(f"{args.encoder} (latent {enc.latent}, images {enc.image_shape}) does not fit {args.onnx} "
-                         f"(latent {dec.latent}, images {dec.image_shape}): export both from one checkpoint")
+        raise UsageError(
+            f"{args.encoder} (latent {enc.latent}, images {enc.image_shape}) does not fit {args.onnx} "
+            f"(latent {dec.latent}, images {dec.image_shape}): export both from one checkpoint"
+        )
     if enc is not None and enc.meta.get("checkpoint_sha256") != dec.meta.get("checkpoint_sha256"):
-        raise UsageError(f"{args.encoder} and {args.onnx} come from different checkpoints: export both at once with "
-                         "export_onnx.py --out decoder.onnx --encoder encoder.onnx")
+        raise UsageError(
+            f"{args.encoder} and {args.onnx} come from different checkpoints: export both at once with "
+            "export_onnx.py --out decoder.onnx --encoder encoder.onnx"
+        )
     sessions = {"decoder": onnx_check.session(dec), "encoder": onnx_check.session(enc) if enc else None}
     onnx_check.run(dec, sessions["decoder"], np.zeros((1, dec.latent), np.float32))
     return dec, enc, sessions
@@ -143,7 +179,7 @@ def scatter_points(args, enc, sess):
         raise UsageError(f"{e}, or pass the --data-dir that train.py used") from None
     if enc.image_shape != (1, 28, 28):
         raise UsageError(f"{args.encoder} takes images of shape {enc.image_shape}, not Fashion-MNIST's (1, 28, 28)")
-    images, labels = images[:args.points], labels[:args.points]
+    images, labels = images[: args.points], labels[: args.points]
     x = images[:, None].astype(np.float32) * np.float32(2 / 255) - np.float32(1)  # [-1, 1], as in training
     return onnx_check.run(enc, sess, x)[0], labels, images
 
@@ -151,17 +187,43 @@ def scatter_points(args, enc, sess):
 def site_meta(dec, enc, points, version):
     order, unused = onnx_check.kl_order(dec.kl, dec.latent)
     kl = dec.kl or [None] * dec.latent
-    meta = {"format": SITE_FORMAT, "version": 1, "onnxruntime_web": version, "latent_dim": dec.latent,
-            "image_shape": list(dec.image_shape), "kl_known": dec.kl is not None, "unused_kl": onnx_check.ACTIVE_KL,
-            "dims": [{"index": d, "kl": kl[d], "unused": d in unused} for d in order],
-            "decoder": "decoder.onnx", "encoder": "encoder.onnx" if enc else None, "points": None,
-            "model": {k: dec.meta[k] for k in ("beta", "objective", "epochs", "seed", "kl_epoch", "format_version",
-                                                "checkpoint_sha256", "trained_on") if k in dec.meta}}  # no paths
+    meta = {
+        "format": SITE_FORMAT,
+        "version": 1,
+        "onnxruntime_web": version,
+        "latent_dim": dec.latent,
+        "image_shape": list(dec.image_shape),
+        "kl_known": dec.kl is not None,
+        "unused_kl": onnx_check.ACTIVE_KL,
+        "dims": [{"index": d, "kl": kl[d], "unused": d in unused} for d in order],
+        "decoder": "decoder.onnx",
+        "encoder": "encoder.onnx" if enc else None,
+        "points": None,
+        "model": {
+            k: dec.meta[k]
+            for k in (
+                "beta",
+                "objective",
+                "epochs",
+                "seed",
+                "kl_epoch",
+                "format_version",
+                "checkpoint_sha256",
+                "trained_on",
+            )
+            if k in dec.meta
+        },
+    }  # no paths
     if points is not None:
         used = [d for d in order if d not in unused] + [d for d in order if d in unused]
-        meta["points"] = {"file": "points.bin", "count": len(points[1]), "classes": list(data.CLASSES),
-                          "axes": (used * 2)[:2], "layout": "mu float32 [count, latent_dim], labels uint8 [count], "
-                          "images uint8 [count, 28, 28], one after another"}
+        meta["points"] = {
+            "file": "points.bin",
+            "count": len(points[1]),
+            "classes": list(data.CLASSES),
+            "axes": (used * 2)[:2],
+            "layout": "mu float32 [count, latent_dim], labels uint8 [count], "
+            "images uint8 [count, 28, 28], one after another",
+        }
     return meta
 
 
@@ -194,8 +256,10 @@ def build(args):
     try:
         replace_dir(args.out, write)
     except OSError as e:  # name the destination: the folder being built is a temporary one beside it
-        raise UsageError(f"cannot write the site {args.out} ({e.strerror or e}); nothing was changed: free some "
-                         "space or choose another --out") from None
+        raise UsageError(
+            f"cannot write the site {args.out} ({e.strerror or e}); nothing was changed: free some "
+            "space or choose another --out"
+        ) from None
     return meta
 
 
@@ -287,14 +351,16 @@ def screenshot(folder, path):
         server.shutdown()
         server.server_close()
     if errors:
-        raise UsageError(f"the page logged errors in Chromium ({errors[0][:200]}): see the browser console with "
-                         "--serve")
+        raise UsageError(
+            f"the page logged errors in Chromium ({errors[0][:200]}): see the browser console with --serve"
+        )
     clean_stale_temps_for([path])  # half-written screenshots of a process that was killed
     try:
         atomic_write(path, lambda f: f.write(png))
     except OSError as e:
-        raise UsageError(f"cannot write --screenshot {path} ({e.strerror or e}): free some space or choose another "
-                         "path") from None
+        raise UsageError(
+            f"cannot write --screenshot {path} ({e.strerror or e}): free some space or choose another path"
+        ) from None
 
 
 def main(argv=None):
@@ -307,8 +373,10 @@ def main(argv=None):
             try:
                 server = make_server(args.out, args.port)
             except OSError as e:
-                raise UsageError(f"cannot serve on 127.0.0.1:{args.port} ({e.strerror or e}): pass another --port, "
-                                 "or --port 0 for any free one") from None
+                raise UsageError(
+                    f"cannot serve on 127.0.0.1:{args.port} ({e.strerror or e}): pass another --port, "
+                    "or --port 0 for any free one"
+                ) from None
         meta = build(args)
         if args.screenshot:
             screenshot(args.out, args.screenshot)
@@ -317,16 +385,23 @@ def main(argv=None):
             server.server_close()
         if isinstance(e, KeyboardInterrupt):
             fail("interrupted; the site was not written (a site already there is as it was)", 130)
-        fail(e if isinstance(e, UsageError) else
-             f"cannot write {e.filename or args.out} ({e.strerror or e}): choose another --out or --screenshot")
+        fail(
+            e
+            if isinstance(e, UsageError)
+            else f"cannot write {e.filename or args.out} ({e.strerror or e}): choose another --out or --screenshot"
+        )
     latest = onnx_check.trained_to(args.onnx)
     if latest is not None and meta["model"].get("epochs", "").isdigit() and latest > int(meta["model"]["epochs"]):
-        print(f"note: {args.onnx} is from epoch {meta['model']['epochs']}, but its run has trained to epoch {latest}: "
-              "export it again to explore the latest model")
+        print(
+            f"note: {args.onnx} is from epoch {meta['model']['epochs']}, but its run has trained to epoch {latest}: "
+            "export it again to explore the latest model"
+        )
     used = sum(not d["unused"] for d in meta["dims"])
-    print(f"wrote {args.out}/: {meta['latent_dim']} latent dims ({used} in use, KL > {onnx_check.ACTIVE_KL:g} nats), "
-          f"{'encoder, ' if meta['encoder'] else ''}{meta['points']['count'] if meta['points'] else 0} scatter "
-          f"points, onnxruntime-web {meta['onnxruntime_web']}" + (f"; {args.screenshot}" if args.screenshot else ""))
+    print(
+        f"wrote {args.out}/: {meta['latent_dim']} latent dims ({used} in use, KL > {onnx_check.ACTIVE_KL:g} nats), "
+        f"{'encoder, ' if meta['encoder'] else ''}{meta['points']['count'] if meta['points'] else 0} scatter "
+        f"points, onnxruntime-web {meta['onnxruntime_web']}" + (f"; {args.screenshot}" if args.screenshot else "")
+    )
     if server is None:
         print(f"serve it:  python explore.py ... --serve   or   python -m http.server -d {args.out} -b 127.0.0.1")
         return

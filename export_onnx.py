@@ -176,31 +176,50 @@ def main(argv=None):
         model, ckpt = vae.load_checkpoint(args.checkpoint, "cpu")  # its bytes read once: weights and hash agree
         d, kl = ckpt["model_args"]["latent_dim"], kl_from_history(ckpt)
         if kl[0] is None:
-            print(f"note: no per-dimension KL in the metadata ({kl[1]}): sample.py --traverse and explore.py show "
-                  "dimensions in index order")
+            print(
+                f"note: no per-dimension KL in the metadata ({kl[1]}): sample.py --traverse and explore.py show "
+                "dimensions in index order"
+            )
         jobs = [("decoder", args.out, model.decoder, torch.zeros(2, d), "z", ("images",), "0,1",
                  lambda rng, b: rng.standard_normal((b, d)))]  # fmt: skip
         if args.encoder:
-            jobs.append(("encoder", args.encoder, model.encoder, torch.zeros(2, *vae.IMAGE_SHAPE), "images",
-                         ("mu", "logvar"), "-1,1", lambda rng, b: rng.uniform(-1, 1, (b, *vae.IMAGE_SHAPE))))
+            jobs.append(
+                (
+                    "encoder",
+                    args.encoder,
+                    model.encoder,
+                    torch.zeros(2, *vae.IMAGE_SHAPE),
+                    "images",
+                    ("mu", "logvar"),
+                    "-1,1",
+                    lambda rng, b: rng.uniform(-1, 1, (b, *vae.IMAGE_SHAPE)),
+                )
+            )
         ready = []
         for kind, path, module, example, input_name, output_names, pixel_range, make_input in jobs:
             meta = metadata(kind, ckpt, args.checkpoint, pixel_range, kl)
             onnx_bytes = export(module, example, input_name, output_names, args.opset, meta)
             diff = parity(onnx_bytes, module, make_input)  # these exact bytes are what gets written
-            print(f"{kind}: max |onnxruntime - torch| = {diff:.2e} at batch sizes "
-                  f"{', '.join(map(str, PARITY_BATCHES))} (limit {PARITY_ATOL:.0e})")
+            print(
+                f"{kind}: max |onnxruntime - torch| = {diff:.2e} at batch sizes "
+                f"{', '.join(map(str, PARITY_BATCHES))} (limit {PARITY_ATOL:.0e})"
+            )
             if not diff <= PARITY_ATOL:
-                print(f"error: the exported {kind} does not match torch (max abs diff {diff:.2e}); nothing was "
-                      "written: report this with your torch and onnxruntime versions", file=sys.stderr)
+                print(
+                    f"error: the exported {kind} does not match torch (max abs diff {diff:.2e}); nothing was "
+                    "written: report this with your torch and onnxruntime versions",
+                    file=sys.stderr,
+                )
                 return 1
             ready.append((kind, path, onnx_bytes))
         clean_stale_temps_for([path for _, path, _ in ready])
         try:  # both files or neither: a new decoder beside a stale encoder would not belong together
             atomic_write_all([(path, b) for _, path, b in ready])
         except OSError as err:
-            raise UsageError(f"cannot write {' and '.join(p for _, p, _ in ready)} ({err.strerror or err}); nothing "
-                             "was changed: choose another --out/--encoder path or free some space") from None
+            raise UsageError(
+                f"cannot write {' and '.join(p for _, p, _ in ready)} ({err.strerror or err}); nothing "
+                "was changed: choose another --out/--encoder path or free some space"
+            ) from None
     except (UsageError, vae.CheckpointError, data.DataError) as e:
         fail(e)
     except Interrupted:
@@ -208,8 +227,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
     for kind, path, b in ready:
-        print(f"wrote {path}: {kind}, {len(b) / 1024:.0f} KiB, opset {args.opset}, latent_dim {d}, "
-              f"epoch {ckpt['epoch']}")
+        print(
+            f"wrote {path}: {kind}, {len(b) / 1024:.0f} KiB, opset {args.opset}, latent_dim {d}, epoch {ckpt['epoch']}"
+        )
     return 0
 
 

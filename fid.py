@@ -36,11 +36,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     sigma1, sigma2 = (torch.atleast_2d(_float64(s)) for s in (sigma1, sigma2))
     d = mu1.shape[0]
     if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"Fréchet distance needs means of one length d and d×d covariances (got {tuple(mu1.shape)}, "
-                         f"{tuple(sigma1.shape)}, {tuple(mu2.shape)}, {tuple(sigma2.shape)})")
+        raise ValueError(
+            f"Fréchet distance needs means of one length d and d×d covariances (got {tuple(mu1.shape)}, "
+            f"{tuple(sigma1.shape)}, {tuple(mu2.shape)}, {tuple(sigma2.shape)})"
+        )
     if not all(torch.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
-        raise ValueError("Fréchet distance got non-finite statistics: the features contain NaN or inf (a diverged "
-                         "model decodes to NaN; check the checkpoint)")
+        raise ValueError(
+            "Fréchet distance got non-finite statistics: the features contain NaN or inf (a diverged "
+            "model decodes to NaN; check the checkpoint)"
+        )
     (root1, w1), (root2, w2) = _psd_sqrt(sigma1), _psd_sqrt(sigma2)
     cross = torch.linalg.svdvals(root1 @ root2).sum()
     # the traces from the clipped eigenvalues, so identical statistics cancel to rounding error
@@ -125,8 +129,12 @@ def train_classifier(train, test, device, epochs=None, seed=0, batch_size=128, p
         torch.manual_seed(seed)
         net = FeatureNet(int(max(train.labels.max(), test.labels.max())) + 1).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    bar = tqdm(total=epochs * math.ceil(n / batch_size), desc="training the FID classifier (once)", leave=False,
-               disable=None if progress else True)  # a bar only on a terminal, never in a redirected log
+    bar = tqdm(
+        total=epochs * math.ceil(n / batch_size),
+        desc="training the FID classifier (once)",
+        leave=False,
+        disable=None if progress else True,
+    )  # a bar only on a terminal, never in a redirected log
     for _ in range(epochs):
         order = torch.randperm(n, generator=order_gen).to(train.images.device)
         for start in range(0, n, batch_size):

@@ -128,7 +128,9 @@ def training_curves(history, tag):
     test KL, in all and of each dimension, over the whole run (records of resumed epochs included)."""
     plt = _plt()
     fig, (ax, kx) = plt.subplots(1, 2, figsize=(12, 4.2))
-    steps = [(m["epoch"] - 1 + (i + 0.5) / len(m["curve"]), v) for m in history for i, v in enumerate(m.get("curve", []))]
+    steps = [
+        (m["epoch"] - 1 + (i + 0.5) / len(m["curve"]), v) for m in history for i, v in enumerate(m.get("curve", []))
+    ]
     if steps:
         ax.plot(*zip(*steps), lw=1, alpha=0.7, label="train objective (per step, binned)")
     epochs = [m["epoch"] for m in history]
@@ -189,8 +191,15 @@ def rate_distortion(runs, groups, title):
     for o, b, kl, rec in runs:
         ax.scatter(kl, rec, color=colour[b], marker="o^sd"[o % 4], s=40, edgecolor="black", linewidth=0.5, zorder=3)
     for o, b, kls, recs in groups:
-        ax.errorbar(np.mean(kls), np.mean(recs), xerr=np.std(kls, ddof=1) if len(kls) > 1 else 0,
-                    yerr=np.std(recs, ddof=1) if len(recs) > 1 else 0, color=colour[b], capsize=3, zorder=2)
+        ax.errorbar(
+            np.mean(kls),
+            np.mean(recs),
+            xerr=np.std(kls, ddof=1) if len(kls) > 1 else 0,
+            yerr=np.std(recs, ddof=1) if len(recs) > 1 else 0,
+            color=colour[b],
+            capsize=3,
+            zorder=2,
+        )
     ax.legend(handles=[plt.Line2D([], [], color=c, marker="o", linestyle="none", label=f"β = {b:g}")
                        for b, c in colour.items()], fontsize=8)  # fmt: skip
     ax.set(xlabel="rate: KL(q(z|x) ‖ p(z)), nats per image", ylabel="distortion: reconstruction, nats per image",

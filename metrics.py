@@ -217,8 +217,11 @@ def mig(codes, factors, bins=20):
     with np.errstate(divide="ignore", invalid="ignore"):
         norm = mi / np.array([discrete_mi(f, f) for f in factors.T])
     top = np.sort(norm, axis=0)
-    return {"mig": float(np.nanmean(top[-1] - top[-2])), "per_factor": (top[-1] - top[-2]).tolist(),
-            "mi_normalised": np.nan_to_num(norm).tolist()}  # (D, K)
+    return {
+        "mig": float(np.nanmean(top[-1] - top[-2])),
+        "per_factor": (top[-1] - top[-2]).tolist(),
+        "mi_normalised": np.nan_to_num(norm).tolist(),
+    }  # (D, K)
 
 
 def sap(codes, factors, seed=0):
@@ -332,6 +335,10 @@ def disentanglement(codes, factors, factor_names):
     m = mig(codes, factors)
     latents = [{"factor": factor_names[int(np.argmax(row))], "normalised_mi": float(max(row))}
                for row in m["mi_normalised"]]  # fmt: skip
-    return {"mig": m["mig"], "sap": sap(codes, factors)["sap"],
-            **{f"dci_{k}": v for k, v in dci(codes, factors).items()},
-            "factorvae_score": factorvae_score(codes, factors)["factorvae_score"], "latents": latents}
+    return {
+        "mig": m["mig"],
+        "sap": sap(codes, factors)["sap"],
+        **{f"dci_{k}": v for k, v in dci(codes, factors).items()},
+        "factorvae_score": factorvae_score(codes, factors)["factorvae_score"],
+        "latents": latents,
+    }

@@ -50,14 +50,25 @@ def layout(args, model):
                   for i in dims]  # fmt: skip
         ranked = "largest KL first" if model.kl else "in index order (no KL in this file: export it again)"
         cols = [f"{v:+.1f}" for v in np.linspace(TRAVERSAL[0], TRAVERSAL[-1], args.steps)] if args.steps <= 13 else None
-        return z.reshape(-1, d), args.steps, labels, cols, f"traversal: a row moves one dimension from -3 to +3, " \
-            f"the others fixed at one draw; {ranked}; in use: KL > {onnx_check.ACTIVE_KL:g} nats"
+        return (
+            z.reshape(-1, d),
+            args.steps,
+            labels,
+            cols,
+            f"traversal: a row moves one dimension from -3 to +3, "
+            f"the others fixed at one draw; {ranked}; in use: KL > {onnx_check.ACTIVE_KL:g} nats",
+        )
     if args.interpolate:
         a, b = rng.standard_normal((2, args.rows, d)) * args.temperature
         z = slerp(a, b, np.linspace(0.0, 1.0, args.steps)).reshape(-1, d)
         cols = ["A"] + [""] * (args.steps - 2) + ["B"]
-        return z, args.steps, [f"pair {i + 1}" for i in range(args.rows)], cols, \
-            "interpolation: each row goes from A to B along a great circle"
+        return (
+            z,
+            args.steps,
+            [f"pair {i + 1}" for i in range(args.rows)],
+            cols,
+            "interpolation: each row goes from A to B along a great circle",
+        )
     z = rng.standard_normal((args.n, d)) * args.temperature
     return z, math.ceil(math.sqrt(args.n)), None, None, f"{args.n} samples of N(0, T^2 I)"
 
@@ -73,10 +84,16 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=int, default=3, help="PNG pixels per image pixel, 1-8 (default: 3)")
     p.add_argument("--overwrite", action="store_true", help="replace --out and --npy if they exist (default: refuse)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--traverse", action="store_true",
-                      help="a row per latent dimension, largest KL first, from -3 to 3 (default: off; ignores --n)")
-    mode.add_argument("--interpolate", action="store_true",
-                      help="--rows rows, each from one random z to another along a great circle (default: off)")
+    mode.add_argument(
+        "--traverse",
+        action="store_true",
+        help="a row per latent dimension, largest KL first, from -3 to 3 (default: off; ignores --n)",
+    )
+    mode.add_argument(
+        "--interpolate",
+        action="store_true",
+        help="--rows rows, each from one random z to another along a great circle (default: off)",
+    )
     p.add_argument("--steps", type=int, default=11, help="images a row for --traverse, --interpolate (default: 11)")
     p.add_argument("--rows", type=int, default=8, help="rows for --interpolate (default: 8)")
     p.add_argument("--dims", type=int, help="--traverse: only the K largest-KL dimensions (default: all)")
@@ -87,8 +104,13 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    for flag, value, low, high in (("--n", args.n, 1, 10000), ("--scale", args.scale, 1, 8), ("--seed", args.seed,
-                                   0, 2**64 - 1), ("--steps", args.steps, 2, 101), ("--rows", args.rows, 1, 100)):
+    for flag, value, low, high in (
+        ("--n", args.n, 1, 10000),
+        ("--scale", args.scale, 1, 8),
+        ("--seed", args.seed, 0, 2**64 - 1),
+        ("--steps", args.steps, 2, 101),
+        ("--rows", args.rows, 1, 100),
+    ):
         check_int(flag, value, low, high)
     if args.dims is not None:
         check_int("--dims", args.dims, 1, onnx_check.MAX_LATENT)
@@ -119,9 +141,11 @@ def check_size(args, model):
     need = n * (h * w * 4 + model.latent * 8) + 3 * n * (h + 2) * (w + 2) * args.scale**2  # images, z, PIL
     if need > MAX_OUTPUT_BYTES:
         shape = f"{rows} dims x {ncol} steps" if args.traverse else f"{rows} rows x {ncol} images"
-        raise UsageError(f"{shape} is {n:,} images of {h}x{w}, about {need / 2**30:.1f} GiB in memory (limit "
-                         f"{MAX_OUTPUT_BYTES / 2**30:.0f} GiB): ask for fewer (--dims K shows the K largest-KL dims), "
-                         "fewer --steps or a smaller --scale")
+        raise UsageError(
+            f"{shape} is {n:,} images of {h}x{w}, about {need / 2**30:.1f} GiB in memory (limit "
+            f"{MAX_OUTPUT_BYTES / 2**30:.0f} GiB): ask for fewer (--dims K shows the K largest-KL dims), "
+            "fewer --steps or a smaller --scale"
+        )
 
 
 def main(argv=None):
@@ -134,8 +158,10 @@ def main(argv=None):
         z, ncol, row_labels, col_labels, what = layout(args, model)
         images = onnx_check.run(model, onnx_check.session(model), z.astype(np.float32))[0]
         about = shown(model.meta.get("trained_on", f"beta {model.beta:g}" if model.beta is not None else ""), 120)
-        title = f"{shown(os.path.basename(args.onnx), 60)}: {about}\nseed {args.seed}, temperature " \
-                f"{args.temperature:g}; {what}"
+        title = (
+            f"{shown(os.path.basename(args.onnx), 60)}: {about}\nseed {args.seed}, temperature "
+            f"{args.temperature:g}; {what}"
+        )
         grid = labelled_grid(grid_rows(images, ncol), row_labels, title, col_labels, scale=args.scale)
         clean_stale_temps_for([args.out, args.npy])
         writes = [(args.out, png_bytes(grid))]
@@ -144,16 +170,20 @@ def main(argv=None):
         try:  # the grid and its arrays as one pair: a failure leaves both as they were
             atomic_write_all(writes)
         except OSError as e:
-            raise UsageError(f"cannot write {' and '.join(p for p, _ in writes)} ({e.strerror or e}); nothing was "
-                             "changed: choose another --out/--npy path or free some space") from None
+            raise UsageError(
+                f"cannot write {' and '.join(p for p, _ in writes)} ({e.strerror or e}); nothing was "
+                "changed: choose another --out/--npy path or free some space"
+            ) from None
     except UsageError as e:
         fail(e)
     except Interrupted:
         fail(f"interrupted after writing {args.out}", 130)
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
-    print(f"wrote {args.out}: {len(images)} images, {len(images) // ncol} x {ncol} grid, {grid.width} x "
-          f"{grid.height} px" + (f"; {args.npy}" if args.npy else ""))
+    print(
+        f"wrote {args.out}: {len(images)} images, {len(images) // ncol} x {ncol} grid, {grid.width} x "
+        f"{grid.height} px" + (f"; {args.npy}" if args.npy else "")
+    )
     return 0
 
 

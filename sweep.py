@@ -75,19 +75,39 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Train and evaluate a grid of β × seeds, then summarise it.")
     p.add_argument("--beta", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="β values (default: 1 2 4 8)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per β (default: 0 1 2)")
-    p.add_argument("--objective", nargs="+", choices=OBJECTIVES, default=["beta"], help="beta (β-VAE) and/or tc "
-                   "(β-TCVAE, β weighs the total correlation) (default: beta)")
-    p.add_argument("--dataset", choices=data.DATASETS, default="fashion-mnist", help="passed on (default: "
-                   "fashion-mnist)")
+    p.add_argument(
+        "--objective",
+        nargs="+",
+        choices=OBJECTIVES,
+        default=["beta"],
+        help="beta (β-VAE) and/or tc (β-TCVAE, β weighs the total correlation) (default: beta)",
+    )
+    p.add_argument(
+        "--dataset", choices=data.DATASETS, default="fashion-mnist", help="passed on (default: fashion-mnist)"
+    )
     add_setting(p, "epochs", vae.SETTINGS["epochs"], default=None)
-    p.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="runs at once; the cores are split between them "
-                   f"(default: the cores, at most 8: {DEFAULT_JOBS})")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=DEFAULT_JOBS,
+        help=f"runs at once; the cores are split between them (default: the cores, at most 8: {DEFAULT_JOBS})",
+    )
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default="./data", help="passed on (default: ./data)")
-    p.add_argument("--out-dir", "--out_dir", dest="out_dir", default=os.path.join("runs", "sweep"),
-                   help="one folder per run goes in here, with the summary (default: runs/sweep)")
+    p.add_argument(
+        "--out-dir",
+        "--out_dir",
+        dest="out_dir",
+        default=os.path.join("runs", "sweep"),
+        help="one folder per run goes in here, with the summary (default: runs/sweep)",
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--print-commands", "--print_commands", dest="print_commands", action="store_true",
-                      help="print one train + evaluate command line per unfinished run and run nothing")
+    mode.add_argument(
+        "--print-commands",
+        "--print_commands",
+        dest="print_commands",
+        action="store_true",
+        help="print one train + evaluate command line per unfinished run and run nothing",
+    )
     mode.add_argument("--aggregate", action="store_true", help="only rebuild the summary from the run folders there")
     for name in (*PASS_THROUGH["train"][:5], "iwae_k"):
         add_setting(p, name, vae.SETTINGS[name], default=None)
@@ -140,8 +160,15 @@ def commands(run, a):
     train = [sys.executable, os.path.join(HERE, "train.py"), "--objective", run["objective"], "--beta",
              number(run["beta"]), "--seed", str(run["seed"]), *(["--epochs", str(a.epochs)] if a.epochs else []),
              *where, "--out-dir", run["dir"]]  # fmt: skip
-    evaluate = [sys.executable, os.path.join(HERE, "evaluate.py"), "--checkpoint", os.path.join(run["dir"],
-                "checkpoint.pt"), *where, "--save-latents", os.path.join(run["dir"], "eval", "latents.npz")]
+    evaluate = [
+        sys.executable,
+        os.path.join(HERE, "evaluate.py"),
+        "--checkpoint",
+        os.path.join(run["dir"], "checkpoint.pt"),
+        *where,
+        "--save-latents",
+        os.path.join(run["dir"], "eval", "latents.npz"),
+    ]
     for argv, names in ((train, PASS_THROUGH["train"]), (evaluate, PASS_THROUGH["evaluate"])):
         for name in names:
             value = getattr(a, name)
@@ -171,15 +198,19 @@ def read_report(path, warn=False):
             else:
                 ok = _finite(value)
             if not ok:
-                raise ValueError(f"{key} is {shown(repr(value), 40) if not isinstance(value, (dict, list)) else 'a ' + type(value).__name__}")
+                raise ValueError(
+                    f"{key} is {shown(repr(value), 40) if not isinstance(value, (dict, list)) else 'a ' + type(value).__name__}"
+                )
             flat[key] = value
         return flat
     except NotReadable:
         return None
     except (ValueError, RecursionError, TypeError) as e:
         if warn:
-            print(f"warning: {path} is not a report evaluate.py wrote ({shown(e, 120)}); left out of the summary",
-                  file=sys.stderr)
+            print(
+                f"warning: {path} is not a report evaluate.py wrote ({shown(e, 120)}); left out of the summary",
+                file=sys.stderr,
+            )
         return None
 
 
@@ -197,8 +228,11 @@ def finished(run, a):
              "train_args.lr": a.lr, "test.iwae_k": a.iwae_k}  # fmt: skip
     epochs = a.epochs if a.epochs is not None else vae.SETTINGS["epochs"].default
     fingerprint = data.fingerprint(a.dataset, a.data_dir, "test")
-    return r["epoch"] >= epochs and r.get("data.fingerprint") == fingerprint and all(
-        r.get(k) == v for k, v in asked.items() if v is not None)
+    return (
+        r["epoch"] >= epochs
+        and r.get("data.fingerprint") == fingerprint
+        and all(r.get(k) == v for k, v in asked.items() if v is not None)
+    )
 
 
 class Runner:
@@ -230,8 +264,14 @@ class Runner:
                 log.flush()
                 t = time.perf_counter()
                 # a session of its own: Ctrl-C reaches the job once, through signal(), never twice by the terminal
-                child = subprocess.Popen([sys.executable, "-c", LAUNCH, str(os.getpid()), *argv[1:]], stdout=log,
-                                         stderr=subprocess.STDOUT, env=self.env, cwd=HERE, start_new_session=True)
+                child = subprocess.Popen(
+                    [sys.executable, "-c", LAUNCH, str(os.getpid()), *argv[1:]],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    cwd=HERE,
+                    start_new_session=True,
+                )
                 with self.lock:
                     self.children.add(child)
                 code = child.wait()
@@ -243,8 +283,16 @@ class Runner:
                     status = "stopped" if self.stopping.is_set() else "FAILED"
                     return status, f"{os.path.basename(argv[1])} exited {code}: {reason} (log: {log.name})"
         r = read_report(os.path.join(run["dir"], "eval", "report.json")) or {}
-        numbers = ", ".join(f"{label} {r[key]:.4g}" for label, key in (("-ELBO", "test.neg_elbo"), ("KL", "test.kl"),
-                            ("TC", "decomposition.total_correlation"), ("in use", "active_units")) if key in r)
+        numbers = ", ".join(
+            f"{label} {r[key]:.4g}"
+            for label, key in (
+                ("-ELBO", "test.neg_elbo"),
+                ("KL", "test.kl"),
+                ("TC", "decomposition.total_correlation"),
+                ("in use", "active_units"),
+            )
+            if key in r
+        )
         return "done", f"train {times[0]:.0f} s, evaluate {times[1]:.0f} s | {numbers}"
 
 
@@ -262,8 +310,11 @@ def run_all(todo, a):
 
     jobs = min(a.jobs, len(todo))
     runner, threads = Runner(max(1, CORES // jobs)), max(1, CORES // jobs)
-    print(f"{len(todo)} runs to do, {jobs} at a time with {threads} thread{'s' * (threads > 1)} each; logs in "
-          "<run>/sweep.log", flush=True)
+    print(
+        f"{len(todo)} runs to do, {jobs} at a time with {threads} thread{'s' * (threads > 1)} each; logs in "
+        "<run>/sweep.log",
+        flush=True,
+    )
     signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
     handlers, failed = {s: signal.signal(s, runner.signal) for s in signals}, []
     bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=None, file=sys.stderr)
@@ -355,8 +406,12 @@ def summary_text(rows, grouped, written):
     head = ["model", "β", *(flags[k] for k in varying), "seeds"] + [c[0] for c in cols]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for members in grouped.values():
-        cells = [model_name(members[0]), f"{members[0]['beta']:g}", *(f"{members[0][k]:g}" for k in varying),
-                 ",".join(str(r["seed"]) for r in members)]
+        cells = [
+            model_name(members[0]),
+            f"{members[0]['beta']:g}",
+            *(f"{members[0][k]:g}" for k in varying),
+            ",".join(str(r["seed"]) for r in members),
+        ]
         for _, key, decimals in cols:
             values = [r[key] for r in members if key in r]
             sd = f" ± {statistics.stdev(values):.{decimals}f}" if len(values) > 1 else ""
@@ -379,10 +434,21 @@ def summary_figures(out_dir, rows, grouped):
     for members in grouped.values():
         by_model.setdefault(model_name(members[0]), []).append((members[0]["beta"], members))
     curves = list(by_model.items())
-    out = {"rate_distortion.png": figures.rate_distortion(
-        [(OBJECTIVES.index(r["objective"]), r["beta"], r["test.kl"], r["test.recon"]) for r in rows],
-        [(OBJECTIVES.index(m[0]["objective"]), m[0]["beta"], [r["test.kl"] for r in m], [r["test.recon"] for r in m])
-         for m in grouped.values()], f"Rate–distortion: every run a point, bars ±1 s.d. over seeds\n{where}")}
+    out = {
+        "rate_distortion.png": figures.rate_distortion(
+            [(OBJECTIVES.index(r["objective"]), r["beta"], r["test.kl"], r["test.recon"]) for r in rows],
+            [
+                (
+                    OBJECTIVES.index(m[0]["objective"]),
+                    m[0]["beta"],
+                    [r["test.kl"] for r in m],
+                    [r["test.recon"] for r in m],
+                )
+                for m in grouped.values()
+            ],
+            f"Rate–distortion: every run a point, bars ±1 s.d. over seeds\n{where}",
+        )
+    }
     for name, panels in (("decomposition.png", [("decomposition.mutual_info", "index-code mutual information"),
                                                 ("decomposition.total_correlation", "total correlation"),
                                                 ("decomposition.dimwise_kl", "dimension-wise KL")]),
@@ -412,8 +478,9 @@ def summary_figures(out_dir, rows, grouped):
         def decode(z, model=model):
             return metrics.decode_batched(model, __import__("torch").as_tensor(z)).numpy()
 
-        grid = figures.traversal(decode, np.zeros(len(kl), np.float32), order, [f"z{d} KL {kl[d]:.2f}" for d in order],
-                                 None)
+        grid = figures.traversal(
+            decode, np.zeros(len(kl), np.float32), order, [f"z{d} KL {kl[d]:.2f}" for d in order], None
+        )
         panels.append((f"{model_name(r)}, β = {r['beta']:g} (seed {r['seed']})", grid))
     if panels:
         out["traversals.png"] = figures.png_bytes(figures.side_by_side(panels, "Latent traversals, one run per "
@@ -437,8 +504,10 @@ def write_summary(out_dir, require=False):
     rows = collect(out_dir)
     if not rows:
         if require:
-            raise UsageError(f"no finished run under {out_dir} (none has eval/report.json): run the sweep first, or "
-                             "pass the --out-dir it wrote to")
+            raise UsageError(
+                f"no finished run under {out_dir} (none has eval/report.json): run the sweep first, or "
+                "pass the --out-dir it wrote to"
+            )
         return []
     grouped = groups(rows)
     clean_stale_temps(out_dir, SUMMARY)  # half-written files of a sweep that was killed
@@ -467,8 +536,10 @@ def main(argv=None):
         runs = grid(a)
         todo = [run for run in runs if not finished(run, a)]
         if a.print_commands:
-            print(f"# {len(runs) - len(todo)} of {len(runs)} runs finished already; printing the other {len(todo)}",
-                  file=sys.stderr)
+            print(
+                f"# {len(runs) - len(todo)} of {len(runs)} runs finished already; printing the other {len(todo)}",
+                file=sys.stderr,
+            )
             print("\n".join(" && ".join(map(shlex.join, commands(run, a))) for run in todo))
             return 0
         if not a.aggregate:
@@ -478,23 +549,29 @@ def main(argv=None):
                 os.makedirs(a.out_dir, exist_ok=True)
                 tempfile.TemporaryFile(dir=a.out_dir).close()  # the only sure test of writability
             except OSError as e:
-                raise UsageError(f"cannot write to --out-dir {a.out_dir} ({e.strerror or e}): pass a writable folder; "
-                                 "nothing was run") from None
+                raise UsageError(
+                    f"cannot write to --out-dir {a.out_dir} ({e.strerror or e}): pass a writable folder; "
+                    "nothing was run"
+                ) from None
             if a.dataset == "fashion-mnist":
                 data.ensure_files(a.data_dir)  # once, here, rather than in every run at the same time
             files = {f"data file {n}": data.find(a.data_dir, n) for names in data.FILES.values() for n in names}
             for run in todo:  # sweep.log is appended to in place: never a data file or the run's own
                 mine = {f"{run['name']}'s {n}": os.path.join(run["dir"], n) for n in ("checkpoint.pt",
                         "eval/report.json")}  # fmt: skip
-                clash = clashes({**files, **mine}, {f"{run['name']}'s sweep.log": os.path.join(run["dir"], "sweep.log")})
+                clash = clashes(
+                    {**files, **mine}, {f"{run['name']}'s sweep.log": os.path.join(run["dir"], "sweep.log")}
+                )
                 if clash:
                     raise UsageError(f"{clash}: pass another --out-dir; nothing was run")
             failed, stopped = run_all(todo, a)
         try:
             written = write_summary(a.out_dir, require=a.aggregate)
         except OSError as e:
-            raise UsageError(f"cannot write the summary in {a.out_dir} ({e.strerror or e}): free space or pass another "
-                             "--out-dir; the runs are complete, the summary files as they were") from None
+            raise UsageError(
+                f"cannot write the summary in {a.out_dir} ({e.strerror or e}): free space or pass another "
+                "--out-dir; the runs are complete, the summary files as they were"
+            ) from None
         if written:
             print(f"wrote {', '.join(written)} in {a.out_dir}")
     except (UsageError, data.DataError) as e:
@@ -510,8 +587,11 @@ def main(argv=None):
         print("stopped: run the same command again to resume", file=sys.stderr)
         return 130
     if failed:
-        print(f"{len(failed)} of {len(todo)} runs failed ({', '.join(failed)}): see the error line above for each, "
-              "fix, and run the same command again (finished runs are skipped)", file=sys.stderr)
+        print(
+            f"{len(failed)} of {len(todo)} runs failed ({', '.join(failed)}): see the error line above for each, "
+            "fix, and run the same command again (finished runs are skipped)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

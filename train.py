@@ -44,28 +44,70 @@ def parse_args(argv=None):
     for name in ("beta", "latent_dim", "epochs", "batch_size", "lr", "seed", "gamma", "alpha", "capacity_max",
                  "capacity_steps"):  # fmt: skip
         add_setting(p, name, vae.SETTINGS[name], default=None)
-    p.add_argument("--objective", choices=vae.OBJECTIVES, help="beta: recon + β·KL; capacity: recon + γ·|KL − C|; "
-                   "tc (β-TCVAE): recon + α·MI + β·TC + γ·dimension-wise KL (default: beta)")
-    p.add_argument("--dataset", choices=data.DATASETS, help="fashion-mnist, or sprites: drawn here, with known "
-                   "factors (default: fashion-mnist; with --resume, the run's)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
-                   "(default: auto)")
-    p.add_argument("--data-dir", "--data_dir", dest="data_dir", help="folder holding FashionMNIST/raw, downloaded "
-                   "there if missing (default: ./data; with --resume, the folder the run trained on)")
-    p.add_argument("--out-dir", "--out_dir", dest="out_dir", help="output folder (default: runs/beta<β>_z<latent>_"
-                   "seed<seed>; sprites runs add _sprites)")
-    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt (a new run if there "
-                   "is none yet); flags that contradict it are refused. Without it, a folder holding a checkpoint is "
-                   "refused (default: off)")
-    p.add_argument("--loop", choices=("fast", "seed"), help="fast: data resident on the device; seed: the course "
-                   "project's loop (torchvision transforms in DataLoader workers, BCE on probabilities), kept for "
-                   "comparison (default: fast)")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile the training "
-                   "step; auto: on a CPU, for runs of a million images or more (default: auto)")
-    p.add_argument("--num-generation-samples", "--num_generation_samples", dest="n_samples", type=int, default=64,
-                   help="images in samples.png, 1 to 10000 (default: 64)")
-    p.add_argument("--num-reconstruction-samples", "--num_reconstruction_samples", dest="n_recon", type=int,
-                   default=16, help="test images in reconstructions.png, 1 to 1000 (default: 16)")
+    p.add_argument(
+        "--objective",
+        choices=vae.OBJECTIVES,
+        help="beta: recon + β·KL; capacity: recon + γ·|KL − C|; "
+        "tc (β-TCVAE): recon + α·MI + β·TC + γ·dimension-wise KL (default: beta)",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=data.DATASETS,
+        help="fashion-mnist, or sprites: drawn here, with known "
+        "factors (default: fashion-mnist; with --resume, the run's)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
+    )
+    p.add_argument(
+        "--data-dir",
+        "--data_dir",
+        dest="data_dir",
+        help="folder holding FashionMNIST/raw, downloaded "
+        "there if missing (default: ./data; with --resume, the folder the run trained on)",
+    )
+    p.add_argument(
+        "--out-dir",
+        "--out_dir",
+        dest="out_dir",
+        help="output folder (default: runs/beta<β>_z<latent>_seed<seed>; sprites runs add _sprites)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out-dir>/checkpoint.pt (a new run if there "
+        "is none yet); flags that contradict it are refused. Without it, a folder holding a checkpoint is "
+        "refused (default: off)",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("fast", "seed"),
+        help="fast: data resident on the device; seed: the course "
+        "project's loop (torchvision transforms in DataLoader workers, BCE on probabilities), kept for "
+        "comparison (default: fast)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile the training step; auto: on a CPU, for runs of a million images or more (default: auto)",
+    )
+    p.add_argument(
+        "--num-generation-samples",
+        "--num_generation_samples",
+        dest="n_samples",
+        type=int,
+        default=64,
+        help="images in samples.png, 1 to 10000 (default: 64)",
+    )
+    p.add_argument(
+        "--num-reconstruction-samples",
+        "--num_reconstruction_samples",
+        dest="n_recon",
+        type=int,
+        default=16,
+        help="test images in reconstructions.png, 1 to 1000 (default: 16)",
+    )
     return p.parse_args(argv)
 
 
@@ -92,15 +134,19 @@ def resume_settings(s, args, ckpt):
         theirs = ckpt["train_args"].get("loop", "fast") if k == "loop" else saved.get(k)
         if mine is not None and theirs is not None and mine != theirs:
             said = f"--loop {theirs}" if k == "loop" else theirs
-            raise UsageError(f"--{k.replace('_', '-')} {mine} contradicts the checkpoint in {s['out_dir']} (trained "
-                             f"with {said}): drop the flag to resume, or use a new --out-dir")
+            raise UsageError(
+                f"--{k.replace('_', '-')} {mine} contradicts the checkpoint in {s['out_dir']} (trained "
+                f"with {said}): drop the flag to resume, or use a new --out-dir"
+            )
         if theirs is not None:
             s[k] = theirs
     if args.epochs is None:
         s["epochs"] = max(ckpt["train_args"].get("epochs", s["epochs"]), ckpt["epoch"])
     if s["epochs"] < ckpt["epoch"]:
-        raise UsageError(f"--epochs {s['epochs']} is below the {ckpt['epoch']} epochs {s['out_dir']} has already "
-                         "trained: raise --epochs or drop it")
+        raise UsageError(
+            f"--epochs {s['epochs']} is below the {ckpt['epoch']} epochs {s['out_dir']} has already "
+            "trained: raise --epochs or drop it"
+        )
     s["data_dir"] = args.data_dir or ckpt["train_args"].get("data_dir") or "./data"  # the data it trained on
 
 
@@ -114,8 +160,9 @@ def check_settings(s, args):
     if s["loop"] == "seed" and (s["objective"] != "beta" or s["dataset"] != "fashion-mnist"):
         raise UsageError("--loop seed trains the plain β objective on Fashion-MNIST only: drop --loop seed")
     if args.compile == "on" and not training.has_cxx():
-        raise UsageError("--compile on needs a C++ compiler for the CPU (g++ or clang++): install one or use "
-                         "--compile off")
+        raise UsageError(
+            "--compile on needs a C++ compiler for the CPU (g++ or clang++): install one or use --compile off"
+        )
 
 
 def check_outputs(s, resuming):
@@ -125,7 +172,8 @@ def check_outputs(s, resuming):
     ck = os.path.join(s["out_dir"], "checkpoint.pt")
     mine = {f"--out-dir {n}": os.path.join(s["out_dir"], n) for n in (*OUTPUTS[1:], "train.log", ".lock")}
     clash = clashes(files, {"--out-dir checkpoint.pt": ck}) or clashes(
-        dict(files, **{"its checkpoint.pt": ck if resuming else None}), mine)
+        dict(files, **{"its checkpoint.pt": ck if resuming else None}), mine
+    )
     if clash:
         raise UsageError(f"{clash}: pass another --out-dir; nothing was changed")
 
@@ -171,8 +219,10 @@ def setup_logging(out_dir):
     for h in log.handlers:  # a previous run's, in a process that runs main() again (the tests)
         h.close()
     log.handlers.clear()
-    for h in (logging.StreamHandler(sys.stdout),
-              logging.FileHandler(os.path.join(out_dir, "train.log"), encoding="utf-8", errors="backslashreplace")):
+    for h in (
+        logging.StreamHandler(sys.stdout),
+        logging.FileHandler(os.path.join(out_dir, "train.log"), encoding="utf-8", errors="backslashreplace"),
+    ):
         h.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(h)
 
@@ -195,7 +245,9 @@ class StopFlag:
             raise KeyboardInterrupt
         self.signum = signum
         # os.write, not print: the handler may run while tqdm is inside a print to stderr
-        os.write(2, f"\n{signal.Signals(signum).name}: finishing this epoch and saving; send again to stop now\n".encode())
+        os.write(
+            2, f"\n{signal.Signals(signum).name}: finishing this epoch and saving; send again to stop now\n".encode()
+        )
 
 
 def slow_epoch_hint(history):
@@ -203,9 +255,11 @@ def slow_epoch_hint(history):
     (docs/speed.md, "A busy CPU"), and one thread is then often faster."""
     speeds = [m["img_per_s"] for m in history]
     if len(speeds) >= 2 and speeds[-1] < max(speeds) / 2:
-        return (f"note: this epoch ran at {speeds[-1]:,.0f} img/s, under half this run's best ({max(speeds):,.0f}): "
-                "another process is probably using the CPU; if it stays, stop (Ctrl-C) and continue with "
-                "OMP_NUM_THREADS=1 python train.py ... --resume, often 2-3x faster on a busy CPU")
+        return (
+            f"note: this epoch ran at {speeds[-1]:,.0f} img/s, under half this run's best ({max(speeds):,.0f}): "
+            "another process is probably using the CPU; if it stays, stop (Ctrl-C) and continue with "
+            "OMP_NUM_THREADS=1 python train.py ... --resume, often 2-3x faster on a busy CPU"
+        )
     return None
 
 
@@ -213,14 +267,18 @@ def train(s, args):
     device = vae.pick_device(args.device)
     out, ck = s["out_dir"], os.path.join(s["out_dir"], "checkpoint.pt")
     if os.path.exists(ck) and not args.resume:  # said before the lock is tried (and again under it)
-        raise UsageError(f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or --out-dir NEW "
-                         "for a new run; nothing was changed")
+        raise UsageError(
+            f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or --out-dir NEW "
+            "for a new run; nothing was changed"
+        )
     with run_folder(out) as folder:
         ckpt = None
         if os.path.exists(ck):  # read under the lock: another run may have saved an epoch since this one started
             if not args.resume:
-                raise UsageError(f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or "
-                                 "--out-dir NEW for a new run; nothing was changed")
+                raise UsageError(
+                    f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or "
+                    "--out-dir NEW for a new run; nothing was changed"
+                )
             ckpt = vae.read_checkpoint(ck)
             resume_settings(s, args, ckpt)
         s["loop"], s["data_dir"] = s.get("loop") or args.loop or "fast", s.get("data_dir") or args.data_dir or "./data"
@@ -231,9 +289,11 @@ def train(s, args):
         train_data, test_data = (data.load(s["data_dir"], split, device, s["dataset"]) for split in ("train", "test"))
         missing = data.missing_uncompressed(s["data_dir"]) if s["loop"] == "seed" else []
         if missing:
-            raise UsageError(f"--loop seed reads the data through torchvision, which needs the uncompressed "
-                             f"{' and '.join(missing)} in {data.raw_dir(s['data_dir'])}: gunzip the .gz files there, "
-                             "or use --loop fast")
+            raise UsageError(
+                f"--loop seed reads the data through torchvision, which needs the uncompressed "
+                f"{' and '.join(missing)} in {data.raw_dir(s['data_dir'])}: gunzip the .gz files there, "
+                "or use --loop fast"
+            )
         steps_per_epoch = math.ceil(len(train_data) / s["batch_size"])
         if s["objective"] == "capacity" and s["capacity_steps"] is None:
             s["capacity_steps"] = max(1, round(vae.CAPACITY_RAMP * s["epochs"] * steps_per_epoch))
@@ -244,9 +304,11 @@ def train(s, args):
         else:
             trained_on = ckpt["model_args"]["dataset_size"]
             if trained_on != len(train_data):
-                raise UsageError(f"the train split in {s['data_dir']} has {len(train_data):,} images, but the run in "
-                                 f"{out} trained on {trained_on:,}: pass the --data-dir it trained on, or start a new "
-                                 "--out-dir")
+                raise UsageError(
+                    f"the train split in {s['data_dir']} has {len(train_data):,} images, but the run in "
+                    f"{out} trained on {trained_on:,}: pass the --data-dir it trained on, or start a new "
+                    "--out-dir"
+                )
             model = vae.model_from_checkpoint(ckpt, out).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
         if ckpt is not None:
@@ -254,19 +316,25 @@ def train(s, args):
         folder["started"] = True
         setup_logging(out)
         history, start = (list(ckpt["metrics"]), ckpt["epoch"]) if ckpt else ([], 0)
-        log.info(f"device {device} | {data.describe(s['dataset'], len(train_data), len(test_data))} | "
-                 f"{vae.param_count(model):,} parameters | {model.config} | out {out}")
+        log.info(
+            f"device {device} | {data.describe(s['dataset'], len(train_data), len(test_data))} | "
+            f"{vae.param_count(model):,} parameters | {model.config} | out {out}"
+        )
         if start:
             log.info(f"resuming after epoch {start} of {s['epochs']}")
             write_metrics(out, history)  # the checkpoint's history is the truth
         elif args.resume:
-            log.info(f"note: --resume found no checkpoint in {out}, so this is a NEW run (if you meant to continue "
-                     "one, check --out-dir)")
+            log.info(
+                f"note: --resume found no checkpoint in {out}, so this is a NEW run (if you meant to continue "
+                "one, check --out-dir)"
+            )
         if config.objective == "capacity" and vae.capacity_at(s["epochs"] * steps_per_epoch, config) < 0.9 * \
                 config.capacity_max:  # fmt: skip
-            log.info(f"note: with --capacity-steps {config.capacity_steps:,} and {s['epochs']} epochs of "
-                     f"{steps_per_epoch:,} steps, C reaches only {vae.capacity_at(s['epochs'] * steps_per_epoch, config):.1f}"
-                     f" of C_max {config.capacity_max:g} nats by the last epoch: drop --capacity-steps, or train longer")
+            log.info(
+                f"note: with --capacity-steps {config.capacity_steps:,} and {s['epochs']} epochs of "
+                f"{steps_per_epoch:,} steps, C reaches only {vae.capacity_at(s['epochs'] * steps_per_epoch, config):.1f}"
+                f" of C_max {config.capacity_max:g} nats by the last epoch: drop --capacity-steps, or train longer"
+            )
         if s["loop"] == "seed":
             step = training.make_seed_step(model, opt, config)
         else:
@@ -274,8 +342,10 @@ def train(s, args):
             compiled = training.want_compile(args.compile, device, s["epochs"] * len(train_data))
             step = training.make_train_step(model, opt, config, "on" if compiled else "off", log=log.info)
             if compiled:
-                log.info("compiling the training step (first batch) and the test pass: seconds to a minute, once "
-                         "(--compile off skips this)")
+                log.info(
+                    "compiling the training step (first batch) and the test pass: seconds to a minute, once "
+                    "(--compile off skips this)"
+                )
         stop = StopFlag()
         try:
             return run_epochs(model, opt, step, train_data, test_data, s, args, history, start, stop)
@@ -288,9 +358,11 @@ def write_metrics(out_dir, history):
     try:
         atomic_write(os.path.join(out_dir, "metrics.jsonl"), lines.encode())
     except OSError as e:
-        raise UsageError(f"checkpoint.pt holds epoch {len(history)}, but metrics.jsonl in {out_dir} cannot be written "
-                         f"({e.strerror or e}): fix that and run the same command with --resume, which writes it "
-                         "again") from None
+        raise UsageError(
+            f"checkpoint.pt holds epoch {len(history)}, but metrics.jsonl in {out_dir} cannot be written "
+            f"({e.strerror or e}): fix that and run the same command with --resume, which writes it "
+            "again"
+        ) from None
 
 
 def run_epochs(model, opt, step, train_data, test_data, s, args, history, start, stop):
@@ -310,35 +382,49 @@ def run_epochs(model, opt, step, train_data, test_data, s, args, history, start,
             vae.save_checkpoint(ck, model, opt, epoch + 1, s["seed"], train_args, history)
         except OSError as e:
             kept = f"checkpoint.pt still holds epoch {epoch}" if epoch else "no checkpoint was written"
-            raise UsageError(f"cannot save epoch {epoch + 1} in {s['out_dir']} ({e.strerror or e}); {kept}: fix "
-                             "that (free space?) and run the same command with --resume") from None
+            raise UsageError(
+                f"cannot save epoch {epoch + 1} in {s['out_dir']} ({e.strerror or e}); {kept}: fix "
+                "that (free space?) and run the same command with --resume"
+            ) from None
         write_metrics(s["out_dir"], history)
         note = " (incl. compiling)" if epoch == start and getattr(step, "compiled", False) else ""
-        log.info(f"epoch {epoch + 1:3d}/{s['epochs']} | train recon {means[0]:7.2f} kl {means[1]:6.2f} total "
-                 f"{means[2]:7.2f} | test recon {test[0]:7.2f} kl {test[1]:6.2f} total {test[2]:7.2f} | {img_s:,.0f} "
-                 f"img/s{note}")
+        log.info(
+            f"epoch {epoch + 1:3d}/{s['epochs']} | train recon {means[0]:7.2f} kl {means[1]:6.2f} total "
+            f"{means[2]:7.2f} | test recon {test[0]:7.2f} kl {test[1]:6.2f} total {test[2]:7.2f} | {img_s:,.0f} "
+            f"img/s{note}"
+        )
         hint = None if train_data.device.type != "cpu" or hinted else slow_epoch_hint(history[start:])
         if hint:
             log.info(hint)
             hinted = True
         if stop.signum is not None:
-            log.info(f"stopped after epoch {epoch + 1}; continue with: python train.py --resume --out-dir "
-                     f"{s['out_dir']}" + ("" if s["dataset"] == "sprites" else f" --data-dir {s['data_dir']}"))
+            log.info(
+                f"stopped after epoch {epoch + 1}; continue with: python train.py --resume --out-dir "
+                f"{s['out_dir']}" + ("" if s["dataset"] == "sprites" else f" --data-dir {s['data_dir']}")
+            )
             return 128 + stop.signum
     try:
         draw_figures(model, test_data, s, history, args)
     except OSError as e:
-        raise UsageError(f"cannot write the figures in {s['out_dir']} ({e.strerror or e}); checkpoint.pt is "
-                         "complete: free space and run the same command with --resume to draw them") from None
+        raise UsageError(
+            f"cannot write the figures in {s['out_dir']} ({e.strerror or e}); checkpoint.pt is "
+            "complete: free space and run the same command with --resume to draw them"
+        ) from None
     data_flag = "--dataset sprites" if s["dataset"] == "sprites" else f"--data-dir {s['data_dir']}"
     stale = [n for n in ("eval/report.json", "decoder.onnx", "encoder.onnx") if start and os.path.exists(
         os.path.join(s["out_dir"], n))]  # fmt: skip
-    log.info(f"done: {ck}, metrics.jsonl, loss.png, samples.png, reconstructions.png in {s['out_dir']}\n"
-             + (f"note: {', '.join(stale)} in {s['out_dir']} are of epoch {start} or earlier: run the next lines "
-                "again for this epoch's\n" if stale else "")
-             + f"next:  python evaluate.py --checkpoint {ck} {data_flag}\n"
-             f"       python export_onnx.py --checkpoint {ck}{' --overwrite' if stale else ''} && python sample.py "
-             f"--onnx {os.path.join(s['out_dir'], 'decoder.onnx')}")
+    log.info(
+        f"done: {ck}, metrics.jsonl, loss.png, samples.png, reconstructions.png in {s['out_dir']}\n"
+        + (
+            f"note: {', '.join(stale)} in {s['out_dir']} are of epoch {start} or earlier: run the next lines "
+            "again for this epoch's\n"
+            if stale
+            else ""
+        )
+        + f"next:  python evaluate.py --checkpoint {ck} {data_flag}\n"
+        f"       python export_onnx.py --checkpoint {ck}{' --overwrite' if stale else ''} && python sample.py "
+        f"--onnx {os.path.join(s['out_dir'], 'decoder.onnx')}"
+    )
     return 0
 
 
@@ -350,8 +436,10 @@ def summary(v):
 def draw_figures(model, test, s, history, args):
     """loss.png (the whole run), samples.png and reconstructions.png, written as one."""
     model.eval()
-    tag = f"{vae.describe(vars(model.config))}, latent {s['latent_dim']}, epoch {len(history)}, " \
-          f"{data.describe(s['dataset'], model.config.dataset_size, len(test))}"
+    tag = (
+        f"{vae.describe(vars(model.config))}, latent {s['latent_dim']}, epoch {len(history)}, "
+        f"{data.describe(s['dataset'], model.config.dataset_size, len(test))}"
+    )
     z = torch.randn(args.n_samples, s["latent_dim"], generator=torch.Generator().manual_seed(s["seed"]))
     samples = model.decode(z.to(test.device)).cpu().numpy()
     x, _, _ = next(test.batches(min(args.n_recon, len(test))))
@@ -377,13 +465,19 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except training.NonFinite as e:
-        kept = "the last good checkpoint is kept" if os.path.exists(os.path.join(s["out_dir"], "checkpoint.pt")) \
+        kept = (
+            "the last good checkpoint is kept"
+            if os.path.exists(os.path.join(s["out_dir"], "checkpoint.pt"))
             else "no epoch was completed, so no checkpoint was written"
+        )
         print(f"error: {e}; {kept}: lower --lr or --beta and train again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("stopped at once; checkpoint.pt (if an epoch was completed) holds the last completed epoch: continue "
-              "with --resume", file=sys.stderr)
+        print(
+            "stopped at once; checkpoint.pt (if an epoch was completed) holds the last completed epoch: continue "
+            "with --resume",
+            file=sys.stderr,
+        )
         return 130
 
 

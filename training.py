@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import vae
 from plumbing import chwn
 
+
 @dataclasses.dataclass
 class RunConfig:
     batch_size: int = 64
@@ -89,8 +90,10 @@ def _compile(fn, device):
 
 def _failed(log, what, e):
     reason = (str(e).strip().splitlines() or [""])[0][:200]
-    log(f"warning: compiling {what} failed ({type(e).__name__}: {reason}); it goes on with the eager step "
-        "(--compile off skips the attempt)")
+    log(
+        f"warning: compiling {what} failed ({type(e).__name__}: {reason}); it goes on with the eager step "
+        "(--compile off skips the attempt)"
+    )
 
 
 def plain_step(model, optimizer, config, eager, log):
@@ -130,8 +133,12 @@ def fused_problem(model, optimizer):
         raise ValueError("the optimizer does not hold this model's parameters, in order: build it from them")
     group = optimizer.param_groups[0]
     options = ("amsgrad", "maximize", "differentiable", "capturable", "decoupled_weight_decay")
-    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) > 1 or any(map(group.get, options)) \
-            or isinstance(group["lr"], torch.Tensor):
+    if (
+        type(optimizer) is not torch.optim.Adam
+        or len(optimizer.param_groups) > 1
+        or any(map(group.get, options))
+        or isinstance(group["lr"], torch.Tensor)
+    ):
         return "the fused step reproduces plain single-group Adam only"
     if not all(p.requires_grad for p in model.parameters()):
         return "a parameter is frozen (requires_grad False)"
@@ -145,7 +152,8 @@ def fused_problem(model, optimizer):
         got = chwn.forward(dict(twin.named_parameters()), buffers, x.reshape(4, -1).t(), eps)
         want = twin(x, eps=eps)
         same = all(torch.allclose(a.reshape(b.shape), b, atol=1e-9) for a, b in zip(got, want)) and all(
-            torch.allclose(buffers[k], v, atol=1e-9) for k, v in twin.named_buffers())
+            torch.allclose(buffers[k], v, atol=1e-9) for k, v in twin.named_buffers()
+        )
     except (KeyError, RuntimeError, ValueError) as e:
         return f"the model is not vae.py's layout, which plumbing/chwn.py is written for ({type(e).__name__}: {e})"
     return None if same else "the model computes something else than plumbing/chwn.py's formulation of vae.py"
@@ -213,11 +221,15 @@ class FusedStep:
     def check(self):
         """Refuse to go on if the model or optimizer no longer hold the step's tensors (replaced from outside)."""
         state = self.optimizer.state
-        if list(map(id, self.model.parameters())) != list(map(id, self.params)) or list(
-                map(id, self.model.buffers())) != list(map(id, self.buffers)) or not all(
-                p.data_ptr() == ptr and state[p].get("exp_avg") is m for p, ptr, m in self.kept):
-            raise RuntimeError("the model or its optimizer was given new tensors after the compiled step was built: "
-                               "build the step again (training.make_train_step) after changing them")
+        if (
+            list(map(id, self.model.parameters())) != list(map(id, self.params))
+            or list(map(id, self.model.buffers())) != list(map(id, self.buffers))
+            or not all(p.data_ptr() == ptr and state[p].get("exp_avg") is m for p, ptr, m in self.kept)
+        ):
+            raise RuntimeError(
+                "the model or its optimizer was given new tensors after the compiled step was built: "
+                "build the step again (training.make_train_step) after changing them"
+            )
 
     def __call__(self, x, target, step_idx):
         self.batch = self.batch or x.shape[0]
@@ -231,8 +243,19 @@ class FusedStep:
         saved = None if self.ok else [t.clone() for t in state]  # until it has run once, a failure is undone
         try:
             n = x.shape[0]  # the graph takes (784, B): the formulation's batch-innermost layout
-            out = self.compiled(self.p, self.m, self.v, self.steps, self.buffers, x.reshape(n, -1).t().contiguous(),
-                                target.reshape(n, -1).t().contiguous(), eps, _capacity(self.config, step_idx), lr, hp)
+            out = self.compiled(
+                self.p,
+                self.m,
+                self.v,
+                self.steps,
+                self.buffers,
+                x.reshape(n, -1).t().contiguous(),
+                target.reshape(n, -1).t().contiguous(),
+                eps,
+                _capacity(self.config, step_idx),
+                lr,
+                hp,
+            )
         except Exception as e:  # a compiler or toolchain failure must not end the run
             if saved is None:
                 raise
@@ -298,8 +321,13 @@ def epoch_loop(step, train, s, epoch, state, progress=True):
     n_steps = math.ceil(len(train) / s["batch_size"])
     hist = torch.zeros(n_steps, 3 + s["latent_dim"], device=train.device)
     sizes = torch.zeros(n_steps, device=train.device)
-    bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False, disable=None if progress else True,
-               file=sys.stderr)
+    bar = tqdm(
+        total=n_steps,
+        desc=f"epoch {epoch + 1}/{s['epochs']}",
+        leave=False,
+        disable=None if progress else True,
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
     if s.get("loop", "fast") == "seed":
         batches = seed_batches(s["data_dir"], s["batch_size"], train.device)

@@ -34,11 +34,19 @@ class Setting:
 SETTINGS = {
     "latent_dim": Setting(10, 1, 4096, "latent size"),
     "beta": Setting(4.0, 0.0, 1e6, "weight of the KL term; with --objective tc, of the total correlation"),
-    "gamma": Setting(None, 0.0, 1e9, "weight of the objective's extra term: capacity |KL - C| (default 1000), tc "
-                     "the dimension-wise KL (default 1)"),
+    "gamma": Setting(
+        None,
+        0.0,
+        1e9,
+        "weight of the objective's extra term: capacity |KL - C| (default 1000), tc the dimension-wise KL (default 1)",
+    ),
     "capacity_max": Setting(25.0, 0.0, 1e6, "capacity objective: C_max, nats"),
-    "capacity_steps": Setting(None, 1, 10**12, "capacity objective: steps over which C rises from 0 to C_max "
-                              "(default: three quarters of the run)"),
+    "capacity_steps": Setting(
+        None,
+        1,
+        10**12,
+        "capacity objective: steps over which C rises from 0 to C_max (default: three quarters of the run)",
+    ),
     "alpha": Setting(1.0, 0.0, 1e6, "tc objective: weight of the index-code mutual information"),
     "epochs": Setting(20, 1, 1_000_000, "epochs to train, in all"),
     "batch_size": Setting(64, 1, 1_000_000, "batch size"),
@@ -293,21 +301,25 @@ def read_checkpoint(path):
         raise CheckpointError(f"{path} is empty: it is not a checkpoint; train again or pick another file")
     problem = checks.archive_problem(data)
     if problem:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({problem}); pass a checkpoint.pt written by "
-                              "train.py")
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({problem}); pass a checkpoint.pt written by train.py"
+        )
     try:
         with warnings.catch_warnings():  # torch warns about odd pickles before refusing them; our error says it all
             warnings.simplefilter("ignore")
             ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle and zip errors have many types; all mean the same to the user
-        raise CheckpointError(f"{path} is not a readable checkpoint ({checks.load_error(e)}); pass a checkpoint.pt "
-                              "written by train.py") from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({checks.load_error(e)}); pass a checkpoint.pt written by train.py"
+        ) from None
     checks.check_checkpoint(ckpt, path, CHECKPOINT_FORMAT, SETTINGS)
     try:
         VAEConfig(**ckpt["model_args"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} is damaged: model_args do not describe a model ({checks.first_line(e)}); "
-                              "retrain, or resume from a backup of the run folder") from None
+        raise CheckpointError(
+            f"{path} is damaged: model_args do not describe a model ({checks.first_line(e)}); "
+            "retrain, or resume from a backup of the run folder"
+        ) from None
     ckpt["sha256"] = hashlib.sha256(data).hexdigest()
     return ckpt
 
@@ -324,7 +336,9 @@ def model_from_checkpoint(ckpt, source="the checkpoint"):
     model.load_state_dict(ckpt["model"])
     bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # train.py never saves such weights; nothing useful can come of them
-        raise CheckpointError(f"{source} holds NaN or infinite weights ({bad[0]}); use an earlier checkpoint or retrain")
+        raise CheckpointError(
+            f"{source} holds NaN or infinite weights ({bad[0]}); use an earlier checkpoint or retrain"
+        )
     return model
 
 
@@ -334,15 +348,22 @@ def load_optimizer_state(optimizer, ckpt, source):
     problem = checks.optimizer_fit_problem(optimizer, ckpt["optimizer"])
     if problem is None:
         saved = ckpt["optimizer"]
-        groups = [dict({k: v for k, v in mine.items() if k != "params"}, **{k: theirs[k] for k in checks.HYPER},
-                       params=theirs["params"]) for mine, theirs in zip(optimizer.param_groups, saved["param_groups"])]
+        groups = [
+            dict(
+                {k: v for k, v in mine.items() if k != "params"},
+                **{k: theirs[k] for k in checks.HYPER},
+                params=theirs["params"],
+            )
+            for mine, theirs in zip(optimizer.param_groups, saved["param_groups"])
+        ]
         try:
             optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             problem = checks.first_line(e)
     if problem:
-        raise CheckpointError(f"the optimizer state in {source} does not fit this model ({problem}); start a new "
-                              "--out-dir")
+        raise CheckpointError(
+            f"the optimizer state in {source} does not fit this model ({problem}); start a new --out-dir"
+        )
 
 
 def load_checkpoint(path, device="cpu"):

@@ -4,14 +4,17 @@ It uses the system's browser and driver (Debian: `apt-get install -y chromium ch
 browser download needs a network this project does not assume. Flags: --no-sandbox because CI runs as root; the
 --disable-* flags and a fresh profile stop Chromium from calling home, which stalls start-up without a network.
 """
+
 import importlib.util
 import os
 import shutil
 import tempfile
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
-ENABLE = ("apt-get install -y chromium chromium-driver && pip install -r requirements.txt && npm ci --prefix web "
-          "(bash .ci/run does all three)")
+ENABLE = (
+    "apt-get install -y chromium chromium-driver && pip install -r requirements.txt && npm ci --prefix web "
+    "(bash .ci/run does all three)"
+)
 
 
 def find():
@@ -22,11 +25,26 @@ def find():
 def missing():
     """What is missing for the browser tests and bench section, or None when all is there."""
     chromium, driver = find()
-    needs = [name for name, ok in (("Chromium", chromium), ("chromedriver", driver),
-                                   ("selenium", importlib.util.find_spec("selenium")),
-                                   ("onnxruntime-web", os.path.isdir(os.path.join(
-                                       os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web", "node_modules",
-                                       "onnxruntime-web")))) if not ok]
+    needs = [
+        name
+        for name, ok in (
+            ("Chromium", chromium),
+            ("chromedriver", driver),
+            ("selenium", importlib.util.find_spec("selenium")),
+            (
+                "onnxruntime-web",
+                os.path.isdir(
+                    os.path.join(
+                        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "web",
+                        "node_modules",
+                        "onnxruntime-web",
+                    )
+                ),
+            ),
+        )
+        if not ok
+    ]
     return f"needs {', '.join(needs)}: {ENABLE}" if needs else None
 
 
@@ -34,13 +52,24 @@ def start(width=1400, height=1500):
     """A headless Chromium session that keeps the page's console log. Quit it (driver.quit()) when done."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
     chromium, driver = find()
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     profile = tempfile.mkdtemp(prefix="explorer-chromium-")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
-                 f"--user-data-dir={profile}", f"--window-size={width},{height}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
+    ):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     session = webdriver.Chrome(service=Service(driver), options=opts)
@@ -68,7 +97,9 @@ def call(session, script, *args):
     result = session.execute_async_script(
         "const done = arguments[arguments.length - 1];"
         f"(async (...args) => {{ {script} }})(...Array.from(arguments).slice(0, -1))"
-        ".then(value => done({value}), e => done({error: String(e)}));", *args)
+        ".then(value => done({value}), e => done({error: String(e)}));",
+        *args,
+    )
     if "error" in result:
         raise PageError(result["error"])
     return result.get("value")
@@ -79,15 +110,23 @@ def measure_explorer(url, loads, moves):
     betaVAE.decode calls of one image (in 20 blocks of 10: the clock moves in 0.1 ms steps without cross-origin
     isolation); and `moves` slider key presses, each a real input event, from event to new pixels."""
     from selenium.webdriver.common.keys import Keys
+
     session = start()
     try:
         session.set_script_timeout(120)
         first = []
-        for _ in range(loads):   # a fresh navigation each: wasm compile, model, first image
+        for _ in range(loads):  # a fresh navigation each: wasm compile, model, first image
             session.get(url)
-            first.append(call(session, "await window.betaVAE.ready; await window.betaVAE.idle();"
-                                       "return window.betaVAE.timings.firstImageMs;"))
-        blocks = call(session, """
+            first.append(
+                call(
+                    session,
+                    "await window.betaVAE.ready; await window.betaVAE.idle();"
+                    "return window.betaVAE.timings.firstImageMs;",
+                )
+            )
+        blocks = call(
+            session,
+            """
             const b = window.betaVAE, z = new Float32Array(b.latentDim), blocks = [];
             for (let i = 0; i < 50; i++) await b.decode(z);
             for (let k = 0; k < 20; k++) {
@@ -95,14 +134,21 @@ def measure_explorer(url, loads, moves):
               for (let i = 0; i < 10; i++) { z[i % z.length] = (i - 5) / 5; await b.decode(z); }
               blocks.push((performance.now() - t) / 10);
             }
-            return blocks;""")
+            return blocks;""",
+        )
         slider = session.find_element("css selector", "input[data-dim]")
         session.execute_script("arguments[0].focus();", slider)
         for k in range(moves):
             slider.send_keys(Keys.ARROW_RIGHT if k % 40 < 20 else Keys.ARROW_LEFT)
             call(session, "await window.betaVAE.idle();")
         updates = call(session, "return window.betaVAE.timings.updates;")[-moves:]
-        return {"first_image_ms": first, "decode_ms": blocks, "calls": 200, "updates_ms": updates,
-                "console_errors": console_errors(session), "chromium": session.capabilities.get("browserVersion")}
+        return {
+            "first_image_ms": first,
+            "decode_ms": blocks,
+            "calls": 200,
+            "updates_ms": updates,
+            "console_errors": console_errors(session),
+            "chromium": session.capabilities.get("browserVersion"),
+        }
     finally:
         session.quit()

@@ -92,8 +92,11 @@ def clean_history(metrics, max_epochs):
     """(the epoch records with only their known fields, or None; what is wrong with them, or None)."""
     kept = []
     for i, m in enumerate(metrics):
-        if not isinstance(m, dict) or not (is_int(m.get("epoch")) and 0 < m["epoch"] <= max_epochs) or not (
-                is_number(m.get("img_per_s", 0)) and is_int(m.get("step", 0)) and m.get("step", 0) >= 0):
+        if (
+            not isinstance(m, dict)
+            or not (is_int(m.get("epoch")) and 0 < m["epoch"] <= max_epochs)
+            or not (is_number(m.get("img_per_s", 0)) and is_int(m.get("step", 0)) and m.get("step", 0) >= 0)
+        ):
             return None, f"metrics entry {i} is not an epoch record"
         for split in ("train", "test"):
             problem = _summary_problem(m.get(split))
@@ -103,7 +106,9 @@ def clean_history(metrics, max_epochs):
         if not isinstance(curve, list) or len(curve) > MAX_LIST or not all(is_number(v) for v in curve):
             return None, f"metrics entry {i} has a curve that is not a list of numbers"
         summary = {s: {k: m[s][k] for k in ("recon", "kl", "total", "kl_per_dim")} for s in ("train", "test")}
-        kept.append({k: summary.get(k, m[k]) for k in m if k in ("epoch", "step", "train", "test", "img_per_s", "curve")})
+        kept.append(
+            {k: summary.get(k, m[k]) for k in m if k in ("epoch", "step", "train", "test", "img_per_s", "curve")}
+        )
     return kept, None
 
 
@@ -146,15 +151,19 @@ def _fields_problem(ckpt, settings):
 def check_checkpoint(ckpt, path, version, settings):
     """Refuse a checkpoint dict whose fields are not what train.py writes; drop fields this code does not know."""
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; pass a checkpoint.pt "
-                              "written by train.py")
+        raise CheckpointError(
+            f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; pass a checkpoint.pt written by train.py"
+        )
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of this project's format (missing {', '.join(missing)}); "
-                              "retrain with train.py")
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project's format (missing {', '.join(missing)}); retrain with train.py"
+        )
     if ckpt["format_version"] != version:
-        raise CheckpointError(f"{path} has checkpoint format {brief(ckpt['format_version'])}, this code reads "
-                              f"{version}; use the matching version of the project or retrain")
+        raise CheckpointError(
+            f"{path} has checkpoint format {brief(ckpt['format_version'])}, this code reads "
+            f"{version}; use the matching version of the project or retrain"
+        )
     problem = _fields_problem(ckpt, settings)
     if problem:
         raise CheckpointError(f"{path} is damaged: {problem}; retrain, or resume from a backup of the run folder")
@@ -183,8 +192,10 @@ def _optimizer_problem(opt):
     if set(opt) != {"state", "param_groups"}:
         return "optimizer is not an optimizer's state (it needs exactly state and param_groups)"
     if not isinstance(opt["state"], dict) or not isinstance(opt["param_groups"], list):
-        return (f"optimizer state is a {type(opt['state']).__name__} and its param_groups a "
-                f"{type(opt['param_groups']).__name__}, not a dict and a list")
+        return (
+            f"optimizer state is a {type(opt['state']).__name__} and its param_groups a "
+            f"{type(opt['param_groups']).__name__}, not a dict and a list"
+        )
     for i, group in enumerate(opt["param_groups"]):
         problem = _hyper_problem(group) if isinstance(group, dict) else "not a dict"
         if problem:
@@ -212,7 +223,8 @@ def optimizer_fit_problem(optimizer, saved):
     params = [p for g in optimizer.param_groups for p in g["params"]]
     numbers = [i for g in groups for i in g["params"]]
     if sorted(numbers) != list(range(len(params))) or [len(g["params"]) for g in groups] != [
-            len(g["params"]) for g in optimizer.param_groups]:
+        len(g["params"]) for g in optimizer.param_groups
+    ]:
         return "its parameter numbers do not match the model's"
     for i, st in saved["state"].items():
         if not 0 <= i < len(params):

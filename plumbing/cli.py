@@ -26,8 +26,10 @@ class ArgumentParser(argparse.ArgumentParser):
         for action in self._actions:
             value = getattr(parsed, action.dest, None) if action.option_strings else None
             if value == "" or (isinstance(value, list) and "" in value):
-                self.error(f"argument {'/'.join(action.option_strings)}: an empty value names nothing: give one, or "
-                           "leave the flag out for its default")
+                self.error(
+                    f"argument {'/'.join(action.option_strings)}: an empty value names nothing: give one, or "
+                    "leave the flag out for its default"
+                )
         return parsed
 
 

@@ -231,7 +231,13 @@ def clean_stale_temps(folder, names):
         return removed
     for entry in entries:
         m = _TEMP.match(entry)
-        if not m or m["name"] not in names or m["host"] != host or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+        if (
+            not m
+            or m["name"] not in names
+            or m["host"] != host
+            or int(m["pid"]) == os.getpid()
+            or _alive(int(m["pid"]))
+        ):
             continue
         path = os.path.join(folder, entry)
         try:

@@ -67,8 +67,11 @@ def _onnx(name):
         if package is None:
             raise UsageError("the onnx package is not installed: pip install -r requirements-sample.txt")
         folder = package.submodule_search_locations[0]
-        path = next(os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.startswith(name) and f.endswith(
-            (".py", *importlib.machinery.EXTENSION_SUFFIXES)))
+        path = next(
+            os.path.join(folder, f)
+            for f in sorted(os.listdir(folder))
+            if f.startswith(name) and f.endswith((".py", *importlib.machinery.EXTENSION_SUFFIXES))
+        )
         spec = importlib.util.spec_from_file_location(full, path)
         sys.modules[full] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -147,13 +150,24 @@ def _structure(m, kind):
     """The exporter's kind of graph, checked field by field before the checker or shape inference sees it."""
     g = m.graph
     if not 7 <= m.ir_version <= 10 or [(o.domain, o.version in OPSETS) for o in m.opset_import] not in (
-            [("", True)], [("ai.onnx", True)]):
+        [("", True)],
+        [("ai.onnx", True)],
+    ):
         raise Malformed(f"IR version {m.ir_version}, opsets {[(o.domain, o.version) for o in m.opset_import][:4]}")
-    extras = [what for what, there in (("local functions", m.functions), ("training information", m.training_info),
-              ("sparse initializers", g.sparse_initializer), ("value_info entries", g.value_info)) if there]
+    extras = [
+        what
+        for what, there in (
+            ("local functions", m.functions),
+            ("training information", m.training_info),
+            ("sparse initializers", g.sparse_initializer),
+            ("value_info entries", g.value_info),
+        )
+        if there
+    ]
     if extras or len(g.node) > MAX_NODES or len(g.initializer) > MAX_NODES or len(m.metadata_props) > 32:
-        raise Malformed(f"{extras[0] if extras else 'more nodes, weights or metadata'}, which the exporter never "
-                        "writes")
+        raise Malformed(
+            f"{extras[0] if extras else 'more nodes, weights or metadata'}, which the exporter never writes"
+        )
     consts = {t.name: _tensor(t, f"weight {shown(t.name, 40)}") for t in g.initializer}
     defined = [SIGNATURE[kind][0], *[t.name for t in g.initializer], *[o for n in g.node for o in n.output]]
     twice = sorted(name for name, count in collections.Counter(defined).items() if count > 1)
@@ -163,8 +177,10 @@ def _structure(m, kind):
     computed = {SIGNATURE[kind][0]}
     for n in g.node:
         if n.domain not in ("", "ai.onnx") or n.op_type not in OPS:
-            raise Malformed(f"operator {shown(n.domain + '.' if n.domain else '', 40)}{shown(n.op_type, 40)}, which "
-                            "the exporter never writes")
+            raise Malformed(
+                f"operator {shown(n.domain + '.' if n.domain else '', 40)}{shown(n.op_type, 40)}, which "
+                "the exporter never writes"
+            )
         if n.op_type != "Constant" and (not n.input or n.input[0] not in computed or any(
                 i not in consts for i in n.input[1:])):  # fmt: skip
             raise Malformed(f"{n.op_type} whose inputs are not one computed tensor followed by weights")
@@ -213,8 +229,9 @@ def _signature(m, kind):
     if kind == "encoder" and shapes["mu"] != shapes["logvar"]:
         raise Malformed(f"mu {shapes['mu']} and logvar {shapes['logvar']} differ")
     if not 1 <= latent <= MAX_LATENT or image[0] != 1 or not all(1 <= s <= MAX_SIDE for s in image[1:]):
-        raise Malformed(f"latent size {latent} (1-{MAX_LATENT}) or image shape {image} (1, H, W up to {MAX_SIDE}) out "
-                        "of bounds")
+        raise Malformed(
+            f"latent size {latent} (1-{MAX_LATENT}) or image shape {image} (1, H, W up to {MAX_SIDE}) out of bounds"
+        )
     return latent, image
 
 
@@ -225,8 +242,10 @@ def _metadata(m, kind):
             raise Malformed(f"metadata key '{shown(p.key, 40)}', which the exporter never writes")
         if p.key in meta or len(p.value) > MAX_VALUE * (24 if p.key == "kl_per_dim" else 1) or (
                 p.key in FORMS and not FORMS[p.key].fullmatch(p.value)):  # fmt: skip
-            raise Malformed(f"metadata {p.key} '{shown(p.value, 40)}'" + (f" of {len(p.value):,} characters" if len(
-                p.value) > MAX_VALUE else ", not what the exporter writes"))
+            raise Malformed(
+                f"metadata {p.key} '{shown(p.value, 40)}'"
+                + (f" of {len(p.value):,} characters" if len(p.value) > MAX_VALUE else ", not what the exporter writes")
+            )
         meta[p.key] = p.value
     if meta.get("format") != f"beta-vae-{kind}":
         raise Malformed(f"its metadata says format '{shown(meta.get('format'), 40)}'")
@@ -262,8 +281,10 @@ def _bounds(m, data, consts):
         a, b = one.get(name), two.get(name)
         if not (a and b and a[0] == 1 and b[0] == 2 and a[1:] == b[1:] and all(
                 isinstance(d, int) and d >= 1 for d in a[1:])):  # fmt: skip
-            raise Malformed(f"{what} {shown(name, 40)!r} of shape {a} at batch 1, {b} at batch 2: not (batch, ...) "
-                            "with fixed other axes")
+            raise Malformed(
+                f"{what} {shown(name, 40)!r} of shape {a} at batch 1, {b} at batch 2: not (batch, ...) "
+                "with fixed other axes"
+            )
         return a[1:]
 
     floats, macs = math.prod(per_image(m.graph.input[0].name, "the input")), 0
@@ -328,13 +349,16 @@ def _check(data, kind, path):
     if kl is None and "kl_per_dim" in meta:
         disagree.append(f"kl_per_dim is not a list of {latent} numbers >= 0")
     if disagree:
-        raise UsageError(f"{path} has metadata that disagrees with its graph ({shown('; '.join(disagree), 300)}): "
-                         "export it again with export_onnx.py")
+        raise UsageError(
+            f"{path} has metadata that disagrees with its graph ({shown('; '.join(disagree), 300)}): "
+            "export it again with export_onnx.py"
+        )
     if "format_version" not in meta:
         raise UsageError(f"{path} has no format_version in its metadata: {HINT[kind]}")
     if int(meta["format_version"]) > FORMAT_VERSION:
-        raise UsageError(f"{path} has {kind} format {int(meta['format_version'])}; this code reads up to "
-                         f"{FORMAT_VERSION}: update it")
+        raise UsageError(
+            f"{path} has {kind} format {int(meta['format_version'])}; this code reads up to {FORMAT_VERSION}: update it"
+        )
     beta = float(meta["beta"]) if "beta" in meta else None
     return Model(path, kind, data, meta, latent, image_shape, floats, macs, kl, beta)
 
@@ -413,6 +437,7 @@ def run(model, sess, x):
         raise UsageError(f"{model.path} returned shapes {[o.shape for o in outs]}, not {want}: export it again")
     if not all(np.isfinite(o).all() for o in outs) or (model.kind == "decoder" and not (
             outs[0].min() >= 0 and outs[0].max() <= 1)):  # fmt: skip
-        raise UsageError(f"{model.path} returned NaN, infinite or out-of-range values: export it again from a healthy "
-                         "checkpoint")
+        raise UsageError(
+            f"{model.path} returned NaN, infinite or out-of-range values: export it again from a healthy checkpoint"
+        )
     return outs

@@ -2,6 +2,7 @@
 
 Tests never read the real data set; every image here is made by the test run itself.
 """
+
 import contextlib
 import io
 import os
@@ -59,6 +60,7 @@ def tiny_checkpoint(tmp_path_factory):
     """A checkpoint of a model trained for a few steps on tiny data (shared by the session; do not modify)."""
     import torch
     import vae
+
     root = tmp_path_factory.mktemp("ckpt")
     data_dir = write_dataset(root / "data")
     torch.manual_seed(0)
@@ -95,8 +97,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def run_without_torch(script, *args, cwd, timeout=120):
-    return subprocess.run([sys.executable, "-c", NO_TORCH, script, *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH, script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
 
 
 KL = [0.01, 2.5, 0.7, 1.6]  # the per-dimension test KL that `kl_exported` puts in the checkpoint's history
@@ -111,6 +119,7 @@ def kl_exported(tiny_checkpoint, tmp_path_factory):
     import torch
 
     import export_onnx
+
     folder = tmp_path_factory.mktemp("exported")
     ckpt = torch.load(tiny_checkpoint["path"], weights_only=True)
     record = {"recon": 1.0, "kl": sum(KL), "total": 2.0, "kl_per_dim": KL}
@@ -118,8 +127,19 @@ def kl_exported(tiny_checkpoint, tmp_path_factory):
     torch.save(ckpt, folder / "checkpoint.pt")
     paths = {k: str(folder / f"{k}.onnx") for k in ("decoder", "encoder")}
     with contextlib.redirect_stdout(io.StringIO()):
-        assert export_onnx.main(["--checkpoint", str(folder / "checkpoint.pt"), "--out", paths["decoder"],
-                                 "--encoder", paths["encoder"]]) == 0
+        assert (
+            export_onnx.main(
+                [
+                    "--checkpoint",
+                    str(folder / "checkpoint.pt"),
+                    "--out",
+                    paths["decoder"],
+                    "--encoder",
+                    paths["encoder"],
+                ]
+            )
+            == 0
+        )
     return dict(paths, checkpoint=str(folder / "checkpoint.pt"), data_dir=tiny_checkpoint["data_dir"])
 
 
@@ -134,14 +154,20 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def run_offline(script, *args, timeout=300):
-    return subprocess.run([sys.executable, "-c", OFFLINE, script, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", OFFLINE, script, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
 def offline(monkeypatch):
     """In-process: every Fashion-MNIST mirror is a closed local port."""
     from torchvision.datasets import FashionMNIST
+
     monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
 
 
@@ -152,6 +178,7 @@ def in_process(threads=None):
     first use of dynamo (about 2 s) saved per run."""
     import signal
     import torch
+
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     before = torch.get_num_threads()
     if threads:
@@ -176,7 +203,7 @@ def run_here(module, *args, threads=None):
             code = module.main(argv)
         except SystemExit as e:
             code = e.code
-    code = 0 if code is None else code   # as sys.exit(main()) exits
+    code = 0 if code is None else code  # as sys.exit(main()) exits
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 

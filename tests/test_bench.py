@@ -1,4 +1,5 @@
 """bench.py runs in quick mode on tiny data and writes every key (a smoke test: no timing is asserted)."""
+
 import json
 import os
 import subprocess
@@ -9,9 +10,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_bench_writes_every_key(tiny_data, tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--data-dir", tiny_data, "--test-images", "300",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")))
+    proc = subprocess.run(
+        [sys.executable, "bench.py", "--quick", "--data-dir", tiny_data, "--test-images", "300", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     for key in ("device", "torch", "onnxruntime", "threads"):
@@ -25,8 +31,18 @@ def test_quick_bench_writes_every_key(tiny_data, tmp_path):
     assert len(t["epoch_ratios"]["eager"]) == 1
     e = r["evaluate"]
     assert e["test_images"] == 300 and e["seconds"]["median"] > 0
-    assert {"load", "elbo_iwae", "encode", "probe", "classifier", "decode", "fid_pixels",
-            "fid_classifier", "figures", "total"} <= set(e["parts"])
+    assert {
+        "load",
+        "elbo_iwae",
+        "encode",
+        "probe",
+        "classifier",
+        "decode",
+        "fid_pixels",
+        "fid_classifier",
+        "figures",
+        "total",
+    } <= set(e["parts"])
     s = r["sample"]
     assert s["onnx_cold_s"]["median"] > 0 and s["torch_cold_s"]["median"] > 0 and s["speedup"] > 0
     assert set(r["decoder"]["by_batch_size"]) == {"1", "64", "1024"}
@@ -44,14 +60,22 @@ def test_quick_bench_writes_every_key(tiny_data, tmp_path):
 
 def test_an_out_that_cannot_be_written_is_refused_before_measuring(tiny_data, tmp_path):
     label_file = os.path.join(tiny_data, "FashionMNIST", "raw", "train-labels-idx1-ubyte")
-    os.link(label_file, tmp_path / "bench.json")   # a hard link to a data file
+    os.link(label_file, tmp_path / "bench.json")  # a hard link to a data file
     before = open(label_file, "rb").read()
-    for out, says in ((tmp_path / "bench.json", "is the same file as --data-dir file train-labels-idx1-ubyte"),
-                      (tmp_path, "must name a file to write, not a folder"),
-                      (tmp_path / "missing" / "b.json", "does not exist or cannot be written")):
-        proc = subprocess.run([sys.executable, "bench.py", "--data-dir", tiny_data, "--out", str(out)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+    for out, says in (
+        (tmp_path / "bench.json", "is the same file as --data-dir file train-labels-idx1-ubyte"),
+        (tmp_path, "must name a file to write, not a folder"),
+        (tmp_path / "missing" / "b.json", "does not exist or cannot be written"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "bench.py", "--data-dir", tiny_data, "--out", str(out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], \
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], (
             proc.stderr
+        )
     assert open(label_file, "rb").read() == before and not (tmp_path / "missing").exists()

@@ -1,5 +1,6 @@
 """The ELBO's decomposition (metrics.elbo_decomposition) on cases with known answers, and the β-TCVAE loss
 (vae.tc_terms, objective "tc") against a direct computation."""
+
 import math
 
 import pytest
@@ -11,17 +12,21 @@ import vae
 
 def gaussian_case(n, mu, sigma, seed):
     """Posteriors N(mu_n, sigma² I) and the closed forms of their aggregate, for mu_n spread like N(0, s²)."""
-    logvar = torch.full(mu.shape, math.log(sigma ** 2))
+    logvar = torch.full(mu.shape, math.log(sigma**2))
     return mu, logvar, torch.Generator().manual_seed(seed)
 
 
 def direct_terms(mu, logvar, z):
     """log q(z_n|x_n), log q(z_n), Σ_d log q(z_nd), log p(z_n) straight from the definitions, float64."""
     mu, logvar, z = mu.double(), logvar.double(), z.double()
-    pair = vae.log_normal(z[:, None, :], mu[None], logvar[None])      # (N, N, D)
+    pair = vae.log_normal(z[:, None, :], mu[None], logvar[None])  # (N, N, D)
     log_n = math.log(len(mu))
-    return (vae.log_normal(z, mu, logvar).sum(1), torch.logsumexp(pair.sum(2), 1) - log_n,
-            (torch.logsumexp(pair, 1) - log_n).sum(1), (-0.5 * (z.pow(2) + vae.LOG_2PI)).sum(1))
+    return (
+        vae.log_normal(z, mu, logvar).sum(1),
+        torch.logsumexp(pair.sum(2), 1) - log_n,
+        (torch.logsumexp(pair, 1) - log_n).sum(1),
+        (-0.5 * (z.pow(2) + vae.LOG_2PI)).sum(1),
+    )
 
 
 def test_terms_match_their_definitions_and_sum_to_the_kl():
@@ -51,11 +56,12 @@ def test_independent_means_give_no_total_correlation_and_gaussian_closed_forms(s
     # mu_n ~ N(0, I), posteriors N(mu_n, σ² I): the aggregate is N(0, (1 + σ²) I) up to sampling, which factorises.
     n, sigma = 2000, 0.5
     mu = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed))
-    parts = metrics.elbo_decomposition(mu, torch.full((n, 3), math.log(sigma ** 2)),
-                                       torch.Generator().manual_seed(seed + 10))
-    var = mu.double().var(0) + sigma ** 2
+    parts = metrics.elbo_decomposition(
+        mu, torch.full((n, 3), math.log(sigma**2)), torch.Generator().manual_seed(seed + 10)
+    )
+    var = mu.double().var(0) + sigma**2
     assert abs(parts["total_correlation"]) < 0.03
-    assert parts["mutual_info"] == pytest.approx(0.5 * torch.log(var / sigma ** 2).sum().item(), abs=0.1)
+    assert parts["mutual_info"] == pytest.approx(0.5 * torch.log(var / sigma**2).sum().item(), abs=0.1)
     expected_dw = (0.5 * (var + mu.double().mean(0).pow(2) - 1 - torch.log(var))).sum().item()
     assert parts["dimwise_kl"] == pytest.approx(expected_dw, abs=0.015)
     assert parts["n_images"] == n and parts["mutual_info_bound"] == pytest.approx(math.log(n))
@@ -68,11 +74,12 @@ def test_duplicated_dimension_gives_the_gaussian_total_correlation(seed):
     n, sigma = 2000, 0.5
     m = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
     mu = torch.stack([m[:, 0], m[:, 0], m[:, 1]], 1)
-    parts = metrics.elbo_decomposition(mu, torch.full((n, 3), math.log(sigma ** 2)),
-                                       torch.Generator().manual_seed(seed + 10))
+    parts = metrics.elbo_decomposition(
+        mu, torch.full((n, 3), math.log(sigma**2)), torch.Generator().manual_seed(seed + 10)
+    )
     s2 = m[:, 0].double().var().item()
-    rho = s2 / (s2 + sigma ** 2)
-    expected = -0.5 * math.log(1 - rho ** 2)
+    rho = s2 / (s2 + sigma**2)
+    expected = -0.5 * math.log(1 - rho**2)
     assert expected > 0.45
     assert parts["total_correlation"] == pytest.approx(expected, abs=0.04)
 
@@ -87,6 +94,7 @@ def test_decomposition_is_reproducible_from_its_generator():
 
 # ------------------------------------------------------------------------------------------ the tc objective
 
+
 def log_density(x, m, lv):
     return -0.5 * ((x - m) ** 2 / math.exp(lv) + lv + math.log(2 * math.pi))
 
@@ -97,12 +105,20 @@ def tc_by_hand(z, mu, logvar, n_data):
     m, d = len(z), len(z[0])
     out = []
     for i in range(m):
+
         def weight(j):
             return 1 / n_data if j == i else (n_data - 1) / (n_data * (m - 1))
-        joint = math.log(sum(weight(j) * math.exp(sum(log_density(z[i][k], mu[j][k], logvar[j][k])
-                                                        for k in range(d))) for j in range(m)))
-        dims = sum(math.log(sum(weight(j) * math.exp(log_density(z[i][k], mu[j][k], logvar[j][k]))
-                                for j in range(m))) for k in range(d))
+
+        joint = math.log(
+            sum(
+                weight(j) * math.exp(sum(log_density(z[i][k], mu[j][k], logvar[j][k]) for k in range(d)))
+                for j in range(m)
+            )
+        )
+        dims = sum(
+            math.log(sum(weight(j) * math.exp(log_density(z[i][k], mu[j][k], logvar[j][k])) for j in range(m)))
+            for k in range(d)
+        )
         own = sum(log_density(z[i][k], mu[i][k], logvar[i][k]) for k in range(d))
         prior = sum(log_density(z[i][k], 0.0, 0.0) for k in range(d))
         out.append((own - joint, joint - dims, dims - prior))

@@ -1,4 +1,5 @@
 """evaluate.py end to end (a subprocess, as users run it) and its handling of bad input (in-process, fast)."""
+
 import errno
 import json
 import math
@@ -16,10 +17,22 @@ import evaluate
 from conftest import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = ("test.recon", "test.kl", "test.neg_elbo", "test.iwae_nll", "active_units", "linear_probe_acc",
-            "fid.pixels.reconstruction", "fid.pixels.generation", "fid.classifier.reconstruction",
-            "fid.classifier.generation", "classifier_test_acc", "decomposition.mutual_info",
-            "decomposition.total_correlation", "decomposition.dimwise_kl")
+REQUIRED = (
+    "test.recon",
+    "test.kl",
+    "test.neg_elbo",
+    "test.iwae_nll",
+    "active_units",
+    "linear_probe_acc",
+    "fid.pixels.reconstruction",
+    "fid.pixels.generation",
+    "fid.classifier.reconstruction",
+    "fid.classifier.generation",
+    "classifier_test_acc",
+    "decomposition.mutual_info",
+    "decomposition.total_correlation",
+    "decomposition.dimwise_kl",
+)
 FIGURES = ("reconstructions.png", "samples.png", "traversals.png", "interpolations.png")
 
 
@@ -36,16 +49,45 @@ def evaluated(tiny_checkpoint, tmp_path_factory):
     The second spells its flags in snake_case and leaves --out-dir out, so its files go to eval/ beside its checkpoint.
     """
     from conftest import write_dataset
+
     root = tmp_path_factory.mktemp("evaluate")
     data_dir = write_dataset(root / "data")
     (root / "second").mkdir()
     shutil.copy(tiny_checkpoint["path"], root / "second" / "checkpoint.pt")
-    commands = [["--checkpoint", tiny_checkpoint["path"], "--data-dir", data_dir, "--out-dir", str(root / "first"),
-                 "--iwae-k", "4", "--n-show", "4", "--batch-size", "50"],
-                ["--checkpoint", str(root / "second" / "checkpoint.pt"), "--data_dir", data_dir,
-                 "--iwae_k", "4", "--n_show", "4", "--batch_size", "50", "--seed", "0"]]
-    runs = [subprocess.run([sys.executable, "evaluate.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300) for argv in commands]
+    commands = [
+        [
+            "--checkpoint",
+            tiny_checkpoint["path"],
+            "--data-dir",
+            data_dir,
+            "--out-dir",
+            str(root / "first"),
+            "--iwae-k",
+            "4",
+            "--n-show",
+            "4",
+            "--batch-size",
+            "50",
+        ],
+        [
+            "--checkpoint",
+            str(root / "second" / "checkpoint.pt"),
+            "--data_dir",
+            data_dir,
+            "--iwae_k",
+            "4",
+            "--n_show",
+            "4",
+            "--batch_size",
+            "50",
+            "--seed",
+            "0",
+        ],
+    ]
+    runs = [
+        subprocess.run([sys.executable, "evaluate.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        for argv in commands
+    ]
     return root, data_dir, runs
 
 
@@ -76,16 +118,30 @@ def test_evaluate_writes_every_key_and_figure(evaluated, tiny_checkpoint):
         assert fid["n_real"] == fid["n_reconstruction"] == fid["n_generation"] == 128  # the whole test split
         assert fid["reconstruction"] >= 0 and fid["generation"] >= 0
     assert report["fid"]["pixels"]["feature_dim"] == 784 and report["fid"]["classifier"]["feature_dim"] == 64
-    assert report["checkpoint"] == os.path.join(os.path.basename(os.path.dirname(tiny_checkpoint["path"])),
-                                                "checkpoint.pt") and len(report["checkpoint_sha256"]) == 64
+    assert (
+        report["checkpoint"]
+        == os.path.join(os.path.basename(os.path.dirname(tiny_checkpoint["path"])), "checkpoint.pt")
+        and len(report["checkpoint_sha256"]) == 64
+    )
     data = report["data"]
     assert (data["dataset"], data["n_train"], data["n_test"]) == ("fashion-mnist", 256, 128)
     assert data["name"] == "Fashion-MNIST subset (256 train / 128 test images)"
     text = json.dumps(report)  # no local path: a report can be shared
     assert str(root) not in text and os.path.abspath(data_dir) not in text and os.path.expanduser("~") + "/" not in text
     assert report["seed"] == 0 and report["device"] in ("cpu", "cuda", "mps")
-    assert set(report["timings_s"]) == {"load", "elbo_iwae", "encode", "probe", "decomposition", "classifier",
-                                        "decode", "fid_pixels", "fid_classifier", "figures", "total"}
+    assert set(report["timings_s"]) == {
+        "load",
+        "elbo_iwae",
+        "encode",
+        "probe",
+        "decomposition",
+        "classifier",
+        "decode",
+        "fid_pixels",
+        "fid_classifier",
+        "figures",
+        "total",
+    }
     assert all(t >= 0 for t in report["timings_s"].values())
     assert any("128 samples of 784-dimensional" in w for w in report["warnings"])  # pixel FID on 128 images
     for name in FIGURES:
@@ -118,22 +174,45 @@ def test_a_disk_that_fills_part_way_leaves_the_previous_evaluation_whole(evaluat
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert len(before["traversals.png"]) > 32 << 10 > max(len(before[n]) for n in before if n != "traversals.png")
 
-    argv = ["--checkpoint", str(root / "second" / "checkpoint.pt"), "--data-dir", data_dir, "--out-dir", str(out),
-            "--iwae-k", "4", "--n-show", "4", "--seed", "1"]
-    proc = subprocess.run([sys.executable, "-c", f"""
+    argv = [
+        "--checkpoint",
+        str(root / "second" / "checkpoint.pt"),
+        "--data-dir",
+        data_dir,
+        "--out-dir",
+        str(out),
+        "--iwae-k",
+        "4",
+        "--n-show",
+        "4",
+        "--seed",
+        "1",
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
 import evaluate
 sys.exit(evaluate.main({argv!r}))
-"""], cwd=ROOT, capture_output=True, text=True, timeout=300)
+""",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot write report.json and the figures in {out}")
     assert "nothing in it was changed" in proc.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # no new file, no temp file, not one byte
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new file, no temp file, not one byte
 
 
 # ------------------------------------------------------------------------------------------ bad input
+
 
 def fails(argv, capsys):
     try:
@@ -162,14 +241,30 @@ def test_damaged_data_is_one_line_and_writes_nothing(tmp_path, tiny_data, tiny_c
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag,value,expected", [("--iwae-k", "0", "--iwae-k 0 is out of range"),
-                                                 ("--batch-size", "0", "--batch-size 0 is out of range"),
-                                                 ("--n-show", "0", "--n-show 0 is out of range"),
-                                                 ("--iwae-k", "many", "invalid int value"),
-                                                 ("--device", "tpu", "unknown device")])
+@pytest.mark.parametrize(
+    "flag,value,expected",
+    [
+        ("--iwae-k", "0", "--iwae-k 0 is out of range"),
+        ("--batch-size", "0", "--batch-size 0 is out of range"),
+        ("--n-show", "0", "--n-show 0 is out of range"),
+        ("--iwae-k", "many", "invalid int value"),
+        ("--device", "tpu", "unknown device"),
+    ],
+)
 def test_bad_flags_are_one_line(flag, value, expected, tmp_path, tiny_data, tiny_checkpoint, capsys):
-    line = fails(["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data, "--out-dir", str(tmp_path / "o"),
-                  flag, value], capsys)
+    line = fails(
+        [
+            "--checkpoint",
+            tiny_checkpoint["path"],
+            "--data-dir",
+            tiny_data,
+            "--out-dir",
+            str(tmp_path / "o"),
+            flag,
+            value,
+        ],
+        capsys,
+    )
     assert expected in line
     assert not (tmp_path / "o").exists()
 
@@ -181,32 +276,65 @@ def test_unavailable_device_is_one_line(tiny_data, tiny_checkpoint, tmp_path, ca
 
 
 @pytest.mark.parametrize("out", ["new/deeper/eval", "gone/../new/eval"])
-def test_a_failed_write_removes_every_folder_the_run_made(tmp_path, tiny_data, tiny_checkpoint, capsys,
-                                                        monkeypatch, out):
+def test_a_failed_write_removes_every_folder_the_run_made(
+    tmp_path, tiny_data, tiny_checkpoint, capsys, monkeypatch, out
+):
     def full_disk(items):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(evaluate, "atomic_write_all", full_disk)
     (tmp_path / "runs").mkdir()
-    line = fails(["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data, "--iwae-k", "2",
-                  "--out-dir", os.path.join(tmp_path, "runs", out)], capsys)
+    line = fails(
+        [
+            "--checkpoint",
+            tiny_checkpoint["path"],
+            "--data-dir",
+            tiny_data,
+            "--iwae-k",
+            "2",
+            "--out-dir",
+            os.path.join(tmp_path, "runs", out),
+        ],
+        capsys,
+    )
     assert "No space left on device" in line and "nothing in it was changed" in line
-    assert os.listdir(tmp_path / "runs") == []   # every folder made, then removed; runs/ was there before
+    assert os.listdir(tmp_path / "runs") == []  # every folder made, then removed; runs/ was there before
 
 
-def test_an_out_dir_through_a_folder_that_does_not_exist_is_written_where_it_leads(tmp_path, tiny_data,
-                                                                                   tiny_checkpoint, monkeypatch):
+def test_an_out_dir_through_a_folder_that_does_not_exist_is_written_where_it_leads(
+    tmp_path, tiny_data, tiny_checkpoint, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    code, err = run_main(evaluate, ["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data, "--iwae-k", "2",
-                                    "--out-dir", os.path.join("gone", "..", "new", "eval")])
+    code, err = run_main(
+        evaluate,
+        [
+            "--checkpoint",
+            tiny_checkpoint["path"],
+            "--data-dir",
+            tiny_data,
+            "--iwae-k",
+            "2",
+            "--out-dir",
+            os.path.join("gone", "..", "new", "eval"),
+        ],
+    )
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / "new" / "eval")) == sorted(["report.json", *FIGURES])
     assert not (tmp_path / "gone").exists()
 
 
 def test_a_folder_that_cannot_be_made_leaves_none_of_its_parents(tmp_path, tiny_data, tiny_checkpoint, capsys):
-    line = fails(["--checkpoint", tiny_checkpoint["path"], "--data-dir", tiny_data,
-                  "--out-dir", os.path.join(tmp_path, "new", "x" * 300)], capsys)
+    line = fails(
+        [
+            "--checkpoint",
+            tiny_checkpoint["path"],
+            "--data-dir",
+            tiny_data,
+            "--out-dir",
+            os.path.join(tmp_path, "new", "x" * 300),
+        ],
+        capsys,
+    )
     assert "cannot write to the output folder" in line and "File name too long" in line
     assert not (tmp_path / "new").exists()
 
@@ -224,11 +352,32 @@ def test_help_states_every_default_and_snake_case_aliases_parse(capsys):
         evaluate.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: ./data)", "(default: eval/ beside the checkpoint)", "(default: 64)", "(default: 0)",
-                    "(default: auto)", "(default: 1000)", "(default: 10)"):
+    for default in (
+        "(default: ./data)",
+        "(default: eval/ beside the checkpoint)",
+        "(default: 64)",
+        "(default: 0)",
+        "(default: auto)",
+        "(default: 1000)",
+        "(default: 10)",
+    ):
         assert default in text
-    args = evaluate.parse_args(["--checkpoint", "c.pt", "--data_dir", "d", "--out_dir", "o", "--iwae_k", "5",
-                                "--batch_size", "7", "--n_show", "3"])
+    args = evaluate.parse_args(
+        [
+            "--checkpoint",
+            "c.pt",
+            "--data_dir",
+            "d",
+            "--out_dir",
+            "o",
+            "--iwae_k",
+            "5",
+            "--batch_size",
+            "7",
+            "--n_show",
+            "3",
+        ]
+    )
     assert (args.data_dir, args.out_dir, args.iwae_k, args.batch_size, args.n_show) == ("d", "o", 5, 7, 3)
 
 
@@ -243,24 +392,31 @@ def slow(*a, **k):
     os.kill(os.getpid(), signal.SIGTERM)   # arrives while the evaluation runs
     return real(*a, **k)
 metrics.elbo_decomposition = slow
-sys.exit(evaluate.main(["--checkpoint", {tiny_checkpoint['path']!r}, "--data-dir", {tiny_data!r}, "--iwae-k", "2",
+sys.exit(evaluate.main(["--checkpoint", {tiny_checkpoint["path"]!r}, "--data-dir", {tiny_data!r}, "--iwae-k", "2",
                         "--out-dir", {str(out)!r}]))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == \
-        "error: interrupted; report.json and the figures were not written", proc.stderr
+    assert (
+        proc.returncode == 130
+        and proc.stderr.strip().splitlines()[-1] == "error: interrupted; report.json and the figures were not written"
+    ), proc.stderr
     assert not (tmp_path / "new").exists()
-    script = script.replace("metrics.elbo_decomposition = slow", """
+    script = script.replace(
+        "metrics.elbo_decomposition = slow",
+        """
 import os
 real_replace = os.replace
 def replace(src, dst):   # Ctrl-C between the renames of the commit
     real_replace(src, dst)
     if dst.endswith("report.json"):
         os.kill(os.getpid(), signal.SIGINT)
-os.replace = replace""")
+os.replace = replace""",
+    )
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == \
-        "error: interrupted after writing report.json and the figures", proc.stderr
+    assert (
+        proc.returncode == 130
+        and proc.stderr.strip().splitlines()[-1] == "error: interrupted after writing report.json and the figures"
+    ), proc.stderr
     assert sorted(os.listdir(out)) == sorted(["report.json", *FIGURES])  # every file of the commit, none half
 
 
@@ -276,11 +432,31 @@ def sprites_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(fid, "CLASSIFIER_EPOCHS", 1)
     mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
-    proc = run_here(train, "--dataset", "sprites", "--epochs", "1", "--latent-dim", "5", "--compile", "off",
-                    "--out-dir", root / "run")
+    proc = run_here(
+        train,
+        "--dataset",
+        "sprites",
+        "--epochs",
+        "1",
+        "--latent-dim",
+        "5",
+        "--compile",
+        "off",
+        "--out-dir",
+        root / "run",
+    )
     assert proc.returncode == 0, proc.stderr
-    proc = run_here(evaluate, "--checkpoint", root / "run" / "checkpoint.pt", "--iwae-k", "2", "--save-latents",
-                    root / "z.npz", "--n-show", "4")
+    proc = run_here(
+        evaluate,
+        "--checkpoint",
+        root / "run" / "checkpoint.pt",
+        "--iwae-k",
+        "2",
+        "--save-latents",
+        root / "z.npz",
+        "--n-show",
+        "4",
+    )
     mp.undo()
     assert proc.returncode == 0, proc.stderr
     return root, json.loads((root / "run" / "eval" / "report.json").read_text()), proc

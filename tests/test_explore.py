@@ -1,6 +1,7 @@
 """explore.py: the site it builds (torch-free), the server (127.0.0.1, nothing outside the folder), refusals, and the
 page itself in a real headless Chromium: decode and encode equal onnxruntime in Python, sliders, scatter (pointer and
 keys), drawing, files chosen or dropped. Without web/node_modules the site and server tests build from a stand-in."""
+
 import contextlib
 import http.client
 import io
@@ -79,8 +80,10 @@ def explore_script(web, folder):
         return EXPLORE
     script = os.path.join(folder, "explore_stand_in.py")
     with open(script, "w") as f:
-        f.write(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport explore\nexplore.WEB = {web!r}\n"
-                "sys.exit(explore.main())\n")
+        f.write(
+            f"import sys\nsys.path.insert(0, {ROOT!r})\nimport explore\nexplore.WEB = {web!r}\n"
+            "sys.exit(explore.main())\n"
+        )
     return script
 
 
@@ -88,10 +91,20 @@ def explore_script(web, folder):
 def site(kl_exported, web, tmp_path_factory):
     """One site for the module, built by explore.py in a process where torch cannot be imported."""
     folder = tmp_path_factory.mktemp("explore")
-    proc = run_without_torch(explore_script(web, folder), "--onnx", kl_exported["decoder"], "--encoder",
-                             kl_exported["encoder"],
-                             "--data-dir", kl_exported["data_dir"], "--points", POINTS, "--out", folder / "site",
-                             cwd=folder)
+    proc = run_without_torch(
+        explore_script(web, folder),
+        "--onnx",
+        kl_exported["decoder"],
+        "--encoder",
+        kl_exported["encoder"],
+        "--data-dir",
+        kl_exported["data_dir"],
+        "--points",
+        POINTS,
+        "--out",
+        folder / "site",
+        cwd=folder,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and f"{POINTS} scatter points" in proc.stdout
     return str(folder / "site")
@@ -121,10 +134,22 @@ def get(server, path, host=None):
 
 # ------------------------------------------------------------------------------------------------------ the site
 
+
 def test_the_site_holds_page_models_runtime_and_metadata(site, kl_exported):
     names = sorted(os.listdir(site))
-    assert names == sorted(["index.html", "explorer.js", "vae.js", "style.css", "model.json", "decoder.onnx",
-                            "encoder.onnx", "points.bin", "ort"])
+    assert names == sorted(
+        [
+            "index.html",
+            "explorer.js",
+            "vae.js",
+            "style.css",
+            "model.json",
+            "decoder.onnx",
+            "encoder.onnx",
+            "points.bin",
+            "ort",
+        ]
+    )
     assert sorted(os.listdir(os.path.join(site, "ort"))) == sorted(explore.RUNTIME)
     for name in ("decoder", "encoder"):
         assert open(os.path.join(site, f"{name}.onnx"), "rb").read() == open(kl_exported[name], "rb").read()
@@ -135,8 +160,10 @@ def test_the_site_holds_page_models_runtime_and_metadata(site, kl_exported):
     assert [x["unused"] for x in meta["dims"]] == [False, False, False, True]  # KL 0.01 <= 0.01 nats
     assert meta["unused_kl"] == onnx_check.ACTIVE_KL == 0.01
     assert meta["model"]["trained_on"].startswith("Fashion-MNIST, ")
-    assert meta["onnxruntime_web"] == json.load(open(os.path.join(ROOT, "web", "package.json")))[
-        "dependencies"]["onnxruntime-web"]
+    assert (
+        meta["onnxruntime_web"]
+        == json.load(open(os.path.join(ROOT, "web", "package.json")))["dependencies"]["onnxruntime-web"]
+    )
     assert meta["points"]["count"] == POINTS and meta["points"]["axes"] == [1, 3]
     # what a hosted site publishes: the checkpoint's hash, never a path on the machine that built it
     assert "source_checkpoint" not in meta["model"] and len(meta["model"]["checkpoint_sha256"]) == 64
@@ -147,10 +174,10 @@ def test_the_scatter_holds_the_encoders_posterior_means_of_the_test_images(site,
     images, labels = data.read_split(kl_exported["data_dir"], "test")
     blob = open(os.path.join(site, "points.bin"), "rb").read()
     assert len(blob) == POINTS * (4 * 4 + 1 + 784)
-    mu = np.frombuffer(blob[:POINTS * 16], "<f4").reshape(POINTS, 4)
+    mu = np.frombuffer(blob[: POINTS * 16], "<f4").reshape(POINTS, 4)
     assert np.max(np.abs(mu - encode(kl_exported, images[:POINTS] / 255.0)[0])) <= 1e-5
-    assert np.array_equal(np.frombuffer(blob[POINTS * 16:POINTS * 17], np.uint8), labels[:POINTS])
-    assert np.array_equal(np.frombuffer(blob[POINTS * 17:], np.uint8).reshape(-1, 28, 28), images[:POINTS])
+    assert np.array_equal(np.frombuffer(blob[POINTS * 16 : POINTS * 17], np.uint8), labels[:POINTS])
+    assert np.array_equal(np.frombuffer(blob[POINTS * 17 :], np.uint8).reshape(-1, 28, 28), images[:POINTS])
 
 
 def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, web, tmp_path, monkeypatch):
@@ -162,8 +189,20 @@ def test_building_again_replaces_the_site_and_removes_leftovers(kl_exported, web
     (stale / "index.html").write_text("half")
     out = str(tmp_path / "site")
     with contextlib.redirect_stdout(io.StringIO()):
-        explore.main(["--onnx", kl_exported["decoder"], "--encoder", kl_exported["encoder"], "--data-dir",
-                      kl_exported["data_dir"], "--points", "10", "--out", out])
+        explore.main(
+            [
+                "--onnx",
+                kl_exported["decoder"],
+                "--encoder",
+                kl_exported["encoder"],
+                "--data-dir",
+                kl_exported["data_dir"],
+                "--points",
+                "10",
+                "--out",
+                out,
+            ]
+        )
         assert {"encoder.onnx", "points.bin"} <= set(os.listdir(out))
         assert explore.main(["--onnx", kl_exported["decoder"], "--out", out]) is None
     assert sorted(os.listdir(tmp_path)) == ["site"]
@@ -186,16 +225,19 @@ def test_a_note_says_when_the_run_trained_past_the_exported_epoch(kl_exported, w
     shutil.copy(kl_exported["decoder"], run / "decoder.onnx")  # exported at epoch 3
 
     def build(last_epoch):
-        (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "test": {"kl": 1.0}}) + "\n"
-                                                   for e in range(1, last_epoch + 1)))
+        (run / "metrics.jsonl").write_text(
+            "".join(json.dumps({"epoch": e, "test": {"kl": 1.0}}) + "\n" for e in range(1, last_epoch + 1))
+        )
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             assert explore.main(["--onnx", str(run / "decoder.onnx"), "--out", str(tmp_path / "site")]) is None
         return out.getvalue()
 
     notes = [line for line in build(5).splitlines() if line.startswith("note: ")]
-    assert notes == [f"note: {run / 'decoder.onnx'} is from epoch 3, but its run has trained to epoch 5: export it "
-                     "again to explore the latest model"]
+    assert notes == [
+        f"note: {run / 'decoder.onnx'} is from epoch 3, but its run has trained to epoch 5: export it "
+        "again to explore the latest model"
+    ]
     assert "note: " not in build(3)  # the run stopped where the file was exported: nothing to say
 
 
@@ -211,6 +253,7 @@ def test_ctrl_c_while_building_is_one_line_and_leaves_the_old_site(kl_exported, 
         def half(folder):
             build(folder)
             raise KeyboardInterrupt  # Ctrl-C with the new site all but in place
+
         real(path, half)
 
     monkeypatch.setattr(explore, "replace_dir", interrupted_half_way)
@@ -227,21 +270,28 @@ def test_ctrl_c_while_building_is_one_line_and_leaves_the_old_site(kl_exported, 
     assert {name: (out / name).read_bytes() for name in before} == before and not (out / "encoder.onnx").exists()
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("out_holds_input", "is inside --out"),
-    ("out_is_input", "is the same file as --onnx"),
-    ("foreign_folder", "exists and is not a site explore.py wrote"),
-    ("user_files_in_site", "holds files explore.py did not write (.git, CNAME, NOTES.md and 1 more) that replacing"),
-    ("screenshot_not_png", "shot.jpg must be a .png in an existing folder"),
-    ("data_without_encoder", "add --encoder"),
-    ("other_checkpoint", "come from different checkpoints"),
-    ("hostile_decoder", "is not a decoder that export_onnx.py wrote"),
-    ("no_runtime", "npm ci --prefix web"),
-    ("bad_points", "--points 0 is out of range"),
-    ("port_taken", "Address already in use"),
-])
-def test_refusals_are_one_line_and_touch_nothing(kl_exported, tiny_checkpoint, web, tmp_path, case, needle,
-                                                monkeypatch):
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("out_holds_input", "is inside --out"),
+        ("out_is_input", "is the same file as --onnx"),
+        ("foreign_folder", "exists and is not a site explore.py wrote"),
+        (
+            "user_files_in_site",
+            "holds files explore.py did not write (.git, CNAME, NOTES.md and 1 more) that replacing",
+        ),
+        ("screenshot_not_png", "shot.jpg must be a .png in an existing folder"),
+        ("data_without_encoder", "add --encoder"),
+        ("other_checkpoint", "come from different checkpoints"),
+        ("hostile_decoder", "is not a decoder that export_onnx.py wrote"),
+        ("no_runtime", "npm ci --prefix web"),
+        ("bad_points", "--points 0 is out of range"),
+        ("port_taken", "Address already in use"),
+    ],
+)
+def test_refusals_are_one_line_and_touch_nothing(
+    kl_exported, tiny_checkpoint, web, tmp_path, case, needle, monkeypatch
+):
     monkeypatch.setattr(explore, "WEB", web)
     shutil.copy(kl_exported["decoder"], tmp_path / "decoder.onnx")
     args, out = ["--onnx", str(tmp_path / "decoder.onnx")], tmp_path / "site"
@@ -267,12 +317,22 @@ def test_refusals_are_one_line_and_touch_nothing(kl_exported, tiny_checkpoint, w
         import contextlib
 
         import export_onnx
+
         with contextlib.redirect_stdout(io.StringIO()):
-            export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", str(tmp_path / "d2.onnx"),
-                              "--encoder", str(tmp_path / "other.onnx")])
+            export_onnx.main(
+                [
+                    "--checkpoint",
+                    tiny_checkpoint["path"],
+                    "--out",
+                    str(tmp_path / "d2.onnx"),
+                    "--encoder",
+                    str(tmp_path / "other.onnx"),
+                ]
+            )
         args += ["--encoder", str(tmp_path / "other.onnx")]
     elif case == "hostile_decoder":
         import onnx
+
         model = onnx.load(tmp_path / "decoder.onnx")
         model.graph.node[-1].op_type = "Erf"  # onnxruntime would run it; the checks refuse it
         onnx.save(model, tmp_path / "decoder.onnx")
@@ -280,6 +340,7 @@ def test_refusals_are_one_line_and_touch_nothing(kl_exported, tiny_checkpoint, w
         monkeypatch.setattr(explore, "WEB", str(tmp_path / "web"))
     elif case == "port_taken":  # known before anything is built
         import socket
+
         taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -303,9 +364,22 @@ def test_refusals_are_one_line_and_touch_nothing(kl_exported, tiny_checkpoint, w
 
 # ---------------------------------------------------------------------------------------------------- the server
 
-@pytest.mark.parametrize("path", ["/../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt", "/ort/../../secret.txt",
-                                  "//secret.txt", "/etc/passwd", "/.hidden", "http://127.0.0.1/../secret.txt",
-                                  "/%00", "/ort"])
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/..%2fsecret.txt",
+        "/ort/../../secret.txt",
+        "//secret.txt",
+        "/etc/passwd",
+        "/.hidden",
+        "http://127.0.0.1/../secret.txt",
+        "/%00",
+        "/ort",
+    ],
+)
 def test_nothing_outside_the_folder_is_served(server, path):
     secret = os.path.join(os.path.dirname(server.root), "secret.txt")
     with open(secret, "w") as f:
@@ -340,9 +414,25 @@ def test_the_server_serves_the_site_on_loopback_only(server):
 
 
 def test_serve_prints_the_url_and_stops_cleanly(kl_exported, web, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", explore_script(web, tmp_path), "--onnx",
-                             kl_exported["decoder"], "--out", tmp_path / "s", "--serve", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-X",
+            "faulthandler",
+            explore_script(web, tmp_path),
+            "--onnx",
+            kl_exported["decoder"],
+            "--out",
+            tmp_path / "s",
+            "--serve",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         line = ""
         while "serving" not in line:
@@ -358,7 +448,7 @@ def test_serve_prints_the_url_and_stops_cleanly(kl_exported, web, tmp_path):
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         try:
             out, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:   # where it hangs: faulthandler prints every thread's stack on SIGABRT
+        except subprocess.TimeoutExpired:  # where it hangs: faulthandler prints every thread's stack on SIGABRT
             proc.send_signal(signal.SIGABRT)
             try:
                 out, err = proc.communicate(timeout=20)
@@ -444,6 +534,7 @@ def test_a_stalled_client_neither_holds_the_server_nor_its_connection(site, monk
 
 # -------------------------------------------------------------------------------------------------- the browser
 
+
 @pytest.fixture(scope="module")
 def page(server):
     reason = browser.missing()
@@ -460,9 +551,15 @@ def page(server):
 
 
 def canvas_pixels(page, element_id):
-    return np.array(browser.call(page, f"const c = document.getElementById('{element_id}');"
-                                 "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
-                                 ".filter((_, i) => i % 4 === 0);"), np.uint8)
+    return np.array(
+        browser.call(
+            page,
+            f"const c = document.getElementById('{element_id}');"
+            "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
+            ".filter((_, i) => i % 4 === 0);",
+        ),
+        np.uint8,
+    )
 
 
 def test_the_page_loads_without_console_errors(page):
@@ -482,27 +579,33 @@ def test_decode_equals_onnxruntime_in_python(page, kl_exported):
 
 def test_encode_equals_onnxruntime_in_python(page, kl_exported):
     pixels = np.random.default_rng(1).integers(0, 256, (3, 784)).astype(np.float32) / np.float32(255)
-    got = browser.call(page, "const r = await window.betaVAE.encode(args[0]);"
-                             "return [Array.from(r.mu), Array.from(r.logvar)];", pixels.ravel().tolist())
+    got = browser.call(
+        page,
+        "const r = await window.betaVAE.encode(args[0]);return [Array.from(r.mu), Array.from(r.logvar)];",
+        pixels.ravel().tolist(),
+    )
     mu, logvar = encode(kl_exported, pixels)
     assert np.max(np.abs(np.array(got[0]) - mu.ravel())) <= 1e-5
     assert np.max(np.abs(np.array(got[1]) - logvar.ravel())) <= 1e-5
 
 
-@pytest.mark.parametrize("call, reason", [
-    ("decode([1, 2, 3])", "RangeError: z must be a flat array of n \\* 4 numbers"),
-    ("decode([0, NaN, 0, 0])", "RangeError: z must hold finite numbers only"),
-    ("decode([0, 1e39, 0, 0])", "RangeError: z must hold finite numbers only"),  # beyond float32
-    ("decode('1234')", "TypeError: z must be an Array or a typed array"),
-    ("decode({length: 4, 0: 1, 1: 1, 2: 1, 3: 1})", "TypeError: z must be an Array or a typed array"),
-    ("decode(['1', '2', '3', '4'])", "TypeError: z must hold numbers only"),
-    ("decode([1, , 3, 4])", "RangeError: z must hold finite numbers only"),  # a hole
-    ("decode(new BigInt64Array(4))", "TypeError: z must be an Array or a typed array"),
-    ("decode([3e38, 3e38, -3e38, 3e38])", "RangeError: the decoder returned values that are not finite numbers"),
-    ("encode(new Array(784).fill(1e30))", "RangeError: pixels must hold finite numbers only, from 0 to 1"),
-    ("encode(new Array(784).fill(-0.5))", "RangeError: pixels must hold finite numbers only, from 0 to 1"),
-    ("encode('x'.repeat(784))", "TypeError: pixels must be an Array or a typed array"),
-])
+@pytest.mark.parametrize(
+    "call, reason",
+    [
+        ("decode([1, 2, 3])", "RangeError: z must be a flat array of n \\* 4 numbers"),
+        ("decode([0, NaN, 0, 0])", "RangeError: z must hold finite numbers only"),
+        ("decode([0, 1e39, 0, 0])", "RangeError: z must hold finite numbers only"),  # beyond float32
+        ("decode('1234')", "TypeError: z must be an Array or a typed array"),
+        ("decode({length: 4, 0: 1, 1: 1, 2: 1, 3: 1})", "TypeError: z must be an Array or a typed array"),
+        ("decode(['1', '2', '3', '4'])", "TypeError: z must hold numbers only"),
+        ("decode([1, , 3, 4])", "RangeError: z must hold finite numbers only"),  # a hole
+        ("decode(new BigInt64Array(4))", "TypeError: z must be an Array or a typed array"),
+        ("decode([3e38, 3e38, -3e38, 3e38])", "RangeError: the decoder returned values that are not finite numbers"),
+        ("encode(new Array(784).fill(1e30))", "RangeError: pixels must hold finite numbers only, from 0 to 1"),
+        ("encode(new Array(784).fill(-0.5))", "RangeError: pixels must hold finite numbers only, from 0 to 1"),
+        ("encode('x'.repeat(784))", "TypeError: pixels must be an Array or a typed array"),
+    ],
+)
 def test_bad_calls_are_rejected_with_a_reason(page, call, reason):
     with pytest.raises(browser.PageError, match=reason):
         browser.call(page, f"return await window.betaVAE.{call};")
@@ -510,13 +613,18 @@ def test_bad_calls_are_rejected_with_a_reason(page, call, reason):
 
 def test_typed_arrays_and_arrays_of_numbers_are_both_taken(page, kl_exported):
     z = [0.5, -1.0, 0.25, 2.0]
-    got = browser.call(page, "const b = window.betaVAE; return [Array.from(await b.decode(args[0])), "
-                             "Array.from(await b.decode(new Float64Array(args[0])))];", z)
+    got = browser.call(
+        page,
+        "const b = window.betaVAE; return [Array.from(await b.decode(args[0])), "
+        "Array.from(await b.decode(new Float64Array(args[0])))];",
+        z,
+    )
     assert got[0] == got[1] and np.max(np.abs(np.array(got[0]) - decode(kl_exported, z).ravel())) <= 1e-5
 
 
 def test_moving_a_slider_redraws_the_image_of_the_changed_z(page, kl_exported):
     from selenium.webdriver.common.keys import Keys
+
     start = np.array([0.25, -1.0, 0.5, 2.0], np.float32)
     browser.call(page, "await window.betaVAE.setLatent(args[0]);", start.tolist())
     slider = page.find_element("css selector", "input[data-dim='1']")  # the largest-KL dimension, shown first
@@ -550,11 +658,12 @@ def wait_for(page, condition):
 
 def scatter_points(page, site):
     """(positions as fractions of the scatter, posterior means, labels) of the scatter's points."""
-    where = np.array(browser.call(page, f"return Array.from({{length: {POINTS}}}, (_, i) => "
-                                        "window.betaVAE.scatter.position(i));"))
+    where = np.array(
+        browser.call(page, f"return Array.from({{length: {POINTS}}}, (_, i) => window.betaVAE.scatter.position(i));")
+    )
     blob = open(os.path.join(site, "points.bin"), "rb").read()
-    mu = np.frombuffer(blob[:POINTS * 16], "<f4").reshape(-1, 4)
-    return where, mu, np.frombuffer(blob[POINTS * 16:POINTS * 17], np.uint8)
+    mu = np.frombuffer(blob[: POINTS * 16], "<f4").reshape(-1, 4)
+    return where, mu, np.frombuffer(blob[POINTS * 16 : POINTS * 17], np.uint8)
 
 
 def loneliest(where):
@@ -566,24 +675,34 @@ def loneliest(where):
 def marker_pixels(page):
     """How many of the scatter's pixels are near black: the hover marker is the only black drawn there (the points,
     axes, labels and the red cross are lighter, however they overlap)."""
-    return browser.call(page, "const c = document.getElementById('scatter'), d = c.getContext('2d')"
-                              ".getImageData(0, 0, c.width, c.height).data; let n = 0;"
-                              "for (let i = 0; i < d.length; i += 4) n += d[i + 3] > 100 && "
-                              "Math.max(d[i], d[i + 1], d[i + 2]) < 70;"
-                              "return n;")
+    return browser.call(
+        page,
+        "const c = document.getElementById('scatter'), d = c.getContext('2d')"
+        ".getImageData(0, 0, c.width, c.height).data; let n = 0;"
+        "for (let i = 0; i < d.length; i += 4) n += d[i + 3] > 100 && "
+        "Math.max(d[i], d[i + 1], d[i + 2]) < 70;"
+        "return n;",
+    )
 
 
 def hover_panel(page):
     """(label, the scatter's data-hover, whether either hover canvas holds anything)"""
-    shown = browser.call(page, "return ['hover-original', 'hover-decoded'].some((id) => { const c = "
-                               "document.getElementById(id); return c.getContext('2d').getImageData(0, 0, c.width, "
-                               "c.height).data.some((v) => v > 0); });")
-    return (page.find_element("id", "hover-label").text,
-            page.find_element("id", "scatter").get_attribute("data-hover"), shown)
+    shown = browser.call(
+        page,
+        "return ['hover-original', 'hover-decoded'].some((id) => { const c = "
+        "document.getElementById(id); return c.getContext('2d').getImageData(0, 0, c.width, "
+        "c.height).data.some((v) => v > 0); });",
+    )
+    return (
+        page.find_element("id", "hover-label").text,
+        page.find_element("id", "scatter").get_attribute("data-hover"),
+        shown,
+    )
 
 
 def hover_point(page, where, i):
     from selenium.webdriver import ActionChains
+
     canvas = page.find_element("id", "scatter")
     size = np.array([canvas.size["width"], canvas.size["height"]])
     ActionChains(page, duration=20).move_to_element_with_offset(canvas, *((where[i] - 0.5) * size)).perform()
@@ -605,8 +724,14 @@ def test_hovering_the_scatter_decodes_the_point_under_the_pointer(page, site, kl
     assert page.find_element("id", "hover-label").text.endswith(f"test image {i}")
     assert page.find_element("id", "scatter").get_attribute("data-hover") == str(i)
     assert marker_pixels(page) > 0
-    assert np.max(np.abs(canvas_pixels(page, "hover-decoded").astype(int) -
-                         np.round(decode(kl_exported, mu[i]).ravel() * 255))) <= 1
+    assert (
+        np.max(
+            np.abs(
+                canvas_pixels(page, "hover-decoded").astype(int) - np.round(decode(kl_exported, mu[i]).ravel() * 255)
+            )
+        )
+        <= 1
+    )
 
 
 def test_hiding_a_class_clears_the_marker_and_panel_on_it(page, site):
@@ -631,11 +756,12 @@ def step(where, i, key):
     delta = where - where[i]
     along, across = delta[:, 0] * ux + delta[:, 1] * uy, delta[:, 0] * uy - delta[:, 1] * ux
     ok = (along > 0) & (np.abs(across) <= along)
-    return int(np.argmin(np.where(ok, along ** 2 + across ** 2, np.inf))) if ok.any() else i
+    return int(np.argmin(np.where(ok, along**2 + across**2, np.inf))) if ok.any() else i
 
 
 def test_arrow_keys_step_through_the_scatter_and_enter_loads_the_point(page, site):
     from selenium.webdriver.common.keys import Keys
+
     reload(page)
     where, mu, _ = scatter_points(page, site)
     k = loneliest(where)[0]
@@ -657,15 +783,18 @@ def test_arrow_keys_step_through_the_scatter_and_enter_loads_the_point(page, sit
     assert len(seen) > 3  # the walk went somewhere
     canvas.send_keys(Keys.ENTER)
     browser.call(page, "await window.betaVAE.idle();")
-    assert np.array_equal(np.array(browser.call(page, "return Array.from(window.betaVAE.getLatent());"),
-                                   np.float32), mu[i])
+    assert np.array_equal(
+        np.array(browser.call(page, "return Array.from(window.betaVAE.getLatent());"), np.float32), mu[i]
+    )
 
 
 def test_drawing_jumps_the_sliders_to_the_posterior_mean(page, kl_exported):
     from selenium.webdriver import ActionChains
+
     pad = page.find_element("id", "pad")
-    ActionChains(page, duration=20).move_to_element_with_offset(pad, -50, -60).click_and_hold() \
-        .move_by_offset(30, 90).move_by_offset(50, -20).move_by_offset(10, -60).release().perform()
+    ActionChains(page, duration=20).move_to_element_with_offset(pad, -50, -60).click_and_hold().move_by_offset(
+        30, 90
+    ).move_by_offset(50, -20).move_by_offset(10, -60).release().perform()
     browser.call(page, "await window.betaVAE.padIdle(); await window.betaVAE.idle();")
     pixels = np.array(browser.call(page, "return Array.from(window.betaVAE.padPixels());"), np.float32)
     assert pixels.max() > 0.5 and pixels.mean() < 0.5  # a white stroke on black
@@ -679,9 +808,12 @@ def test_drawing_jumps_the_sliders_to_the_posterior_mean(page, kl_exported):
 
 def drop_file(page, selector, path):
     """A real drop of the file at `path` on the middle of an element, through Chromium's own drag input (CDP)."""
-    x, y = page.execute_script("const e = document.querySelector(arguments[0]); e.scrollIntoView({block: 'center'});"
-                               "const r = e.getBoundingClientRect(); return [r.left + r.width / 2, r.top + "
-                               "r.height / 2];", selector)
+    x, y = page.execute_script(
+        "const e = document.querySelector(arguments[0]); e.scrollIntoView({block: 'center'});"
+        "const r = e.getBoundingClientRect(); return [r.left + r.width / 2, r.top + "
+        "r.height / 2];",
+        selector,
+    )
     data = {"items": [], "files": [str(path)], "dragOperationsMask": 1}  # 1: copy
     for kind in ("dragEnter", "dragOver", "drop"):
         page.execute_cdp_cmd("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
@@ -735,10 +867,13 @@ def test_a_file_that_is_not_an_image_says_so_on_the_page(page, kl_exported, tmp_
 def test_a_file_dropped_outside_the_pad_goes_to_the_pad_not_to_a_new_page(page, kl_exported, tmp_path):
     reload(page)
     url = page.current_url
-    browser.call(page, "window.dropWatch = {seen: [], stop: new AbortController()};"  # runs after the page's own
-                       "for (const type of ['dragover', 'drop']) window.addEventListener(type, (e) => "
-                       "window.dropWatch.seen.push([type, e.defaultPrevented]), "
-                       "{signal: window.dropWatch.stop.signal});")
+    browser.call(
+        page,
+        "window.dropWatch = {seen: [], stop: new AbortController()};"  # runs after the page's own
+        "for (const type of ['dragover', 'drop']) window.addEventListener(type, (e) => "
+        "window.dropWatch.seen.push([type, e.defaultPrevented]), "
+        "{signal: window.dropWatch.stop.signal});",
+    )
     drop_file(page, "header", picture(tmp_path / "shirt.png"))
     wait_for(page, "window.betaVAE.padPixels().some((v) => v > 0.5)")
     seen = browser.call(page, "window.dropWatch.stop.abort(); return window.dropWatch.seen;")
@@ -769,10 +904,13 @@ def test_screenshot_saves_what_headless_chromium_shows(kl_exported, tmp_path):
 
 def test_random_draws_for_large_latents_are_made_in_pieces(page):
     # the 8x8 sample grid of a latent of 200 needs 102,400 random bytes; getRandomValues gives 65,536 a call
-    stats = browser.call(page, """
+    stats = browser.call(
+        page,
+        """
         const {randn} = await import('./vae.js');
         const z = randn(64 * 200);
         let s = 0, s2 = 0;
         for (const v of z) { s += v; s2 += v * v; }
-        return [z.length, s / z.length, s2 / z.length, z.every(Number.isFinite)];""")
+        return [z.length, s / z.length, s2 / z.length, z.every(Number.isFinite)];""",
+    )
     assert stats[0] == 12800 and abs(stats[1]) < 0.05 and abs(stats[2] - 1) < 0.05 and stats[3]

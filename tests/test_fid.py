@@ -23,6 +23,7 @@ def random_cov(d, seed, scale=1.0):
 
 # ------------------------------------------------------------------------------------------ Fréchet distance
 
+
 def test_frechet_distance_is_zero_for_identical_statistics():
     for d in (1, 16, 128):
         mu, sigma = np.random.default_rng(d).standard_normal(d), random_cov(d, seed=d, scale=3.0)
@@ -100,6 +101,7 @@ def test_pixel_features_are_flattened_images():
 
 # ------------------------------------------------------------------------------------------ classifier features
 
+
 def test_classifier_is_cached_deterministic_and_retrained_when_the_data_changes(tiny_data):
     net, info = fid.load_classifier(tiny_data, "cpu", epochs=2)
     assert not info["from_cache"] and os.path.isfile(info["path"])
@@ -142,8 +144,9 @@ def test_damaged_classifier_cache_is_rebuilt(tiny_data):
     assert fid.load_classifier(tiny_data, "cpu", epochs=1)[1]["from_cache"]
 
 
-def test_classifier_cache_falls_back_to_the_user_cache_when_the_data_folder_is_read_only(tiny_data, tmp_path,
-                                                                                         monkeypatch):
+def test_classifier_cache_falls_back_to_the_user_cache_when_the_data_folder_is_read_only(
+    tiny_data, tmp_path, monkeypatch
+):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = os.path.join(tiny_data, "FashionMNIST")
     os.chmod(folder, 0o555)  # a shared, read-only data set (root would pass os.access: the mode bits decide)

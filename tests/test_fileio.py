@@ -1,4 +1,5 @@
 """fileio.py: several files written as one, same-file checks through links, leftovers of killed processes."""
+
 import errno
 import os
 import subprocess
@@ -46,14 +47,14 @@ def test_a_full_disk_on_the_second_file_leaves_both_as_before(pair):
 
 
 def no_links(src, dst):
-    raise OSError(errno.EPERM, "Operation not permitted")   # as FAT and some network shares answer os.link
+    raise OSError(errno.EPERM, "Operation not permitted")  # as FAT and some network shares answer os.link
 
 
 @pytest.mark.parametrize("links", [True, False])
 def test_a_failing_second_rename_puts_the_first_file_back(pair, monkeypatch, links):
     a, b = pair
     a.chmod(0o600)
-    if not links:   # the old files are kept as copies instead
+    if not links:  # the old files are kept as copies instead
         monkeypatch.setattr(fileio.os, "link", no_links)
     real, calls = os.replace, []
 
@@ -68,7 +69,7 @@ def test_a_failing_second_rename_puts_the_first_file_back(pair, monkeypatch, lin
         fileio.atomic_write_all([(a, write(b"new decoder")), (b, write(b"new encoder"))])
     monkeypatch.undo()
     assert a.read_bytes() == b"old decoder" and b.read_bytes() == b"old encoder"
-    assert a.stat().st_mode & 0o777 == 0o600   # put back as it was, mode too
+    assert a.stat().st_mode & 0o777 == 0o600  # put back as it was, mode too
     assert listing(a.parent) == ["decoder.onnx", "encoder.onnx"]
 
 
@@ -97,23 +98,29 @@ def test_same_file_sees_through_symlinks_and_hard_links(tmp_path):
     assert fileio.same_file(target, tmp_path / "hard.onnx")
     assert fileio.same_file(tmp_path / "link" / "new.png", tmp_path / "real" / "new.png")  # neither exists yet
     assert not fileio.same_file(target, tmp_path / "real" / "other.onnx")
-    assert fileio.clashes({"--onnx": str(target)}, {"--out": str(tmp_path / "hard.onnx"), "--npy": None}) == \
-        f"--out {tmp_path / 'hard.onnx'} is the same file as --onnx {target}"
+    assert (
+        fileio.clashes({"--onnx": str(target)}, {"--out": str(tmp_path / "hard.onnx"), "--npy": None})
+        == f"--out {tmp_path / 'hard.onnx'} is the same file as --onnx {target}"
+    )
     assert fileio.clashes({"--onnx": str(target)}, {"--out": "a.png", "--npy": "a.png"}).startswith("--npy a.png")
 
 
 def test_stale_temps_of_dead_processes_go_and_live_ones_stay(tmp_path):
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
+    dead = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
     live = subprocess.Popen(["sleep", "60"])
     host = fileio._host()
     try:
-        names = [f".decoder.onnx.{dead}-{host}.k2j3x_9q.tmp",      # ours, its process gone: removed
-                 f".decoder.onnx.{live.pid}-{host}.a1b2c3d4.tmp",  # ours, its process alive
-                 f".decoder.onnx.{dead}-0f0f0f.k2j3x_9q.tmp",      # another machine's (a shared folder)
-                 f".notes.txt.{dead}-{host}.k2j3x_9q.tmp",         # not an output of this call
-                 f".decoder.onnx.{dead}-{host}.old.tmp",           # a user's look-alike
-                 "decoder.onnx", f"decoder.onnx.{dead}-{host}.k2j3x_9q.tmp"]
+        names = [
+            f".decoder.onnx.{dead}-{host}.k2j3x_9q.tmp",  # ours, its process gone: removed
+            f".decoder.onnx.{live.pid}-{host}.a1b2c3d4.tmp",  # ours, its process alive
+            f".decoder.onnx.{dead}-0f0f0f.k2j3x_9q.tmp",  # another machine's (a shared folder)
+            f".notes.txt.{dead}-{host}.k2j3x_9q.tmp",  # not an output of this call
+            f".decoder.onnx.{dead}-{host}.old.tmp",  # a user's look-alike
+            "decoder.onnx",
+            f"decoder.onnx.{dead}-{host}.k2j3x_9q.tmp",
+        ]
         for name in names:
             (tmp_path / name).write_bytes(b"x")
         assert fileio.clean_stale_temps(tmp_path, ["decoder.onnx"]) == [names[0]]

@@ -1,5 +1,6 @@
 """metrics.py: the likelihood bounds (the seed's BCE and the continuous Bernoulli), latent diagnostics, and the
 disentanglement metrics, each on constructed cases whose answer is known."""
+
 import functools
 import math
 
@@ -14,6 +15,7 @@ import metrics
 import vae
 
 # ------------------------------------------------------------------------------------------ likelihood bounds
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoint):

@@ -1,5 +1,6 @@
 """export_onnx.py: parity with torch, BatchNorm folding, the dynamic batch axis, metadata, and refusing bad input;
 by default both files beside the checkpoint, never replacing one unless told to, with no local path inside."""
+
 import contextlib
 import hashlib
 import io
@@ -20,8 +21,18 @@ from plumbing import files as fileio
 import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED_KEYS = ("format", "format_version", "latent_dim", "image_shape", "pixel_range", "beta", "objective",
-                 "epochs", "source_checkpoint", "torch_version")
+REQUIRED_KEYS = (
+    "format",
+    "format_version",
+    "latent_dim",
+    "image_shape",
+    "pixel_range",
+    "beta",
+    "objective",
+    "epochs",
+    "source_checkpoint",
+    "torch_version",
+)
 
 
 def run_main(argv):
@@ -82,8 +93,10 @@ def test_encoder_parity(exported, batch):
 
 def test_graph_has_dynamic_batch_metadata_and_no_batchnorm(exported, tiny_checkpoint):
     ckpt = exported["ckpt"]
-    for kind, inputs, outputs in (("decoder", {"z": [4]}, {"images": [1, 28, 28]}),
-                                  ("encoder", {"images": [1, 28, 28]}, {"mu": [4], "logvar": [4]})):
+    for kind, inputs, outputs in (
+        ("decoder", {"z": [4]}, {"images": [1, 28, 28]}),
+        ("encoder", {"images": [1, 28, 28]}, {"mu": [4], "logvar": [4]}),
+    ):
         model = onnx.load(exported[kind])
         onnx.checker.check_model(model, full_check=True)
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -126,8 +139,9 @@ def test_fold_batchnorm_is_exact_with_far_from_default_statistics():
             assert torch.max(torch.abs(a - b)) <= 1e-5
     # the decoder's BN sits before a stride-2 padded ConvTranspose2d: its shift is a per-position map, not a bias;
     # the encoder's sits before an unpadded Conv2d: there it is an ordinary per-channel bias
-    shifted = [m for m in export_onnx.fold_batchnorm(model.decoder, z[:2]).modules()
-               if isinstance(m, export_onnx._ShiftedConv)]
+    shifted = [
+        m for m in export_onnx.fold_batchnorm(model.decoder, z[:2]).modules() if isinstance(m, export_onnx._ShiftedConv)
+    ]
     assert len(shifted) == 1 and shifted[0].shift.shape == (8, 14, 14)
     assert shifted[0].shift.std(dim=(1, 2)).max() > 1e-3
     encoder = export_onnx.fold_batchnorm(model.encoder, x[:2])
@@ -137,19 +151,23 @@ def test_fold_batchnorm_is_exact_with_far_from_default_statistics():
 def test_parity_failure_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(export_onnx, "PARITY_ATOL", -1.0)  # every difference, even 0, now "breaks parity"
     out = tmp_path / "decoder.onnx"
-    code, _, err = run_main(["--checkpoint", tiny_checkpoint["path"], "--out", str(out), "--encoder",
-                             str(tmp_path / "encoder.onnx")])
+    code, _, err = run_main(
+        ["--checkpoint", tiny_checkpoint["path"], "--out", str(out), "--encoder", str(tmp_path / "encoder.onnx")]
+    )
     assert code == 1 and err.startswith("error: the exported decoder does not match torch")
     assert len(err.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no checkpoint at"),
-    ("garbage", "is not a readable checkpoint"),
-    ("no_folder", "does not exist"),
-    ("opset", "--opset 11 is not supported"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no checkpoint at"),
+        ("garbage", "is not a readable checkpoint"),
+        ("no_folder", "does not exist"),
+        ("opset", "--opset 11 is not supported"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(case, message, tiny_checkpoint, tmp_path):
     ckpt, out, extra = tiny_checkpoint["path"], str(tmp_path / "decoder.onnx"), []
     if case == "missing":
@@ -169,8 +187,13 @@ def test_bad_input_is_one_line_and_exit_2(case, message, tiny_checkpoint, tmp_pa
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "export_onnx.py"), "--checkpoint",
-                           str(tmp_path / "nope.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "export_onnx.py"), "--checkpoint", str(tmp_path / "nope.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: no checkpoint at ") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
@@ -179,8 +202,10 @@ def test_command_line_error_has_no_traceback(tmp_path):
 
 # ---------------------------------------------------------------------------------- KL, NaN, links, the file pair
 
+
 def test_decoder_metadata_carries_the_last_epochs_test_kl(kl_exported):
     from conftest import KL
+
     meta = {p.key: p.value for p in onnx.load(kl_exported["decoder"]).metadata_props}
     assert json.loads(meta["kl_per_dim"]) == KL and meta["kl_epoch"] == "3"
 
@@ -195,8 +220,9 @@ def test_a_history_without_valid_kl_exports_without_it(tiny_checkpoint, tmp_path
     ckpt = torch.load(tiny_checkpoint["path"], weights_only=True)
     ckpt["metrics"] = metrics
     torch.save(ckpt, tmp_path / "c.pt")
-    code, out, err = run_main(["--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "d.onnx"),
-                               "--no-encoder"])
+    code, out, err = run_main(
+        ["--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "d.onnx"), "--no-encoder"]
+    )
     assert code == 0, err
     assert "note: no per-dimension KL in the metadata" in out
     meta = {p.key for p in onnx.load(tmp_path / "d.onnx").metadata_props}
@@ -254,8 +280,10 @@ def test_outputs_that_resolve_to_the_checkpoint_are_refused(tiny_checkpoint, tmp
     else:
         encoder = str(tmp_path / "link2" / ".." / "checkpoint.pt")
         os.mkdir(tmp_path / "link2")
-    code, _, err = run_main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--out", out, *overwrite]
-                            + (["--encoder", encoder] if encoder else []))
+    code, _, err = run_main(
+        ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--out", out, *overwrite]
+        + (["--encoder", encoder] if encoder else [])
+    )
     assert code == 2 and "is the same file as --checkpoint" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
@@ -264,6 +292,7 @@ def test_a_failed_encoder_write_leaves_the_old_pair(tiny_checkpoint, tmp_path, m
     import errno
 
     from plumbing import files as fileio
+
     dec, enc = tmp_path / "decoder.onnx", tmp_path / "encoder.onnx"
     dec.write_bytes(b"old decoder")
     enc.write_bytes(b"old encoder")
@@ -275,8 +304,9 @@ def test_a_failed_encoder_write_leaves_the_old_pair(tiny_checkpoint, tmp_path, m
         return real(path, write_fn)
 
     monkeypatch.setattr(fileio, "_write_temp", disk_full_for_the_encoder)
-    code, out, err = run_main(["--checkpoint", tiny_checkpoint["path"], "--out", str(dec), "--encoder", str(enc),
-                               "--overwrite"])
+    code, out, err = run_main(
+        ["--checkpoint", tiny_checkpoint["path"], "--out", str(dec), "--encoder", str(enc), "--overwrite"]
+    )
     assert code == 2 and err.startswith("error: cannot write") and "No space left on device" in err
     assert "nothing was changed" in err and len(err.strip().splitlines()) == 1
     assert dec.read_bytes() == b"old decoder" and enc.read_bytes() == b"old encoder"
@@ -289,8 +319,9 @@ def test_export_removes_temp_files_that_a_killed_export_left(tiny_checkpoint, tm
     proc.wait()
     stale = tmp_path / f".decoder.onnx.{proc.pid}-{fileio._host()}.x7y8z9ab.tmp"  # as fileio names them, process gone
     stale.write_bytes(b"half a decoder")
-    code, _, err = run_main(["--checkpoint", tiny_checkpoint["path"], "--out", str(tmp_path / "decoder.onnx"),
-                             "--no-encoder"])
+    code, _, err = run_main(
+        ["--checkpoint", tiny_checkpoint["path"], "--out", str(tmp_path / "decoder.onnx"), "--no-encoder"]
+    )
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == ["decoder.onnx"]
 
@@ -307,6 +338,7 @@ def test_an_output_path_that_is_not_utf8_is_printed_escaped(tiny_checkpoint, tmp
 
 
 # ------------------------------------------------------------ defaults: the run folder, --overwrite, no local path
+
 
 def metadata_of(path):
     return {p.key: p.value for p in onnx.load(path).metadata_props}
@@ -355,8 +387,10 @@ def test_existing_files_are_refused_unless_overwrite(run_export, tmp_path):
     shutil.copy(run_export["run"] / "checkpoint.pt", run / "checkpoint.pt")
     (run / "decoder.onnx").write_bytes(b"old decoder")
     (run / "encoder.onnx").write_bytes(b"old encoder")
-    for gone, named in ((None, f"--out {run / 'decoder.onnx'} already exists"),
-                        ("decoder.onnx", f"--encoder {run / 'encoder.onnx'} already exists")):  # either one is enough
+    for gone, named in (
+        (None, f"--out {run / 'decoder.onnx'} already exists"),
+        ("decoder.onnx", f"--encoder {run / 'encoder.onnx'} already exists"),
+    ):  # either one is enough
         if gone:
             os.remove(run / gone)
         code, out, err = run_main(["--checkpoint", str(run / "checkpoint.pt")])
@@ -399,8 +433,16 @@ def test_ctrl_c_during_the_export_is_one_line_and_writes_nothing(tiny_checkpoint
 
     monkeypatch.setattr(export_onnx, "export", interrupted)
     try:
-        code, out, err = run_main(["--checkpoint", tiny_checkpoint["path"], "--out", str(tmp_path / "d.onnx"),
-                                   "--encoder", str(tmp_path / "e.onnx")])
+        code, out, err = run_main(
+            [
+                "--checkpoint",
+                tiny_checkpoint["path"],
+                "--out",
+                str(tmp_path / "d.onnx"),
+                "--encoder",
+                str(tmp_path / "e.onnx"),
+            ]
+        )
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C left export_onnx.main as a traceback")
     assert code == 130 and err == "error: interrupted; nothing was written\n"

@@ -1,4 +1,5 @@
 """Bad input, interruptions and untrusted files: one clear line, a non-zero exit, nothing lost or half-written."""
+
 import os
 import pickle
 import random
@@ -20,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_script(script, *args, timeout=300):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_clean_error(proc, *needles):
@@ -35,6 +37,7 @@ def assert_clean_error(proc, *needles):
 
 
 # ------------------------------------------------------------------------------------------------------ data
+
 
 def raw_dir(root):
     return os.path.join(root, "FashionMNIST", "raw")
@@ -68,7 +71,7 @@ def test_missing_data_without_network_in_train_py(tmp_path):
     proc = run_offline("train.py", "--data-dir", tmp_path / "nothing", "--out-dir", tmp_path / "run", "--epochs", 1)
     assert_clean_error(proc, "could not be downloaded", "train-images-idx3-ubyte")
     assert not (tmp_path / "run").exists()
-    assert not (tmp_path / "nothing").exists()   # no empty FashionMNIST/raw folders left behind either
+    assert not (tmp_path / "nothing").exists()  # no empty FashionMNIST/raw folders left behind either
 
 
 def test_unwritable_data_directory(tmp_path):
@@ -85,7 +88,7 @@ def test_fuzzed_idx_files_end_in_a_clear_error(tmp_path):
     valid = good.read_bytes()
     p = str(tmp_path / "fuzz")
     cases = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))) for _ in range(150)]
-    cases += [valid[:rng.randint(0, len(valid) - 1)] for _ in range(100)]
+    cases += [valid[: rng.randint(0, len(valid) - 1)] for _ in range(100)]
     cases += [b"\x00\x00\x08\x03" + bytes(rng.getrandbits(8) for _ in range(12)) for _ in range(50)]  # huge dims
     for case in cases:
         open(p, "wb").write(case)
@@ -95,11 +98,19 @@ def test_fuzzed_idx_files_end_in_a_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- flags
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--beta", "-1"], "--beta"), (["--latent-dim", "0"], "--latent-dim"), (["--batch-size", "0"], "--batch-size"),
-    (["--epochs", "-1"], "--epochs"), (["--lr", "0"], "--lr"), (["--num-generation-samples", "0"], "--num-generation-samples 0 is out of range"),
-    (["--device", "tpu"], "unknown device"),
-])
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--beta", "-1"], "--beta"),
+        (["--latent-dim", "0"], "--latent-dim"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--epochs", "-1"], "--epochs"),
+        (["--lr", "0"], "--lr"),
+        (["--num-generation-samples", "0"], "--num-generation-samples 0 is out of range"),
+        (["--device", "tpu"], "unknown device"),
+    ],
+)
 def test_bad_flags_are_refused_before_anything_is_written(tmp_path, flags, needle):
     assert_clean_error(run_here(train, *flags, "--data-dir", tmp_path, "--out-dir", tmp_path / "run"), needle)
     assert not (tmp_path / "run").exists()
@@ -119,6 +130,7 @@ def test_unwritable_output_directory(tiny_data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
+
 
 def test_unreadable_checkpoints_give_a_clear_error(tmp_path):
     cases = {"missing.pt": None, "empty.pt": b"", "random.pt": os.urandom(4096), "text.pt": b"hello, world\n" * 20}
@@ -182,22 +194,31 @@ def test_resume_with_contradicting_flags_is_refused(tiny_data, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["model_args"]["latent_dim"] == 3
 
 
-@pytest.mark.parametrize("script, flag", [("train.py", "--seed"), ("evaluate.py", "--seed"),
-                                          ("export_onnx.py", "--opset"), ("sample.py", "--seed"),
-                                          ("bench.py", "--repeats")])
+@pytest.mark.parametrize(
+    "script, flag",
+    [
+        ("train.py", "--seed"),
+        ("evaluate.py", "--seed"),
+        ("export_onnx.py", "--opset"),
+        ("sample.py", "--seed"),
+        ("bench.py", "--repeats"),
+    ],
+)
 def test_a_wrongly_typed_flag_is_one_line(script, flag):
     proc = run_script(script, flag, "many")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: argument {flag}: invalid int value: 'many' "
-                                                f"(see python {script} --help)"], proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: argument {flag}: invalid int value: 'many' (see python {script} --help)"
+    ], proc.stderr
 
 
 def test_seed_loop_without_uncompressed_files(tmp_path):
     import gzip
     import shutil
+
     root = write_dataset(tmp_path / "data")
     raw = os.path.join(root, "FashionMNIST", "raw")
-    for name in os.listdir(raw):   # the same data, gzipped only: the fast loop reads it, torchvision's loop cannot
+    for name in os.listdir(raw):  # the same data, gzipped only: the fast loop reads it, torchvision's loop cannot
         with open(os.path.join(raw, name), "rb") as src, gzip.open(os.path.join(raw, name + ".gz"), "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.remove(os.path.join(raw, name))
@@ -218,20 +239,38 @@ def test_resume_with_another_loop_is_refused(tiny_data, tmp_path):
 
 
 def training_flags(data_dir, out, epochs):
-    return ["--epochs", str(epochs), "--data-dir", data_dir, "--out-dir", str(out), "--compile", "off",
-            "--batch-size", "32", "--latent-dim", "3", "--seed", "4"]
+    return [
+        "--epochs",
+        str(epochs),
+        "--data-dir",
+        data_dir,
+        "--out-dir",
+        str(out),
+        "--compile",
+        "off",
+        "--batch-size",
+        "32",
+        "--latent-dim",
+        "3",
+        "--seed",
+        "4",
+    ]
 
 
 def start_training(data_dir, out, epochs):
-    return subprocess.Popen([sys.executable, "train.py", *training_flags(data_dir, out, epochs)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "train.py", *training_flags(data_dir, out, epochs)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_epoch(out, epoch, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and \
-                len((out / "metrics.jsonl").read_text().splitlines()) >= epoch:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= epoch:
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
@@ -276,8 +315,8 @@ def test_two_runs_in_one_folder_do_not_corrupt_each_other(reference_run, tmp_pat
     try:
         wait_for_epoch(out, 1, first)
         second = run_here(train, "--epochs", 1, "--data-dir", data_dir, "--out-dir", out)
-        assert_clean_error(second, "already holds a run", "--resume")      # refused before the lock is tried
-        second = run_here(train, "--resume", "--data-dir", data_dir, "--out-dir", out)   # flock: another process
+        assert_clean_error(second, "already holds a run", "--resume")  # refused before the lock is tried
+        second = run_here(train, "--resume", "--data-dir", data_dir, "--out-dir", out)  # flock: another process
         assert_clean_error(second, "another train.py is writing to")
     finally:
         first.kill()
@@ -312,7 +351,7 @@ def test_fuzzed_onnx_files_end_in_a_clear_error_in_sample_py(tmp_path, tiny_chec
     valid = good.read_bytes()
     rng = random.Random(2)
     cases = [os.urandom(rng.randint(0, 2048)) for _ in range(100)]
-    cases += [valid[:rng.randint(0, len(valid) - 1)] for _ in range(100)]
+    cases += [valid[: rng.randint(0, len(valid) - 1)] for _ in range(100)]
     for _ in range(60):
         b = bytearray(valid)
         for _ in range(4):
@@ -332,6 +371,7 @@ def test_fuzzed_onnx_files_end_in_a_clear_error_in_sample_py(tmp_path, tiny_chec
 
 def test_idx_header_whose_size_overflows_int64_is_a_clear_error(tmp_path):
     import struct
+
     p = tmp_path / "hostile"
     p.write_bytes(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 2**31, 2**31, 4))
     with pytest.raises(data.DataError, match="not \\(28, 28\\)"):
@@ -344,20 +384,28 @@ def test_idx_header_whose_size_overflows_int64_is_a_clear_error(tmp_path):
 def test_decoder_that_loads_but_fails_to_run_and_unwritable_outputs(tmp_path, tiny_checkpoint):
     import onnx
     from onnx import TensorProto, helper
+
     shape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 2])
-    graph = helper.make_graph([helper.make_node("Reshape", ["z", "shape"], ["images"])], "g",
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3])],
-                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])],
-                              [shape])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["z", "shape"], ["images"])],
+        "g",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])],
+        [shape],
+    )
     bad = tmp_path / "bad.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bad)
     # refused before it runs (tests/test_sample.py runs such a model past the checks to see the run-time error)
-    assert_clean_error(run_script("sample.py", "--onnx", bad, "--n", 1, "--out", tmp_path / "x.png"),
-                       "is not a decoder that export_onnx.py wrote")
+    assert_clean_error(
+        run_script("sample.py", "--onnx", bad, "--n", 1, "--out", tmp_path / "x.png"),
+        "is not a decoder that export_onnx.py wrote",
+    )
     good = tmp_path / "decoder.onnx"
     assert run_here(export_onnx, "--checkpoint", tiny_checkpoint["path"], "--out", good, "--no-encoder").returncode == 0
-    assert_clean_error(run_here(export_onnx, "--checkpoint", tiny_checkpoint["path"], "--out", "/proc/decoder.onnx",
-                                "--no-encoder"), "cannot write /proc/decoder.onnx")
+    assert_clean_error(
+        run_here(export_onnx, "--checkpoint", tiny_checkpoint["path"], "--out", "/proc/decoder.onnx", "--no-encoder"),
+        "cannot write /proc/decoder.onnx",
+    )
     proc = run_script("sample.py", "--onnx", good, "--out", "/proc/x.png", "--npy", tmp_path / "x.npy")
     assert_clean_error(proc, "cannot write /proc/x.png")
     assert not (tmp_path / "x.npy").exists()  # the PNG goes first: a failed PNG leaves no half result behind

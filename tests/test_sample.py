@@ -1,5 +1,6 @@
 """sample.py: runs where torch cannot be imported, writes labelled grids, is reproducible, refuses bad files and flags
 and never replaces a file unless told to."""
+
 import io
 import os
 import re
@@ -59,8 +60,9 @@ def test_the_hook_really_blocks_torch(tmp_path):
 def test_sample_without_torch_is_reproducible(decoder, tmp_path):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        proc = run_sample("--onnx", decoder, "--seed", seed, "--out", f"{name}.png", "--npy", f"{name}.npy",
-                          cwd=tmp_path)
+        proc = run_sample(
+            "--onnx", decoder, "--seed", seed, "--out", f"{name}.png", "--npy", f"{name}.npy", cwd=tmp_path
+        )
         assert proc.returncode == 0, proc.stderr
         mode, runs[name] = pixels(tmp_path / f"{name}.png")
         assert mode == "L"
@@ -74,8 +76,9 @@ def test_sample_without_torch_is_reproducible(decoder, tmp_path):
 
 
 def test_defaults_need_only_onnx_and_write_into_the_current_folder(decoder, tmp_path):
-    proc = subprocess.run([sys.executable, SAMPLE, "--onnx", decoder], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, SAMPLE, "--onnx", decoder], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert pixels(tmp_path / "samples.png")[0] == "L"
     defaults = ["samples.png", "samples.npy", "traversals.png", "interpolations.png"]
@@ -116,8 +119,9 @@ def test_not_in_use_means_kl_at_most_active_kl():
 
 
 def test_traverse_dims_keeps_the_largest_kl_rows(decoder, tmp_path):
-    proc = run_sample("--onnx", decoder, "--traverse", "--dims", 2, "--steps", 3, "--npy", "g.npy", "--out", "g.png",
-                      cwd=tmp_path)
+    proc = run_sample(
+        "--onnx", decoder, "--traverse", "--dims", 2, "--steps", 3, "--npy", "g.npy", "--out", "g.png", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     images = np.load(tmp_path / "g.npy").reshape(2, 3, 28, 28)
     z = np.tile(np.random.default_rng(0).standard_normal(4), (2, 3, 1))
@@ -126,8 +130,22 @@ def test_traverse_dims_keeps_the_largest_kl_rows(decoder, tmp_path):
 
 
 def test_interpolation_rows_go_somewhere_and_grids_have_titles(decoder, tmp_path):
-    proc = run_sample("--onnx", decoder, "--interpolate", "--steps", 5, "--rows", 3, "--scale", 1, "--out", "g.png",
-                      "--npy", "g.npy", cwd=tmp_path)
+    proc = run_sample(
+        "--onnx",
+        decoder,
+        "--interpolate",
+        "--steps",
+        5,
+        "--rows",
+        3,
+        "--scale",
+        1,
+        "--out",
+        "g.png",
+        "--npy",
+        "g.npy",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     images = np.load(tmp_path / "g.npy").reshape(3, 5, 28, 28)
     assert all(not np.array_equal(row[0], row[-1]) for row in images)
@@ -143,6 +161,7 @@ def test_traverse_of_a_decoder_without_kl_is_in_index_order(tiny_checkpoint, tmp
     import contextlib
 
     import export_onnx
+
     path = str(tmp_path / "plain.onnx")
     with contextlib.redirect_stdout(io.StringIO()) as out:  # its history is empty
         assert export_onnx.main(["--checkpoint", tiny_checkpoint["path"], "--out", path, "--no-encoder"]) == 0
@@ -161,6 +180,7 @@ def test_a_request_too_large_for_memory_is_refused_before_decoding(tmp_path, mon
 
     import export_onnx
     import vae
+
     torch.manual_seed(0)
     ckpt, path = str(tmp_path / "wide.pt"), str(tmp_path / "wide.onnx")
     vae.save_checkpoint(ckpt, vae.BetaVAE(vae.VAEConfig(latent_dim=4096)), None, 0, 0, {}, [])
@@ -169,15 +189,24 @@ def test_a_request_too_large_for_memory_is_refused_before_decoding(tmp_path, mon
     # the largest files the exporter writes (latent 4096; the encoder is the larger) pass, well within MAX_BYTES
     assert onnx_check.load(str(tmp_path / "wide_encoder.onnx"), "encoder").latent == 4096
     assert os.path.getsize(tmp_path / "wide_encoder.onnx") < onnx_check.MAX_BYTES / 1.8
+
     # refused from the flags alone: under a 4 GiB address space, where its 12.6 GiB of latents cannot even be drawn
     def at_most_4_gib():
         resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OPENBLAS_NUM_THREADS": "1",
-                                                                         "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, SAMPLE, "--onnx", path, "--traverse", "--steps", "101",
-                           "--out", "t.png"], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env,
-                          preexec_fn=at_most_4_gib)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, SAMPLE, "--onnx", path, "--traverse", "--steps", "101", "--out", "t.png"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env=env,
+        preexec_fn=at_most_4_gib,
+    )
     assert_one_error_line(proc, "4096 dims x 101 steps is 413,696 images")
     assert "--dims K" in proc.stderr and not (tmp_path / "t.png").exists()
     # the same model, asked for what fits, works; the work goes to onnxruntime in chunks no larger than checked
@@ -188,14 +217,17 @@ def test_a_request_too_large_for_memory_is_refused_before_decoding(tmp_path, mon
     assert calls == [(6, 1024)] and (tmp_path / "t.png").exists()
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--seed", "-1"], "--seed -1 is out of range"),
-    (["--seed", str(2**64)], f"--seed {2**64} is out of range"),
-    (["--temperature", "1e300"], "--temperature 1e+300 is out of range"),
-    (["--temperature", "nan"], "--temperature nan is out of range"),
-    (["--dims", "2"], "--dims chooses the rows of --traverse"),
-    (["--n", "0"], "--n 0 is out of range"),
-])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--seed", "-1"], "--seed -1 is out of range"),
+        (["--seed", str(2**64)], f"--seed {2**64} is out of range"),
+        (["--temperature", "1e300"], "--temperature 1e+300 is out of range"),
+        (["--temperature", "nan"], "--temperature nan is out of range"),
+        (["--dims", "2"], "--dims chooses the rows of --traverse"),
+        (["--n", "0"], "--n 0 is out of range"),
+    ],
+)
 def test_extreme_flags_are_one_line_without_warnings(decoder, tmp_path, flags, needle):
     proc = run_sample("--onnx", decoder, "--out", "x.png", *flags, cwd=tmp_path)
     assert_one_error_line(proc, needle)
@@ -205,18 +237,30 @@ def test_extreme_flags_are_one_line_without_warnings(decoder, tmp_path, flags, n
 def test_onnxruntime_prints_nothing_of_its_own_when_a_model_fails_to_run(tmp_path):
     """A model that passed the checks but fails inside onnxruntime: only our line, no coloured onnxruntime log."""
     shape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 2])
-    graph = helper.make_graph([helper.make_node("Reshape", ["z", "shape"], ["images"])], "g",
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3])],
-                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])], [shape])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["z", "shape"], ["images"])],
+        "g",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])],
+        [shape],
+    )
     data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     (tmp_path / "bad.onnx").write_bytes(data)
-    script = ("import sys, numpy as np\nfrom plumbing import onnx_check\n"  # checks bypassed on purpose
-              "m = onnx_check.Model('bad.onnx', 'decoder', open('bad.onnx', 'rb').read(), {}, 3, (1, 2, 2), 7, 0, "
-              "None, None)\n"
-              "try:\n    onnx_check.run(m, onnx_check.session(m), np.zeros((2, 3), np.float32))\n"
-              "except onnx_check.UsageError as e:\n    print('error:', e, file=sys.stderr)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+    script = (
+        "import sys, numpy as np\nfrom plumbing import onnx_check\n"  # checks bypassed on purpose
+        "m = onnx_check.Model('bad.onnx', 'decoder', open('bad.onnx', 'rb').read(), {}, 3, (1, 2, 2), 7, 0, "
+        "None, None)\n"
+        "try:\n    onnx_check.run(m, onnx_check.session(m), np.zeros((2, 3), np.float32))\n"
+        "except onnx_check.UsageError as e:\n    print('error:', e, file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert proc.stderr.startswith("error: bad.onnx loads but fails to run (")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -245,11 +289,12 @@ def test_the_sampler_runs_from_exactly_the_documented_files(decoder, tmp_path):
 
 
 def test_stale_temp_files_of_dead_processes_are_removed(decoder, tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()  # a pid that has exited
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()  # a pid that has exited
     host, alive = fileio._host(), subprocess.Popen(["sleep", "60"])
     stale = tmp_path / f".samples.png.{dead}-{host}.abc123de.tmp"
-    live = tmp_path / f".samples.png.{alive.pid}-{host}.xyz_1234.tmp"   # another sample.py writing it now
+    live = tmp_path / f".samples.png.{alive.pid}-{host}.xyz_1234.tmp"  # another sample.py writing it now
     try:
         stale.write_bytes(b"half a file")
         live.write_bytes(b"being written")
@@ -260,18 +305,21 @@ def test_stale_temp_files_of_dead_processes_are_removed(decoder, tmp_path):
         alive.wait()
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no file at"),
-    ("not_onnx", "is not an ONNX model"),
-    ("encoder_like", "it maps images -> mu, logvar; a decoder maps float z -> images"),
-    ("rank2_out", "images has shape ['batch', 784], not [batch, ...]"),
-    ("huge", f"is larger than {onnx_check.MAX_BYTES:,} bytes"),
-    ("not_png", "--out out.jpg: the grid is written as PNG; give a name ending in .png"),
-    ("bad_out", "its folder does not exist"),
-    ("clobber", "is the same file as --onnx"),
-    ("symlink", "is the same file as --onnx"),
-    ("hardlink", "is the same file as --onnx"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no file at"),
+        ("not_onnx", "is not an ONNX model"),
+        ("encoder_like", "it maps images -> mu, logvar; a decoder maps float z -> images"),
+        ("rank2_out", "images has shape ['batch', 784], not [batch, ...]"),
+        ("huge", f"is larger than {onnx_check.MAX_BYTES:,} bytes"),
+        ("not_png", "--out out.jpg: the grid is written as PNG; give a name ending in .png"),
+        ("bad_out", "its folder does not exist"),
+        ("clobber", "is the same file as --onnx"),
+        ("symlink", "is the same file as --onnx"),
+        ("hardlink", "is the same file as --onnx"),
+    ],
+)
 def test_bad_input_one_line_exit_2_nothing_written(kl_exported, decoder, tmp_path, case, message):
     path, out = str(tmp_path / "model.onnx"), "out.png"
     if case == "missing":
@@ -334,10 +382,14 @@ def test_odd_file_names_neither_break_the_title_nor_the_last_line(decoder, tmp_p
 
 # ------------------------------------------------------------------------- default names, --overwrite, Ctrl-C
 
+
 def test_each_mode_writes_its_own_default_file(decoder, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for flags, name in ((["--n", "4"], "samples.png"), (["--traverse", "--steps", "3"], "traversals.png"),
-                        (["--interpolate", "--steps", "3", "--rows", "2"], "interpolations.png")):
+    for flags, name in (
+        (["--n", "4"], "samples.png"),
+        (["--traverse", "--steps", "3"], "traversals.png"),
+        (["--interpolate", "--steps", "3", "--rows", "2"], "interpolations.png"),
+    ):
         proc = run_here(sample, "--onnx", decoder, "--scale", "1", *flags)
         assert proc.returncode == 0 and proc.stdout.startswith(f"wrote {name}: "), proc.stderr
         assert pixels(tmp_path / name)[0] == "L"
@@ -349,9 +401,11 @@ def test_an_existing_output_is_refused_unless_overwrite_is_given(decoder, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert run_here(sample, "--onnx", decoder, "--n", "4", "--npy", "s.npy").returncode == 0
     before = {name: (tmp_path / name).read_bytes() for name in ("samples.png", "s.npy")}
-    for flags, named in ((["--npy", "s.npy"], "--out samples.png already exists"),    # both there
-                         (["--npy", "new.npy"], "--out samples.png already exists"),  # the grid alone
-                         (["--out", "new.png", "--npy", "s.npy"], "--npy s.npy already exists")):  # the arrays alone
+    for flags, named in (
+        (["--npy", "s.npy"], "--out samples.png already exists"),  # both there
+        (["--npy", "new.npy"], "--out samples.png already exists"),  # the grid alone
+        (["--out", "new.png", "--npy", "s.npy"], "--npy s.npy already exists"),
+    ):  # the arrays alone
         proc = run_here(sample, "--onnx", decoder, "--n", "4", "--seed", "1", *flags)
         assert_one_error_line(proc, named)
         assert "--overwrite" in proc.stderr
@@ -368,8 +422,10 @@ def test_an_existing_output_is_refused_unless_overwrite_is_given(decoder, tmp_pa
 def test_ctrl_c_is_one_line(decoder, tmp_path, monkeypatch, when):
     out = tmp_path / "g.png"
     if when == "decoding":
+
         def interrupted(*args):
             raise KeyboardInterrupt
+
         monkeypatch.setattr(onnx_check, "run", interrupted)
     else:  # Ctrl-C while atomic_write_all renames: it finishes, then says so
         real = sample.atomic_write_all
@@ -377,6 +433,7 @@ def test_ctrl_c_is_one_line(decoder, tmp_path, monkeypatch, when):
         def interrupted(items):
             real(items)
             raise fileio.Interrupted()
+
         monkeypatch.setattr(sample, "atomic_write_all", interrupted)
     try:
         proc = run_here(sample, "--onnx", decoder, "--n", "4", "--out", out)

@@ -1,5 +1,6 @@
 """sweep.py end to end on tiny data (runs, a crash, resuming, the same command twice, printed commands, --aggregate),
 its bad input, and a β-TCVAE run through train (and resume), evaluate, export and sample."""
+
 import json
 import os
 import shutil
@@ -28,8 +29,11 @@ def sweep_cmd(*args):
 
 
 def files_and_times(folder):
-    return {os.path.relpath(os.path.join(d, f), folder): os.stat(os.path.join(d, f)).st_mtime_ns
-            for d, _, names in os.walk(folder) for f in names}
+    return {
+        os.path.relpath(os.path.join(d, f), folder): os.stat(os.path.join(d, f)).st_mtime_ns
+        for d, _, names in os.walk(folder)
+        for f in names
+    }
 
 
 @pytest.fixture(scope="module")
@@ -40,34 +44,80 @@ def swept(tmp_path_factory):
     data_dir = write_dataset(root / "data")
     a, b = root / "a", root / "b"
     common = [*GRID, "--data-dir", data_dir]
-    printed = subprocess.run(sweep_cmd(*common, "--out-dir", b, "--print-commands"), cwd=ROOT, capture_output=True,
-                             text=True, timeout=60)
+    printed = subprocess.run(
+        sweep_cmd(*common, "--out-dir", b, "--print-commands"), cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     with in_process(threads=1):  # the interrupted run: epoch 1 of 2, exactly as the sweep's train command starts it
-        assert train.main(["--objective", "beta", "--beta", "1", "--seed", "0", "--epochs", "1", "--data-dir",
-                           data_dir, "--out-dir", str(a / "beta1_seed0"), "--latent-dim", "3", "--compile", "off"]) == 0
+        assert (
+            train.main(
+                [
+                    "--objective",
+                    "beta",
+                    "--beta",
+                    "1",
+                    "--seed",
+                    "0",
+                    "--epochs",
+                    "1",
+                    "--data-dir",
+                    data_dir,
+                    "--out-dir",
+                    str(a / "beta1_seed0"),
+                    "--latent-dim",
+                    "3",
+                    "--compile",
+                    "off",
+                ]
+            )
+            == 0
+        )
     first_epoch = (a / "beta1_seed0" / "metrics.jsonl").read_text()
     (a / "beta4_seed0").mkdir()
     (a / "beta4_seed0" / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    children = [subprocess.Popen(sweep_cmd(*common, "--out-dir", a, "--jobs", 2), cwd=ROOT, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)]
-    children += [subprocess.Popen(line, shell=True, cwd="/", env=ONE_THREAD, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for line in printed.stdout.splitlines()]
+    children = [
+        subprocess.Popen(
+            sweep_cmd(*common, "--out-dir", a, "--jobs", 2),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    ]
+    children += [
+        subprocess.Popen(
+            line, shell=True, cwd="/", env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for line in printed.stdout.splitlines()
+    ]
     first, *lines = [(c.communicate(timeout=300), c.returncode) for c in children]
     contract = not any("no checkpoint at" in err for (_, err), _ in lines)
     if contract:  # a/ made whole with b/'s copy of the run that could not run in a/
         shutil.rmtree(a / "beta4_seed0")
         shutil.copytree(b / "beta4_seed0", a / "beta4_seed0")
-    else:         # train.py without issue 10's --resume contract: the sweep itself redoes the run
+    else:  # train.py without issue 10's --resume contract: the sweep itself redoes the run
         (a / "beta4_seed0" / "checkpoint.pt").unlink()
         subprocess.run(sweep_cmd(*common, "--out-dir", a), cwd=ROOT, capture_output=True, timeout=300, check=True)
     before = {run: files_and_times(a / run) for run in ("beta1_seed0", "beta4_seed0")}
-    children = [subprocess.Popen(sweep_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for args in ((*common, "--out-dir", a, "--jobs", 2), ("--out-dir", b, "--aggregate"))]
+    children = [
+        subprocess.Popen(sweep_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for args in ((*common, "--out-dir", a, "--jobs", 2), ("--out-dir", b, "--aggregate"))
+    ]
     again, aggregated = [subprocess.CompletedProcess(c.args, 0, *c.communicate(timeout=60)) for c in children]
     again.returncode, aggregated.returncode = (c.returncode for c in children)
     after = {run: files_and_times(a / run) for run in ("beta1_seed0", "beta4_seed0")}
-    return dict(a=a, b=b, printed=printed, first=first, lines=lines, contract=contract, again=again,
-                before=before, after=after, aggregated=aggregated, first_epoch=first_epoch)
+    return dict(
+        a=a,
+        b=b,
+        printed=printed,
+        first=first,
+        lines=lines,
+        contract=contract,
+        again=again,
+        before=before,
+        after=after,
+        aggregated=aggregated,
+        first_epoch=first_epoch,
+    )
 
 
 def test_a_crash_is_reported_the_others_finish_and_an_interrupted_run_resumes(swept):
@@ -81,7 +131,7 @@ def test_a_crash_is_reported_the_others_finish_and_an_interrupted_run_resumes(sw
     run = swept["a"] / "beta1_seed0"
     assert "resuming after epoch 1 of 2" in (run / "train.log").read_text()
     history = (run / "metrics.jsonl").read_text().splitlines()
-    assert len(history) == 2 and history[0] == swept["first_epoch"].strip()   # epoch 1 was kept, not trained again
+    assert len(history) == 2 and history[0] == swept["first_epoch"].strip()  # epoch 1 was kept, not trained again
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["epoch"] == 2 and report["train_args"]["seed"] == 0 and report["model_args"]["latent_dim"] == 3
     assert report["test"]["iwae_k"] == 2
@@ -118,8 +168,16 @@ def test_summary_csv_and_figures(swept):
     text = (a / "sweep.csv").read_text().splitlines()
     head = text[0].split(",")
     assert len(text) == 3 and head[:4] == ["run", "objective", "beta", "seed"]
-    for column in ("decomposition.total_correlation", "decomposition.mutual_info", "decomposition.dimwise_kl",
-                   "test.iwae_nll", "fid.classifier.generation", "linear_probe_acc", "active_units", "eval_seed"):
+    for column in (
+        "decomposition.total_correlation",
+        "decomposition.mutual_info",
+        "decomposition.dimwise_kl",
+        "test.iwae_nll",
+        "fid.classifier.generation",
+        "linear_probe_acc",
+        "active_units",
+        "eval_seed",
+    ):
         assert column in head, column
     summary = (a / "summary.md").read_text()
     assert summary.startswith("# β sweep: Fashion-MNIST subset (256 train / 128 test images)")
@@ -131,20 +189,37 @@ def test_summary_csv_and_figures(swept):
 
 
 def test_summary_statistics_are_mean_and_sample_std():
-    rows = [{"objective": "beta", "beta": 2.0, "seed": s, "epochs": 1, "model_args.latent_dim": 3,
-             "model_args.alpha": 1.0, "model_args.gamma": 1.0, "train_args.batch_size": 64, "train_args.lr": 1e-3,
-             **{key: float(v) for _, key, _ in sweep.COLUMNS}} for s, v in ((0, 1.0), (1, 2.0), (2, 6.0))]
+    rows = [
+        {
+            "objective": "beta",
+            "beta": 2.0,
+            "seed": s,
+            "epochs": 1,
+            "model_args.latent_dim": 3,
+            "model_args.alpha": 1.0,
+            "model_args.gamma": 1.0,
+            "train_args.batch_size": 64,
+            "train_args.lr": 1e-3,
+            **{key: float(v) for _, key, _ in sweep.COLUMNS},
+        }
+        for s, v in ((0, 1.0), (1, 2.0), (2, 6.0))
+    ]
     text = sweep.summary_text(rows, sweep.groups(rows), [])
     assert "| β-VAE | 2 | 0,1,2 | 3.0 ± 2.6 | 3.00 ± 2.65 |" in text  # mean 3, sample std √7
 
 
-@pytest.mark.parametrize("argv,expected", [(["--beta", "-1"], "--beta -1.0 is out of range"),
-                                           (["--seeds", "0", "0"], "--seeds lists a value twice"),
-                                           (["--jobs", "0"], "--jobs 0 is out of range"),
-                                           (["--lr", "0"], "--lr 0.0 is out of range"),
-                                           (["--objective", "capacity"], "invalid choice"),
-                                           (["--aggregate", "--print-commands"], "not allowed with"),
-                                           (["--beta", "two"], "invalid float value")])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--beta", "-1"], "--beta -1.0 is out of range"),
+        (["--seeds", "0", "0"], "--seeds lists a value twice"),
+        (["--jobs", "0"], "--jobs 0 is out of range"),
+        (["--lr", "0"], "--lr 0.0 is out of range"),
+        (["--objective", "capacity"], "invalid choice"),
+        (["--aggregate", "--print-commands"], "not allowed with"),
+        (["--beta", "two"], "invalid float value"),
+    ],
+)
 def test_bad_input_is_one_error_line(argv, expected, tmp_path):
     code, err = run_main(sweep, argv + ["--out-dir", str(tmp_path / "out")])
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
@@ -170,14 +245,23 @@ def test_tc_model_trains_resumes_evaluates_exports_and_samples(tmp_path):
         assert train.main(["--resume", "--epochs", "2", *common]) == 0, err.getvalue()
     model, ckpt = vae.load_checkpoint(run / "checkpoint.pt")
     assert ckpt["epoch"] == 2 and (run / "metrics.jsonl").read_text().startswith(first)
-    assert (ckpt["model_args"]["objective"], ckpt["model_args"]["beta"], ckpt["model_args"]["alpha"],
-            ckpt["model_args"]["gamma"], ckpt["model_args"]["dataset_size"]) == ("tc", 6.0, 0.5, 1.0, 256)
+    assert (
+        ckpt["model_args"]["objective"],
+        ckpt["model_args"]["beta"],
+        ckpt["model_args"]["alpha"],
+        ckpt["model_args"]["gamma"],
+        ckpt["model_args"]["dataset_size"],
+    ) == ("tc", 6.0, 0.5, 1.0, 256)
     with in_process():
-        evaluate.main(["--checkpoint", str(run / "checkpoint.pt"), "--data-dir", data_dir, "--iwae-k", "2",
-                       "--n-show", "3"])
+        evaluate.main(
+            ["--checkpoint", str(run / "checkpoint.pt"), "--data-dir", data_dir, "--iwae-k", "2", "--n-show", "3"]
+        )
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["model_args"]["objective"] == "tc" and set(report["decomposition"]) >= {
-        "mutual_info", "total_correlation", "dimwise_kl"}
+        "mutual_info",
+        "total_correlation",
+        "dimwise_kl",
+    }
     onnx_path, png = tmp_path / "decoder.onnx", tmp_path / "samples.png"
     with in_process():
         export_onnx.main(["--checkpoint", str(run / "checkpoint.pt"), "--out", str(onnx_path)])
@@ -193,6 +277,7 @@ def test_a_disk_that_fills_part_way_leaves_the_summary_as_it_was(swept, tmp_path
     """sweep.csv, summary.md and the figures are written as one: when the disk fills at a figure (a file size limit
     that the two text files fit in), every earlier summary file is as it was, though the new one differs (a run less)."""
     import resource
+
     out = tmp_path / "sweep"
     for run in ("beta1_seed0", "beta4_seed0"):
         shutil.copytree(swept["a"] / run / "eval", out / run / "eval")
@@ -205,13 +290,13 @@ def test_a_disk_that_fills_part_way_leaves_the_summary_as_it_was(swept, tmp_path
     limit = max(len(before[out / n]) for n in ("sweep.csv", "summary.md")) + 1
     assert any(len(before[out / n]) > limit for n in figures)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))   # Python ignores SIGXFSZ: a write fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))  # Python ignores SIGXFSZ: a write fails with EFBIG
     try:
         code, err = run_main(sweep, ["--out-dir", out, "--aggregate"])
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert code == 2 and err.startswith(f"error: cannot write the summary in {out}") and "as they were" in err, err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before   # no temp file, not one byte
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # no temp file, not one byte
 
 
 def test_a_summary_without_readable_checkpoints_removes_the_old_traversals(swept, tmp_path, capsys):
@@ -221,8 +306,9 @@ def test_a_summary_without_readable_checkpoints_removes_the_old_traversals(swept
     shutil.copy(swept["a"] / "traversals.png", out / "traversals.png")  # an earlier summary's
     written = sweep.write_summary(out)
     assert "traversals.png" not in written and not (out / "traversals.png").exists()
-    assert (out / "summary.md").read_text().splitlines()[-1] == "Figures: rate_distortion.png, decomposition.png, " \
-        "units_probe.png"
+    assert (out / "summary.md").read_text().splitlines()[
+        -1
+    ] == "Figures: rate_distortion.png, decomposition.png, units_probe.png"
     assert capsys.readouterr().err == ""  # a sweep kept without its checkpoints is no error
 
 
@@ -276,10 +362,16 @@ def test_udr_joins_the_table_for_settings_with_two_or_more_seeds(swept, tmp_path
     assert "| UDR |" in (out / "summary.md").read_text()
 
 
-@pytest.mark.parametrize("poison", [
-    lambda r: r["model_args"].__setitem__("beta", "4"), lambda r: r["model_args"].__setitem__("beta", None),
-    lambda r: r["test"].__setitem__("kl", 10**4000 // 10**3999 * 10**3999), lambda r: r["model_args"].__setitem__(
-        "objective", 3), lambda r: r["test"].__setitem__("recon", float("nan"))])
+@pytest.mark.parametrize(
+    "poison",
+    [
+        lambda r: r["model_args"].__setitem__("beta", "4"),
+        lambda r: r["model_args"].__setitem__("beta", None),
+        lambda r: r["test"].__setitem__("kl", 10**4000 // 10**3999 * 10**3999),
+        lambda r: r["model_args"].__setitem__("objective", 3),
+        lambda r: r["test"].__setitem__("recon", float("nan")),
+    ],
+)
 def test_a_poisoned_report_is_left_out_with_one_line_and_the_summary_still_written(swept, tmp_path, poison):
     out = tmp_path / "poisoned"
     for run in ("beta1_seed0", "beta4_seed0"):
@@ -302,8 +394,9 @@ def test_reports_nested_deep_or_that_are_not_regular_files_never_stall_the_summa
     (out / "deep" / "eval" / "report.json").write_text("[" * 100_000 + "]" * 100_000)
     os.mkfifo(out / "fifo" / "eval" / "report.json")  # a reader that opened it would wait forever
     os.symlink("/dev/zero", out / "zero" / "eval" / "report.json")  # and one that read it would never stop
-    proc = subprocess.run(sweep_cmd("--out-dir", out, "--aggregate"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        sweep_cmd("--out-dir", out, "--aggregate"), cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("warning:") == 1 and "deep" in proc.stderr  # the FIFO and /dev/zero are no reports
     assert len((out / "sweep.csv").read_text().splitlines()) == 2
@@ -316,8 +409,22 @@ def test_a_sweep_killed_takes_its_runs_with_it(tmp_path):
     import time
 
     data_dir = write_dataset(tmp_path / "data", n_train=2000)
-    argv = sweep_cmd("--beta", "1", "--seeds", "0", "--epochs", "50", "--latent-dim", "3", "--compile", "off",
-                     "--data-dir", data_dir, "--out-dir", tmp_path / "out")
+    argv = sweep_cmd(
+        "--beta",
+        "1",
+        "--seeds",
+        "0",
+        "--epochs",
+        "50",
+        "--latent-dim",
+        "3",
+        "--compile",
+        "off",
+        "--data-dir",
+        data_dir,
+        "--out-dir",
+        tmp_path / "out",
+    )
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "out" / "beta1_seed0" / "train.log"
     deadline = time.time() + 120
@@ -326,8 +433,16 @@ def test_a_sweep_killed_takes_its_runs_with_it(tmp_path):
     proc.kill()
     proc.wait()
     time.sleep(1)
-    lock = subprocess.run([sys.executable, "-c", f"import fcntl; f = open({str(log.parent / '.lock')!r}, 'a+'); "
-                           "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)"], capture_output=True, text=True)
+    lock = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl; f = open({str(log.parent / '.lock')!r}, 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert lock.returncode == 0, "a train.py of the killed sweep still holds its run folder"
 
 

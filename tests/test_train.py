@@ -1,5 +1,6 @@
 """train.py end to end on tiny generated data (in a subprocess, and in this process where only what main() decides
 and writes is checked); --resume reaches the uninterrupted run's weights."""
+
 import json
 import os
 import subprocess
@@ -20,8 +21,9 @@ def run_train(*args, check=True, here=False):
     if here:
         proc = run_here(train, *args)
     else:
-        proc = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
     if check:
         assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -29,8 +31,22 @@ def run_train(*args, check=True, here=False):
 
 def test_one_epoch_writes_every_output(tiny_data, tmp_path):
     out = tmp_path / "run"
-    proc = run_train("--epochs", 1, "--batch-size", 32, "--latent_dim", 3, "--data-dir", tiny_data,
-                     "--out-dir", out, "--compile", "off", "--seed", 5)
+    proc = run_train(
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--latent_dim",
+        3,
+        "--data-dir",
+        tiny_data,
+        "--out-dir",
+        out,
+        "--compile",
+        "off",
+        "--seed",
+        5,
+    )
     for name in ("checkpoint.pt", "metrics.jsonl", "train.log", "loss.png", "samples.png", "reconstructions.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -58,19 +74,31 @@ def test_the_same_command_twice_never_replaces_the_first_run(tiny_data, tmp_path
     monkeypatch.chdir(tmp_path)
     cmd = ["--epochs", "1", "--beta", "2", "--latent-dim", "3", "--compile", "off", "--data-dir", tiny_data]
     run_train(*cmd, here=True)
-    run = tmp_path / "runs" / "beta2_z3_seed0"                    # the default folder is named after the run
+    run = tmp_path / "runs" / "beta2_z3_seed0"  # the default folder is named after the run
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     again = run_train(*cmd, check=False, here=True)
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert again.stderr.startswith("error: ") and "--resume" in again.stderr and "--out-dir" in again.stderr
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before   # not one byte changed
-    run_train(*cmd, "--resume", here=True)                         # a finished run: nothing left to train
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # not one byte changed
+    run_train(*cmd, "--resume", here=True)  # a finished run: nothing left to train
     assert (run / "checkpoint.pt").read_bytes() == before["checkpoint.pt"]
 
 
 def test_resume_without_a_checkpoint_starts_the_run(tiny_data, tmp_path):
-    proc = run_train("--epochs", 1, "--latent-dim", 3, "--data-dir", tiny_data, "--out-dir", tmp_path / "new",
-                     "--compile", "off", "--resume", here=True)
+    proc = run_train(
+        "--epochs",
+        1,
+        "--latent-dim",
+        3,
+        "--data-dir",
+        tiny_data,
+        "--out-dir",
+        tmp_path / "new",
+        "--compile",
+        "off",
+        "--resume",
+        here=True,
+    )
     assert "this is a NEW run" in proc.stdout
     assert torch.load(tmp_path / "new" / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
@@ -94,9 +122,10 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_
 
 def test_a_collapsed_epoch_speed_is_named_once_with_what_helps():
     import train
+
     record = {"recon": 1.0, "kl": 1.0, "total": 2.0, "kl_per_dim": [1.0]}
     history = [{"epoch": i + 1, "train": record, "test": record, "img_per_s": v} for i, v in enumerate([9000, 7000])]
-    assert train.slow_epoch_hint(history) is None                      # ordinary variation
+    assert train.slow_epoch_hint(history) is None  # ordinary variation
     history.append(dict(history[-1], img_per_s=3000))
     hint = train.slow_epoch_hint(history)
     assert hint.startswith("note: this epoch ran at 3,000 img/s") and "OMP_NUM_THREADS=1" in hint and "--resume" in hint

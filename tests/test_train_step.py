@@ -108,15 +108,22 @@ def test_state_replaced_after_the_step_was_built_is_refused_at_the_next_epoch(ti
         training.epoch_loop(step, train, s, 0, {"step": 0}, progress=False)
 
 
-@pytest.mark.parametrize("change, note", [
-    (lambda m, o: m.encoder.features.__setitem__(1, nn.GELU()), "computes something else"),
-    (lambda m, o: m.decoder.deconv[5].__setattr__("output_padding", (0, 0)), "not vae.py's layout"),
-    (lambda m, o: m.decoder.deconv[2].__setattr__("momentum", 0.5), "computes something else"),
-    (lambda m, o: m.decoder.fc[0].weight.requires_grad_(False), "frozen"),
-    (lambda m, o: o.param_groups[0].__setitem__("amsgrad", True), "plain single-group Adam"),
-    (lambda m, o: o.state[m.decoder.fc[0].weight].update(step=torch.tensor(3.0), exp_avg=torch.zeros(128, 4),
-                                                           exp_avg_sq=torch.zeros(128, 4)), "step counts differ"),
-])
+@pytest.mark.parametrize(
+    "change, note",
+    [
+        (lambda m, o: m.encoder.features.__setitem__(1, nn.GELU()), "computes something else"),
+        (lambda m, o: m.decoder.deconv[5].__setattr__("output_padding", (0, 0)), "not vae.py's layout"),
+        (lambda m, o: m.decoder.deconv[2].__setattr__("momentum", 0.5), "computes something else"),
+        (lambda m, o: m.decoder.fc[0].weight.requires_grad_(False), "frozen"),
+        (lambda m, o: o.param_groups[0].__setitem__("amsgrad", True), "plain single-group Adam"),
+        (
+            lambda m, o: o.state[m.decoder.fc[0].weight].update(
+                step=torch.tensor(3.0), exp_avg=torch.zeros(128, 4), exp_avg_sq=torch.zeros(128, 4)
+            ),
+            "step counts differ",
+        ),
+    ],
+)
 def test_what_the_fused_step_does_not_reproduce_trains_with_the_plain_step_and_says_why(change, note):
     config = vae.VAEConfig(latent_dim=4)
     model, opt = fresh(config)

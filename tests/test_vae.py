@@ -1,4 +1,5 @@
 """The model matches the seed's architecture; the loss matches a hand computation; checkpoints round-trip."""
+
 import math
 
 import pytest
@@ -20,8 +21,13 @@ def shapes_through(seq, x):
 def test_encoder_layers_match_seed_table():
     enc = vae.Encoder(10)
     shapes, h = shapes_through(enc.features, torch.zeros(5, 1, 28, 28))
-    assert shapes == [("Conv2d", (8, 14, 14)), ("Conv2d", (16, 7, 7)), ("Conv2d", (32, 3, 3)),
-                      ("Flatten", (288,)), ("Linear", (128,))]
+    assert shapes == [
+        ("Conv2d", (8, 14, 14)),
+        ("Conv2d", (16, 7, 7)),
+        ("Conv2d", (32, 3, 3)),
+        ("Flatten", (288,)),
+        ("Linear", (128,)),
+    ]
     mu, logvar = enc(torch.zeros(5, 1, 28, 28))
     assert mu.shape == logvar.shape == (5, 10)
     assert [type(m).__name__ for m in enc.features].count("BatchNorm2d") == 1
@@ -32,8 +38,11 @@ def test_decoder_layers_match_seed_table():
     shapes, h = shapes_through(dec.fc, torch.zeros(5, 10))
     assert shapes == [("Linear", (128,)), ("Linear", (288,))]
     shapes, out = shapes_through(dec.deconv, h.view(-1, 32, 3, 3))
-    assert shapes == [("ConvTranspose2d", (16, 7, 7)), ("ConvTranspose2d", (8, 14, 14)),
-                      ("ConvTranspose2d", (1, 28, 28))]
+    assert shapes == [
+        ("ConvTranspose2d", (16, 7, 7)),
+        ("ConvTranspose2d", (8, 14, 14)),
+        ("ConvTranspose2d", (1, 28, 28)),
+    ]
     img = dec(torch.randn(5, 10) * 10)
     assert img.shape == (5, 1, 28, 28) and img.min() >= 0 and img.max() <= 1
 
