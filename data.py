@@ -1,11 +1,9 @@
 """The data sets, held as uint8 tensors on the training device and batched from shuffled indices there.
 
-fashion-mnist: read from <data-dir>/FashionMNIST/raw (torchvision's layout) by a strict IDX reader that checks each
-header before reading the rest, so a damaged or hostile file costs no more than a real one; missing files are
-downloaded with torchvision's helpers (md5-verified), never replacing files already there.
+fashion-mnist: <data-dir>/FashionMNIST/raw (torchvision's layout), read by a strict IDX reader that checks each header
+before it reads the rest; missing files are downloaded (md5-checked), files already there never replaced.
 sprites: a dSprites-like set (Matthey et al. 2017) drawn here at 28x28, with five known factors for the
-disentanglement metrics; no download. Reading needs numpy only (explore.py is torch-free); torch is imported where
-tensors are made.
+disentanglement metrics. Reading needs numpy only (explore.py is torch-free); torch comes in where tensors are made.
 """
 
 import contextlib
@@ -23,9 +21,12 @@ from plumbing.files import NotReadable, open_regular
 
 DATASETS = ("fashion-mnist", "sprites")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # fmt: skip
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 MAX_ITEMS = 200_000  # Fashion-MNIST has 60,000 + 10,000; more is not this data set
+REDO, NOT_IDX = "delete it so it is downloaded again (or replace it)", "it is not a Fashion-MNIST IDX file"
 
 
 class DataError(Exception):
@@ -46,12 +47,11 @@ def find(data_dir, name):
 
 
 def read_idx(path, ndim):
-    """An IDX file of unsigned bytes (plain or .gz) as a uint8 array: the header is checked before anything else is
-    read, and then exactly what it declares is read (a gzip bomb stops at the declared size). Items must be 28x28
-    images (ndim 3) or labels (ndim 1), at most MAX_ITEMS of them."""
+    """An IDX file of 28x28 images (ndim 3) or labels (ndim 1), plain or .gz, as a uint8 array: the header is checked
+    first, then exactly what it declares is read (a gzip bomb stops at the declared size)."""
 
     def damaged(what):
-        return DataError(f"{path} {what}; delete it so it is downloaded again (or replace it)")
+        return DataError(f"{path} {what}; {REDO}")
 
     def exactly(f, n):
         data = f.read(n)
@@ -65,22 +65,18 @@ def read_idx(path, ndim):
             if len(head) < 4:
                 raise damaged(f"is {len(head)} bytes, too short for an IDX header")
             if struct.unpack(">HBB", head) != (0, 8, ndim):
-                raise damaged(
-                    f"has a bad magic number 0x{head.hex()} (expected 0x0000080{ndim}): it is not a "
-                    "Fashion-MNIST IDX file"
-                )
+                raise damaged(f"has a bad magic number 0x{head.hex()} (expected 0x0000080{ndim}): {NOT_IDX}")
             dims = struct.unpack(">" + "I" * ndim, exactly(f, 4 * ndim))
             if dims[1:] != {3: (28, 28), 1: ()}[ndim]:
-                raise damaged(
-                    f"holds items of shape {dims[1:]}, not {(28, 28) if ndim == 3 else ()}: it is not Fashion-MNIST"
-                )
+                raise damaged(f"holds items of shape {dims[1:]}, not {dims[1:] and (28, 28)}: it is not Fashion-MNIST")
             if dims[0] > MAX_ITEMS:
                 raise damaged(f"declares {dims[0]:,} items, more than any Fashion-MNIST file ({MAX_ITEMS:,} at most)")
             size, head_size = math.prod(dims), 4 + 4 * ndim
             if f is raw and (actual := os.fstat(raw.fileno()).st_size - head_size) != size:  # before the body
+                what = "shorter" if actual < size else "longer"
                 raise damaged(
-                    f"is {actual + head_size} bytes, {'shorter' if actual < size else 'longer'} than its "
-                    f"header says ({size + head_size} for shape {dims}): the file is damaged"
+                    f"is {actual + head_size} bytes, {what} than its header says ({size + head_size} for "
+                    f"shape {dims}): the file is damaged"
                 )
             body = exactly(f, size)
             if f is not raw and f.read(1):
@@ -88,9 +84,7 @@ def read_idx(path, ndim):
     except NotReadable as e:
         raise DataError(f"{path} {e}: replace it with the Fashion-MNIST file of that name") from None
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a bad deflate stream, zlib.error
-        raise DataError(
-            f"cannot read {path} ({type(e).__name__}: {e}); delete it so it is downloaded again (or replace it)"
-        ) from None
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {e}); {REDO}") from None
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
@@ -99,16 +93,14 @@ def read_split(data_dir, split):
     img_name, lbl_name = FILES[split]
     img_path, lbl_path = find(data_dir, img_name), find(data_dir, lbl_name)
     if img_path is None or lbl_path is None:
+        where = raw_dir(data_dir)
         raise DataError(
-            f"Fashion-MNIST {split} files are not in {raw_dir(data_dir)}: put {img_name} and {lbl_name} "
-            "(or their .gz) there"
+            f"Fashion-MNIST {split} files are not in {where}: put {img_name} and {lbl_name} (or their .gz) there"
         )
     images, labels = read_idx(img_path, 3), read_idx(lbl_path, 1)
     if len(images) != len(labels):
-        raise DataError(
-            f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels: the two files "
-            "do not belong together; replace both"
-        )
+        counts = f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels"
+        raise DataError(f"{counts}: the two files do not belong together; replace both")
     if len(images) == 0:
         raise DataError(f"{img_path} holds no images; replace it")
     if labels.max() >= len(CLASSES):

@@ -3,12 +3,10 @@
 $ python explore.py --onnx decoder.onnx --encoder encoder.onnx --data-dir data --serve   # builds site/, serves it
 $ python explore.py --onnx decoder.onnx --out site      # then host site/ on any static web server
 
-The page: a slider per latent dimension, largest KL first (the dimensions a β-VAE switched off grouped apart), random
-draws at a temperature, a grid of samples, a great-circle interpolation strip; with --encoder a drawing pad and image
-drop that jump the sliders to the posterior mean; with --data-dir a scatter of test images' posterior means (computed
-here by the encoder ONNX in onnxruntime) that decodes what the pointer is on. `window.betaVAE` scripts it.
-The site holds everything it needs (page, models, metadata as JSON, the pinned runtime from web/node_modules), so it
-works with no network. Opened as a file:// URL the browser refuses to load its JavaScript module: serve it.
+The page: a slider per latent dimension, largest KL first, random draws, samples, interpolations; with --encoder a
+drawing pad and image drop; with --data-dir a scatter of test images' posterior means that decodes what the pointer is
+on (docs/explorer.md). The site holds all it needs (page, models, model.json, the pinned runtime from web/node_modules)
+and works with no network; opened as a file:// URL the browser refuses its JavaScript module: serve it.
 """
 
 import http.server
@@ -25,49 +23,28 @@ from plumbing import browser, onnx_check
 from plumbing.cli import ArgumentParser, UsageError, check_int, fail, safe_streams, shown
 from plumbing.files import NotReadable, atomic_write, clashes, clean_stale_temps_for, read_regular, replace_dir
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-WEB = os.path.join(ROOT, "web")
+WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 PAGE = ("index.html", "explorer.js", "vae.js", "style.css")
 RUNTIME = ("ort.wasm.bundle.min.mjs", "ort-wasm-simd-threaded.wasm")  # the smallest onnxruntime-web that runs: wasm
-SITE_FILES = (*PAGE, "model.json", "decoder.onnx", "encoder.onnx", "points.bin")  # and ort/ holding RUNTIME
-SITE_FORMAT = "beta-vae-explorer"
-INSTALL = "npm ci --prefix web"
-TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript",
-    ".mjs": "text/javascript",
-    ".css": "text/css",
-    ".json": "application/json",
-    ".wasm": "application/wasm",
-    ".png": "image/png",
-}
+SITE_FILES = (*PAGE, "model.json", "decoder.onnx", "encoder.onnx", "points.bin", *(f"ort/{n}" for n in RUNTIME))
+SITE_FORMAT, INSTALL = "beta-vae-explorer", "npm ci --prefix web"
+MODEL_KEYS = ("beta", "objective", "epochs", "seed", "kl_epoch", "format_version", "checkpoint_sha256", "trained_on")
+LAYOUT = "mu float32 [count, latent_dim], labels uint8 [count], images uint8 [count, 28, 28], one after another"
+TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css"}
+TYPES |= {".json": "application/json", ".wasm": "application/wasm", ".png": "image/png"}
+CONSOLE = "see the browser console with --serve"
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Build (and serve) a static latent-space explorer for decoder.onnx.")
     p.add_argument("--onnx", default="decoder.onnx", help="decoder written by export_onnx.py (default decoder.onnx)")
-    p.add_argument(
-        "--encoder",
-        default=None,
-        help="encoder written by export_onnx.py --encoder: adds the drawing pad and image drop (default: none)",
-    )
-    p.add_argument(
-        "--data-dir",
-        "--data_dir",
-        dest="data_dir",
-        default=None,
-        help="folder holding FashionMNIST/raw: adds a scatter of test images (needs --encoder; default none)",
-    )
+    p.add_argument("--encoder", help="encoder from export_onnx.py: adds a drawing pad and image drop (default none)")
+    p.add_argument("--data-dir", "--data_dir", help="folder holding FashionMNIST/raw: adds a scatter (needs --encoder)")
     p.add_argument("--points", type=int, default=2000, help="test images in the scatter, 1-10000 (default 2000)")
     p.add_argument("--out", default="site", help="folder to write the site into, replaced as a whole (default site)")
     p.add_argument("--serve", action="store_true", help="then serve it on 127.0.0.1 and print the URL (default off)")
     p.add_argument("--port", type=int, default=8000, help="port for --serve, 0 for any free one (default 8000)")
-    p.add_argument(
-        "--screenshot",
-        default=None,
-        help="also save a PNG of the page as headless Chromium shows it "
-        "(needs chromium, chromium-driver and selenium; default: none)",
-    )
+    p.add_argument("--screenshot", help="also save a PNG of the page as headless Chromium shows it (default none)")
     return p.parse_args(argv)
 
 
@@ -81,28 +58,20 @@ def check_args(args):
     out = os.path.realpath(args.out)
     inside = [f for f, p in inputs.items() if p is not None and os.path.realpath(p).startswith(out + os.sep)]
     if clash or inside:
-        raise UsageError(
-            f"{clash or f'{inside[0]} {inputs[inside[0]]} is inside --out {args.out}'}: the site "
-            "folder is replaced as a whole, so it must not hold the inputs; choose another --out"
-        )
+        why = "the site folder is replaced as a whole, so it must not hold the inputs; choose another --out"
+        raise UsageError(f"{clash or f'{inside[0]} {inputs[inside[0]]} is inside --out {args.out}'}: {why}")
     if not os.path.isdir(os.path.dirname(out)):
         raise UsageError(f"--out {args.out}: its parent folder does not exist; create it or choose another path")
-    if args.screenshot and (
-        os.path.realpath(args.screenshot).startswith(out + os.sep)
-        or not os.path.isdir(os.path.dirname(os.path.abspath(args.screenshot)))
-        or not args.screenshot.lower().endswith(".png")
-    ):
-        raise UsageError(
-            f"--screenshot {args.screenshot} must be a .png in an existing folder outside --out {args.out}"
-        )
+    shot = args.screenshot or ""
+    bad = os.path.realpath(shot).startswith(out + os.sep) or not os.path.isdir(os.path.dirname(os.path.abspath(shot)))
+    if args.screenshot and (bad or not shot.lower().endswith(".png")):
+        raise UsageError(f"--screenshot {shot} must be a .png in an existing folder outside --out {args.out}")
     if args.screenshot and browser.missing():
         raise UsageError(f"--screenshot {browser.missing()}")
     extra = foreign_names(out) if os.path.lexists(out) else []
     if extra is None:
-        raise UsageError(
-            f"--out {args.out} exists and is not a site explore.py wrote, so it is left alone: "
-            "choose another --out, or remove it yourself"
-        )
+        why = "so it is left alone: choose another --out, or remove it yourself"
+        raise UsageError(f"--out {args.out} exists and is not a site explore.py wrote, {why}")
     if extra:  # a hosted copy may hold .git, CNAME, notes: replacing the folder would delete them
         raise UsageError(
             f"--out {args.out} holds files explore.py did not write ({', '.join(map(shown, extra[:3]))}"
@@ -114,61 +83,44 @@ def check_args(args):
 def foreign_names(folder):
     """What `folder` holds that explore.py never writes there, or None if it is not a site (its model.json says so)
     nor empty. A folder is replaced as a whole only when this is empty: nothing else is ever deleted."""
-    if not os.path.isdir(folder) or os.path.islink(folder):
-        return None
-    names, extra = sorted(os.listdir(folder)), []
     try:
-        if names and json.loads(read_regular(os.path.join(folder, "model.json"), 2**24)).get("format") != SITE_FORMAT:
+        names = sorted(os.listdir(folder))
+        meta = json.loads(read_regular(os.path.join(folder, "model.json"), 2**24)) if names else {"format": SITE_FORMAT}
+        if os.path.islink(folder) or meta.get("format") != SITE_FORMAT:
             return None
-    except (NotReadable, ValueError, AttributeError, RecursionError):
+    except (OSError, NotReadable, ValueError, AttributeError, RecursionError):  # OSError: not a folder
         return None
-    for name in names:
-        path = os.path.join(folder, name)
-        if name == "ort" and os.path.isdir(path) and not os.path.islink(path):
-            extra += [
-                f"ort/{n}" for n in sorted(os.listdir(path)) if n not in RUNTIME or os.path.isdir(os.path.join(path, n))
-            ]
-        elif name not in SITE_FILES or os.path.isdir(path):
-            extra.append(name)
-    return extra
+    ort = os.path.join(folder, "ort")
+    if os.path.isdir(ort) and not os.path.islink(ort):
+        names = sorted([n for n in names if n != "ort"] + [f"ort/{n}" for n in os.listdir(ort)])
+    return [n for n in names if n not in SITE_FILES or os.path.isdir(os.path.join(folder, n))]
 
 
 def runtime():
-    """(version, paths of RUNTIME) of the onnxruntime-web that web/package.json pins, or UsageError saying how."""
+    """(version, {site name: path}) of the onnxruntime-web that web/package.json pins, or UsageError saying how."""
     dist = os.path.join(WEB, "node_modules", "onnxruntime-web")
     try:
         pinned = json.loads(read_regular(os.path.join(WEB, "package.json"), 2**20))["dependencies"]["onnxruntime-web"]
         installed = json.loads(read_regular(os.path.join(dist, "package.json"), 2**20))["version"]
     except (NotReadable, ValueError, KeyError, TypeError):
-        raise UsageError(
-            f"onnxruntime-web is not installed in web/node_modules: run `{INSTALL}` (needs node and npm)"
-        ) from None
-    files = [os.path.join(dist, "dist", name) for name in RUNTIME]
-    if installed != pinned or not all(os.path.isfile(p) for p in files):
-        raise UsageError(
-            f"web/node_modules holds onnxruntime-web {installed}, not the pinned {pinned}, or lacks its "
-            f"wasm files: run `{INSTALL}`"
-        )
+        why = f"run `{INSTALL}` (needs node and npm)"
+        raise UsageError(f"onnxruntime-web is not installed in web/node_modules: {why}") from None
+    files = {f"ort/{name}": os.path.join(dist, "dist", name) for name in RUNTIME}
+    if installed != pinned or not all(os.path.isfile(p) for p in files.values()):
+        why = f"not the pinned {pinned}, or lacks its wasm files: run `{INSTALL}`"
+        raise UsageError(f"web/node_modules holds onnxruntime-web {installed}, {why}")
     return installed, files
 
 
 def load_models(args):
-    """Checked decoder (and encoder), each run once here so a model that cannot run never reaches the page."""
+    """The checked decoder and encoder (or None), and the encoder's session: what cannot run never reaches the page."""
     dec = onnx_check.load(args.onnx, "decoder")
     enc = onnx_check.load(args.encoder, "encoder") if args.encoder else None
-    if enc is not None and (enc.latent, enc.image_shape) != (dec.latent, dec.image_shape):
-        raise UsageError(
-            f"{args.encoder} (latent {enc.latent}, images {enc.image_shape}) does not fit {args.onnx} "
-            f"(latent {dec.latent}, images {dec.image_shape}): export both from one checkpoint"
-        )
-    if enc is not None and enc.meta.get("checkpoint_sha256") != dec.meta.get("checkpoint_sha256"):
-        raise UsageError(
-            f"{args.encoder} and {args.onnx} come from different checkpoints: export both at once with "
-            "export_onnx.py --out decoder.onnx --encoder encoder.onnx"
-        )
-    sessions = {"decoder": onnx_check.session(dec), "encoder": onnx_check.session(enc) if enc else None}
-    onnx_check.run(dec, sessions["decoder"], np.zeros((1, dec.latent), np.float32))
-    return dec, enc, sessions
+    if enc is not None and len({(m.latent, m.image_shape, m.meta.get("checkpoint_sha256")) for m in (dec, enc)}) > 1:
+        why = "export both at once with export_onnx.py --out decoder.onnx --encoder encoder.onnx"
+        raise UsageError(f"{args.encoder} and {args.onnx} come from different checkpoints: {why}")
+    onnx_check.run(dec, onnx_check.session(dec), np.zeros((1, dec.latent), np.float32))
+    return dec, enc, enc and onnx_check.session(enc)
 
 
 def scatter_points(args, enc, sess):
@@ -185,90 +137,49 @@ def scatter_points(args, enc, sess):
 
 
 def site_meta(dec, enc, points, version):
+    """model.json: what the page needs, and no paths. In KL order the dimensions not in use come last."""
     order, unused = onnx_check.kl_order(dec.kl, dec.latent)
-    kl = dec.kl or [None] * dec.latent
-    meta = {
-        "format": SITE_FORMAT,
-        "version": 1,
-        "onnxruntime_web": version,
-        "latent_dim": dec.latent,
-        "image_shape": list(dec.image_shape),
-        "kl_known": dec.kl is not None,
-        "unused_kl": onnx_check.ACTIVE_KL,
-        "dims": [{"index": d, "kl": kl[d], "unused": d in unused} for d in order],
-        "decoder": "decoder.onnx",
-        "encoder": "encoder.onnx" if enc else None,
-        "points": None,
-        "model": {
-            k: dec.meta[k]
-            for k in (
-                "beta",
-                "objective",
-                "epochs",
-                "seed",
-                "kl_epoch",
-                "format_version",
-                "checkpoint_sha256",
-                "trained_on",
-            )
-            if k in dec.meta
-        },
-    }  # no paths
+    meta = {"format": SITE_FORMAT, "version": 1, "onnxruntime_web": version, "latent_dim": dec.latent}
+    meta |= {"image_shape": list(dec.image_shape), "kl_known": dec.kl is not None, "unused_kl": onnx_check.ACTIVE_KL}
+    meta |= {"dims": [{"index": d, "kl": dec.kl and dec.kl[d], "unused": d in unused} for d in order]}
+    meta |= {"decoder": "decoder.onnx", "encoder": "encoder.onnx" if enc else None, "points": None}
+    meta["model"] = {k: dec.meta[k] for k in MODEL_KEYS if k in dec.meta}
     if points is not None:
-        used = [d for d in order if d not in unused] + [d for d in order if d in unused]
-        meta["points"] = {
-            "file": "points.bin",
-            "count": len(points[1]),
-            "classes": list(data.CLASSES),
-            "axes": (used * 2)[:2],
-            "layout": "mu float32 [count, latent_dim], labels uint8 [count], "
-            "images uint8 [count, 28, 28], one after another",
-        }
+        meta["points"] = {"file": "points.bin", "count": len(points[1]), "classes": list(data.CLASSES)}
+        meta["points"] |= {"axes": (order * 2)[:2], "layout": LAYOUT}
     return meta
 
 
 def build(args):
-    """Check everything, then write the site folder in one piece. Returns (model.json content, points or None)."""
-    version, runtime_files = runtime()
-    dec, enc, sessions = load_models(args)
-    points = scatter_points(args, enc, sessions["encoder"]) if args.data_dir else None
+    """Check everything, then write the site folder in one piece. Returns model.json's content."""
+    version, sources = runtime()
+    dec, enc, enc_session = load_models(args)
+    points = scatter_points(args, enc, enc_session) if args.data_dir else None
     meta = site_meta(dec, enc, points, version)
-
-    sources = {name: read_source(os.path.join(WEB, name)) for name in PAGE}  # read first: a write error is then ours
-    sources |= {f"ort/{os.path.basename(path)}": read_source(path) for path in runtime_files}
+    files = {}
+    for name, path in (sources | {name: os.path.join(WEB, name) for name in PAGE}).items():
+        try:  # read first: a write error is then ours
+            files[name] = read_regular(path, 2**26)
+        except NotReadable as e:
+            raise UsageError(f"cannot read {path} ({e}): restore web/ (git) and run `{INSTALL}`") from None
+    files |= {f"{m.kind}.onnx": m.data for m in (dec, enc) if m is not None}  # the bytes checked, not the path again
+    if points is not None:
+        files["points.bin"] = points[0].astype("<f4").tobytes() + points[1].tobytes() + points[2].tobytes()
+    files["model.json"] = json.dumps(meta, indent=1).encode()
 
     def write(folder):
         os.mkdir(os.path.join(folder, "ort"))
-        for name, content in sources.items():
+        for name, content in files.items():
             with open(os.path.join(folder, *name.split("/")), "wb") as f:
                 f.write(content)
-        for model, name in ((dec, "decoder.onnx"), (enc, "encoder.onnx")):
-            if model is not None:  # the checked bytes, not the path again: what was checked is what is served
-                with open(os.path.join(folder, name), "wb") as f:
-                    f.write(model.data)
-        if points is not None:
-            with open(os.path.join(folder, "points.bin"), "wb") as f:
-                f.write(points[0].astype("<f4").tobytes() + points[1].tobytes() + points[2].tobytes())
-        with open(os.path.join(folder, "model.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
 
     clean_stale_temps_for([args.out])
     try:
         replace_dir(args.out, write)
     except OSError as e:  # name the destination: the folder being built is a temporary one beside it
-        raise UsageError(
-            f"cannot write the site {args.out} ({e.strerror or e}); nothing was changed: free some "
-            "space or choose another --out"
-        ) from None
+        why = f"({e.strerror or e}); nothing was changed: free some space or choose another --out"
+        raise UsageError(f"cannot write the site {args.out} {why}") from None
     return meta
-
-
-def read_source(path):
-    """The bytes of a page or runtime file this site copies; a read error says which and how to restore it."""
-    try:
-        return read_regular(path, 2**26)
-    except NotReadable as e:
-        raise UsageError(f"cannot read {path} ({e}): restore web/ (git) and run `{INSTALL}`") from None
 
 
 def site_file(root, request_path):
@@ -280,9 +191,8 @@ def site_file(root, request_path):
     parts = path.split("/")
     if not path.startswith("/") or "\\" in path or "\0" in path or any(p.startswith(".") for p in parts[1:]):
         return None
-    parts = [p for p in parts[1:] if p] or ["index.html"]
     root = os.path.realpath(root)
-    full = os.path.realpath(os.path.join(root, *parts))
+    full = os.path.realpath(os.path.join(root, *([p for p in parts[1:] if p] or ["index.html"])))
     return full if full.startswith(root + os.sep) and os.path.isfile(full) else None
 
 
@@ -291,33 +201,27 @@ class SiteHandler(http.server.BaseHTTPRequestHandler):
 
     timeout = 10  # seconds a client may take over a request before its thread gives up on it
 
-    def do_GET(self):
-        self.respond(body=True)
-
-    def do_HEAD(self):
-        self.respond(body=False)
-
-    def respond(self, body):
+    def do_GET(self, body=True):
         port = self.server.server_address[1]
         target = site_file(self.server.root, self.path)
         if self.headers.get("Host") not in (f"127.0.0.1:{port}", f"localhost:{port}") or target is None:
             self.send_error(404, "not found")  # a foreign Host is DNS rebinding: answer it as nothing here
             return
         with open(target, "rb") as f:
-            data = f.read()
+            content = f.read()
         self.send_response(200)
         self.send_header("Content-Type", TYPES.get(os.path.splitext(target)[1], "application/octet-stream"))
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", str(len(content)))
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
         if body:
-            self.wfile.write(data)
+            self.wfile.write(content)
 
-    def log_message(self, *args):  # a quiet server: the URL line is all the terminal needs
-        pass
+    do_HEAD = lambda self: self.do_GET(body=False)
+    log_message = lambda self, *args: None  # a quiet server: the URL line is all the terminal needs
 
 
-class Server(http.server.ThreadingHTTPServer):
+class Server(http.server.ThreadingHTTPServer):  # its request threads are daemons: Ctrl-C never waits for a client
     def handle_error(self, request, client_address):
         """A browser that drops a connection mid-download, or never finishes a request, is normal: no traceback."""
         e = sys.exc_info()[1]
@@ -329,7 +233,6 @@ def make_server(folder, port):
     """A server for `folder` on 127.0.0.1 only (not yet serving); port 0 picks a free one."""
     server = Server(("127.0.0.1", port), SiteHandler)
     server.root = os.path.abspath(folder)
-    server.daemon_threads = True
     return server
 
 
@@ -345,38 +248,41 @@ def screenshot(folder, path):
         errors = browser.console_errors(session)
         png = session.get_screenshot_as_png()
     except browser.PageError as e:
-        raise UsageError(f"the page failed in Chromium ({e}): see the browser console with --serve") from None
+        raise UsageError(f"the page failed in Chromium ({e}): {CONSOLE}") from None
     finally:
         session.quit()
         server.shutdown()
         server.server_close()
     if errors:
-        raise UsageError(
-            f"the page logged errors in Chromium ({errors[0][:200]}): see the browser console with --serve"
-        )
+        raise UsageError(f"the page logged errors in Chromium ({errors[0][:200]}): {CONSOLE}")
     clean_stale_temps_for([path])  # half-written screenshots of a process that was killed
     try:
         atomic_write(path, lambda f: f.write(png))
     except OSError as e:
-        raise UsageError(
-            f"cannot write --screenshot {path} ({e.strerror or e}): free some space or choose another path"
-        ) from None
+        why = f"({e.strerror or e}): free some space or choose another path"
+        raise UsageError(f"cannot write --screenshot {path} {why}") from None
+
+
+def trained_to(path):
+    """The last epoch in metrics.jsonl beside an exported file (its run folder), or None."""
+    try:
+        lines = read_regular(os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl"), 2**24).split(b"\n")
+        return max(int(json.loads(line)["epoch"]) for line in lines if line.strip())
+    except (NotReadable, ValueError, KeyError, TypeError, RecursionError):
+        return None
 
 
 def main(argv=None):
     safe_streams()
-    args = parse_args(argv)
-    server = None
+    args, server = parse_args(argv), None
     try:
         check_args(args)
         if args.serve:  # take the port first: a taken port is known before anything is built
             try:
                 server = make_server(args.out, args.port)
             except OSError as e:
-                raise UsageError(
-                    f"cannot serve on 127.0.0.1:{args.port} ({e.strerror or e}): pass another --port, "
-                    "or --port 0 for any free one"
-                ) from None
+                why = f"({e.strerror or e}): pass another --port, or --port 0 for any free one"
+                raise UsageError(f"cannot serve on 127.0.0.1:{args.port} {why}") from None
         meta = build(args)
         if args.screenshot:
             screenshot(args.out, args.screenshot)
@@ -385,22 +291,18 @@ def main(argv=None):
             server.server_close()
         if isinstance(e, KeyboardInterrupt):
             fail("interrupted; the site was not written (a site already there is as it was)", 130)
-        fail(
-            e
-            if isinstance(e, UsageError)
-            else f"cannot write {e.filename or args.out} ({e.strerror or e}): choose another --out or --screenshot"
-        )
-    latest = onnx_check.trained_to(args.onnx)
-    if latest is not None and meta["model"].get("epochs", "").isdigit() and latest > int(meta["model"]["epochs"]):
-        print(
-            f"note: {args.onnx} is from epoch {meta['model']['epochs']}, but its run has trained to epoch {latest}: "
-            "export it again to explore the latest model"
-        )
-    used = sum(not d["unused"] for d in meta["dims"])
+        if isinstance(e, OSError):
+            e = f"cannot write {e.filename or args.out} ({e.strerror or e}): choose another --out or --screenshot"
+        fail(e)
+    epochs, latest = meta["model"].get("epochs", ""), trained_to(args.onnx)
+    if latest is not None and epochs.isdigit() and latest > int(epochs):
+        again = "export it again to explore the latest model"
+        print(f"note: {args.onnx} is from epoch {epochs}, but its run has trained to epoch {latest}: {again}")
+    used, count = sum(not d["unused"] for d in meta["dims"]), meta["points"]["count"] if meta["points"] else 0
     print(
         f"wrote {args.out}/: {meta['latent_dim']} latent dims ({used} in use, KL > {onnx_check.ACTIVE_KL:g} nats), "
-        f"{'encoder, ' if meta['encoder'] else ''}{meta['points']['count'] if meta['points'] else 0} scatter "
-        f"points, onnxruntime-web {meta['onnxruntime_web']}" + (f"; {args.screenshot}" if args.screenshot else "")
+        f"{'encoder, ' if meta['encoder'] else ''}{count} scatter points, onnxruntime-web {meta['onnxruntime_web']}"
+        + (f"; {args.screenshot}" if args.screenshot else "")
     )
     if server is None:
         print(f"serve it:  python explore.py ... --serve   or   python -m http.server -d {args.out} -b 127.0.0.1")

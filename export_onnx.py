@@ -12,6 +12,7 @@ extra package (the dynamo exporter needs onnxscript and is several times slower 
 
 import copy
 import io
+import itertools
 import json
 import math
 import os
@@ -62,7 +63,7 @@ def fold_batchnorm(module, example):
     for h in hooks:
         h.remove()
     for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
-        for i, (bn, conv) in enumerate(zip(seq[:-1], seq[1:])):
+        for i, (bn, conv) in enumerate(itertools.pairwise(seq)):
             if bn not in shapes or not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) or conv.groups != 1:
                 continue
             a = bn.weight / torch.sqrt(bn.running_var + bn.eps)

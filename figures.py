@@ -190,7 +190,7 @@ def rate_distortion(runs, groups, title):
     colour = {b: plt.get_cmap("viridis")(0.9 * i / max(1, len(betas) - 1)) for i, b in enumerate(betas)}
     for o, b, kl, rec in runs:
         ax.scatter(kl, rec, color=colour[b], marker="o^sd"[o % 4], s=40, edgecolor="black", linewidth=0.5, zorder=3)
-    for o, b, kls, recs in groups:
+    for _, b, kls, recs in groups:
         ax.errorbar(
             np.mean(kls),
             np.mean(recs),

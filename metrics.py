@@ -11,9 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import vae
-from plumbing.onnx_check import ACTIVE_KL  # noqa: F401 (one threshold for "in use", here and in sample.py)
+from plumbing.onnx_check import ACTIVE_KL
 
 IWAE_K = vae.SETTINGS["iwae_k"].default
+BCE_UNITS = "nats per image; BCE on grey levels, the seed's objective: not a log-likelihood, compare within the project"
+CB_UNITS = "nats per image, and bits per pixel, under the continuous Bernoulli: a normalised density on [0, 1]"
+DISENTANGLEMENT = ("mig", "sap", "dci_disentanglement", "dci_completeness", "dci_informativeness", "factorvae_score")
 SAMPLES_PER_PASS = 2048  # decoded images per IWAE pass (k × images)
 DECOMPOSITION_BATCH = 64  # images whose z meet all N posteriors per pass: (64, N) blocks stay in the CPU's cache
 
@@ -48,7 +51,7 @@ def bernoulli_nll(logits, target):
 
 
 def cb_log_norm(logits):
-    """log C(λ) of the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019) with λ = σ(l), elementwise: C = l / tanh(l/2)
+    """log C(λ) of the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019), λ = σ(l), elementwise: C = l / tanh(l/2)
     in the logit, 2 at l = 0, where the closed form is 0/0 and a Taylor series takes over."""
     small = logits.abs() < 1e-2
     safe = torch.where(small, torch.ones_like(logits), logits)  # each branch sees a harmless value where unused
@@ -314,7 +317,7 @@ def udr(codes_per_run, kl_per_run, threshold=ACTIVE_KL):
     """The Unsupervised Disentanglement Ranking (Duan et al. 2020), Spearman variant: runs that differ only in seed,
     encoded on the same images; for each pair, |Spearman| between their informative latents (KL above `threshold`),
     scored by relative strength; each run's score is the median over its pairs. A constant latent correlates 0 (in
-    disentanglement_lib its NaN zeroes a whole row); a run with no informative latent scores 0. Returns per-run scores."""
+    disentanglement_lib its NaN zeroes a whole row); a run with no informative latent scores 0. Returns run scores."""
     from scipy.stats import rankdata
 
     if len(codes_per_run) < 2 or len({len(c) for c in codes_per_run}) != 1:

@@ -1,13 +1,11 @@
 """Generate images from an exported decoder with onnxruntime, numpy and Pillow: torch is never imported.
 
-$ python sample.py --onnx decoder.onnx                                 # 64 samples of N(0, I) -> samples.png, 8 x 8
-$ python sample.py --onnx decoder.onnx --n 16 --seed 3 --temperature 0.8 --npy samples.npy
-$ python sample.py --onnx decoder.onnx --traverse                      # traversals.png: a row a dimension, -3 to 3
-$ python sample.py --onnx decoder.onnx --interpolate                   # interpolations.png: rows from one z to another
+$ python sample.py --onnx decoder.onnx --n 16 --seed 3   # 16 samples of N(0, I) -> samples.png, 4 x 4
+$ python sample.py --onnx decoder.onnx --traverse         # traversals.png: a row a dimension, -3 to 3
+$ python sample.py --onnx decoder.onnx --interpolate      # interpolations.png: rows from one z to another
 
-Latent size, image shape and each dimension's KL come from the file, so --onnx is the only flag needed; the file is
-checked before it runs (plumbing/onnx_check.py). An existing output is replaced only with --overwrite.
-z = numpy.random.default_rng(seed).standard_normal((n, latent_dim)) * temperature: the same seed, the same pixels.
+Latent size, image shape and KL per dimension come from the file, checked first (plumbing/onnx_check.py); an output
+is replaced only with --overwrite; z = numpy.random.default_rng(seed).standard_normal((n, latent_dim)) * temperature.
 To carry the sampler elsewhere, copy these files and nothing else: sample.py figures.py plumbing/__init__.py
 plumbing/cli.py plumbing/files.py plumbing/onnx_check.py (and `pip install -r requirements-sample.txt`).
 """
@@ -24,6 +22,7 @@ from plumbing.cli import ArgumentParser, UsageError, check_float, check_int, fai
 from plumbing.files import Interrupted, atomic_write_all, clashes, clean_stale_temps_for
 
 MAX_OUTPUT_BYTES = 2**30  # what the images and their grid may take in memory, estimated before decoding
+RANGES = {"n": (1, 10000), "scale": (1, 8), "seed": (0, 2**64 - 1), "steps": (2, 101), "rows": (1, 100)}  # and --dims
 
 
 def slerp(a, b, t):
@@ -31,10 +30,8 @@ def slerp(a, b, t):
     sphere, and the straight line between two passes through the low-norm middle the decoder rarely saw (White 2016)."""
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     omega = np.arccos(np.clip(np.sum(a * b, 1) / np.maximum(norms, 1e-12), -1, 1))[:, None, None]
-    t, s = t[None, :, None], np.sin(omega)
-    ok = s > 1e-6  # parallel or zero vectors: the straight line is the same path
-    wa = np.where(ok, np.sin((1 - t) * omega) / np.where(ok, s, 1), 1 - t)
-    wb = np.where(ok, np.sin(t * omega) / np.where(ok, s, 1), t)
+    t, s = t[None, :, None], np.sin(omega)  # s near 0: parallel or zero vectors, whose straight line is the same path
+    wa, wb = (np.where(s > 1e-6, np.sin(f * omega) / np.where(s > 1e-6, s, 1), f) for f in (1 - t, t))  # a's, b's
     return wa * a[:, None] + wb * b[:, None]
 
 
@@ -43,32 +40,20 @@ def layout(args, model):
     rng, d = np.random.default_rng(args.seed), model.latent
     if args.traverse:
         order, unused = onnx_check.kl_order(model.kl, d)
-        dims, kl = order[: args.dims or d], model.kl or [None] * d
+        dims, values = order[: args.dims or d], np.linspace(TRAVERSAL[0], TRAVERSAL[-1], args.steps)
         z = np.tile(rng.standard_normal(d) * args.temperature, (len(dims), args.steps, 1))
-        z[np.arange(len(dims)), :, dims] = np.linspace(TRAVERSAL[0], TRAVERSAL[-1], args.steps)
-        labels = [f"z{i}" + (f"  KL {kl[i]:.2f}" if kl[i] is not None else "") + ("  not in use" if i in unused else "")
-                  for i in dims]  # fmt: skip
+        z[np.arange(len(dims)), :, dims] = values
+        kl = [f"  KL {v:.2f}" for v in model.kl] if model.kl else [""] * d
+        labels = [f"z{i}{kl[i]}" + "  not in use" * (i in unused) for i in dims]
         ranked = "largest KL first" if model.kl else "in index order (no KL in this file: export it again)"
-        cols = [f"{v:+.1f}" for v in np.linspace(TRAVERSAL[0], TRAVERSAL[-1], args.steps)] if args.steps <= 13 else None
-        return (
-            z.reshape(-1, d),
-            args.steps,
-            labels,
-            cols,
-            f"traversal: a row moves one dimension from -3 to +3, "
-            f"the others fixed at one draw; {ranked}; in use: KL > {onnx_check.ACTIVE_KL:g} nats",
-        )
+        what = f"traversal: a row moves one dimension from -3 to +3, the others fixed at one draw; {ranked}"
+        cols = [f"{v:+.1f}" for v in values] if args.steps <= 13 else None
+        return z.reshape(-1, d), args.steps, labels, cols, f"{what}; in use: KL > {onnx_check.ACTIVE_KL:g} nats"
     if args.interpolate:
         a, b = rng.standard_normal((2, args.rows, d)) * args.temperature
         z = slerp(a, b, np.linspace(0.0, 1.0, args.steps)).reshape(-1, d)
-        cols = ["A"] + [""] * (args.steps - 2) + ["B"]
-        return (
-            z,
-            args.steps,
-            [f"pair {i + 1}" for i in range(args.rows)],
-            cols,
-            "interpolation: each row goes from A to B along a great circle",
-        )
+        labels, cols = [f"pair {i + 1}" for i in range(args.rows)], ["A"] + [""] * (args.steps - 2) + ["B"]
+        return z, args.steps, labels, cols, "interpolation: each row goes from A to B along a great circle"
     z = rng.standard_normal((args.n, d)) * args.temperature
     return z, math.ceil(math.sqrt(args.n)), None, None, f"{args.n} samples of N(0, T^2 I)"
 
@@ -84,45 +69,30 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=int, default=3, help="PNG pixels per image pixel, 1-8 (default: 3)")
     p.add_argument("--overwrite", action="store_true", help="replace --out and --npy if they exist (default: refuse)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--traverse",
-        action="store_true",
-        help="a row per latent dimension, largest KL first, from -3 to 3 (default: off; ignores --n)",
-    )
-    mode.add_argument(
-        "--interpolate",
-        action="store_true",
-        help="--rows rows, each from one random z to another along a great circle (default: off)",
-    )
+    mode.add_argument("--traverse", action="store_true", help="a row per dimension, largest KL first (ignores --n)")
+    mode.add_argument("--interpolate", action="store_true", help="--rows rows, each from one random z to another")
     p.add_argument("--steps", type=int, default=11, help="images a row for --traverse, --interpolate (default: 11)")
     p.add_argument("--rows", type=int, default=8, help="rows for --interpolate (default: 8)")
     p.add_argument("--dims", type=int, help="--traverse: only the K largest-KL dimensions (default: all)")
     args = p.parse_args(argv)
-    args.out = args.out or ("traversals.png" if args.traverse else "interpolations.png" if args.interpolate
-                            else "samples.png")  # fmt: skip
+    grid = "traversals" if args.traverse else "interpolations" if args.interpolate else "samples"
+    args.out = args.out or f"{grid}.png"
     return args
 
 
 def check_args(args):
-    for flag, value, low, high in (
-        ("--n", args.n, 1, 10000),
-        ("--scale", args.scale, 1, 8),
-        ("--seed", args.seed, 0, 2**64 - 1),
-        ("--steps", args.steps, 2, 101),
-        ("--rows", args.rows, 1, 100),
-    ):
-        check_int(flag, value, low, high)
-    if args.dims is not None:
-        check_int("--dims", args.dims, 1, onnx_check.MAX_LATENT)
-        if not args.traverse:
-            raise UsageError("--dims chooses the rows of --traverse: add --traverse, or drop --dims")
+    for name, (low, high) in (RANGES | {"dims": (1, onnx_check.MAX_LATENT)}).items():
+        if getattr(args, name) is not None:  # --dims may be left out
+            check_int(f"--{name}", getattr(args, name), low, high)
+    if args.dims is not None and not args.traverse:
+        raise UsageError("--dims chooses the rows of --traverse: add --traverse, or drop --dims")
     check_float("--temperature", args.temperature, 0, 100, " (1.0 samples the prior, 0 decodes its mean)")
-    clash = clashes({"--onnx": args.onnx}, {"--out": args.out, "--npy": args.npy})
-    if clash:  # first: an output that is the model must not be answered with "pass --overwrite"
+    outputs = {"--out": args.out, "--npy": args.npy}
+    if clash := clashes({"--onnx": args.onnx}, outputs):  # first: never "pass --overwrite" for the model itself
         raise UsageError(f"{clash}: --onnx, --out and --npy must name different files")
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out {args.out}: the grid is written as PNG; give a name ending in .png")
-    for flag, path in (("--out", args.out), ("--npy", args.npy)):
+    for flag, path in outputs.items():
         if path is not None and (not os.path.isdir(os.path.dirname(os.path.abspath(path))) or os.path.isdir(path)):
             raise UsageError(f"{flag} {path}: its folder does not exist or it is a folder; give a file in a folder")
         if path is not None and os.path.lexists(path) and not args.overwrite:
@@ -131,21 +101,18 @@ def check_args(args):
 
 def check_size(args, model):
     """Refuse a grid whose latents, images and PNG would not fit in MAX_OUTPUT_BYTES, from the flags alone."""
+    n, ncol = args.n, math.ceil(math.sqrt(args.n))
     if args.traverse or args.interpolate:
-        rows, ncol = (min(args.dims or model.latent, model.latent) if args.traverse else args.rows), args.steps
-        n = rows * ncol
-    else:
-        n, ncol = args.n, math.ceil(math.sqrt(args.n))
-        rows = math.ceil(n / ncol)
+        ncol = args.steps
+        n = ncol * (min(args.dims or model.latent, model.latent) if args.traverse else args.rows)
+    rows = math.ceil(n / ncol)
     _, h, w = model.image_shape
     need = n * (h * w * 4 + model.latent * 8) + 3 * n * (h + 2) * (w + 2) * args.scale**2  # images, z, PIL
     if need > MAX_OUTPUT_BYTES:
         shape = f"{rows} dims x {ncol} steps" if args.traverse else f"{rows} rows x {ncol} images"
-        raise UsageError(
-            f"{shape} is {n:,} images of {h}x{w}, about {need / 2**30:.1f} GiB in memory (limit "
-            f"{MAX_OUTPUT_BYTES / 2**30:.0f} GiB): ask for fewer (--dims K shows the K largest-KL dims), "
-            "fewer --steps or a smaller --scale"
-        )
+        size = f"about {need / 2**30:.1f} GiB in memory (limit {MAX_OUTPUT_BYTES / 2**30:.0f} GiB)"
+        fewer = "ask for fewer (--dims K shows the K largest-KL dims), fewer --steps or a smaller --scale"
+        raise UsageError(f"{shape} is {n:,} images of {h}x{w}, {size}: {fewer}")
 
 
 def main(argv=None):
@@ -157,33 +124,25 @@ def main(argv=None):
         check_size(args, model)  # before layout() draws the latents, which alone can take gigabytes
         z, ncol, row_labels, col_labels, what = layout(args, model)
         images = onnx_check.run(model, onnx_check.session(model), z.astype(np.float32))[0]
-        about = shown(model.meta.get("trained_on", f"beta {model.beta:g}" if model.beta is not None else ""), 120)
-        title = (
-            f"{shown(os.path.basename(args.onnx), 60)}: {about}\nseed {args.seed}, temperature "
-            f"{args.temperature:g}; {what}"
-        )
+        source = model.meta.get("trained_on", f"beta {model.beta:g}" if model.beta is not None else "")
+        about = f"{shown(os.path.basename(args.onnx), 60)}: {shown(source, 120)}"
+        title = f"{about}\nseed {args.seed}, temperature {args.temperature:g}; {what}"
         grid = labelled_grid(grid_rows(images, ncol), row_labels, title, col_labels, scale=args.scale)
         clean_stale_temps_for([args.out, args.npy])
-        writes = [(args.out, png_bytes(grid))]
-        if args.npy:
-            writes.append((args.npy, lambda f: np.save(f, images)))
+        writes = [(args.out, png_bytes(grid))] + ([(args.npy, lambda f: np.save(f, images))] if args.npy else [])
         try:  # the grid and its arrays as one pair: a failure leaves both as they were
             atomic_write_all(writes)
         except OSError as e:
-            raise UsageError(
-                f"cannot write {' and '.join(p for p, _ in writes)} ({e.strerror or e}); nothing was "
-                "changed: choose another --out/--npy path or free some space"
-            ) from None
+            why = f"({e.strerror or e}); nothing was changed: choose another --out/--npy path or free some space"
+            raise UsageError(f"cannot write {' and '.join(p for p, _ in writes)} {why}") from None
     except UsageError as e:
         fail(e)
     except Interrupted:
         fail(f"interrupted after writing {args.out}", 130)
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
-    print(
-        f"wrote {args.out}: {len(images)} images, {len(images) // ncol} x {ncol} grid, {grid.width} x "
-        f"{grid.height} px" + (f"; {args.npy}" if args.npy else "")
-    )
+    n, also = len(images), f"; {args.npy}" if args.npy else ""
+    print(f"wrote {args.out}: {n} images, {n // ncol} x {ncol} grid, {grid.width} x {grid.height} px{also}")
     return 0
 
 

@@ -1,40 +1,24 @@
-"""The training step, the epoch and the test pass: what train.py, sweep.py and bench.py share.
+"""The training step, the epoch and the test pass, which train.py and bench.py share.
 
 make_train_step(model, optimizer, config, compile) returns step(x, target, step_idx) -> the batch's sums (recon, kl,
-total, then each dimension's KL) as one detached tensor; nothing in it waits for the device. compile:
-  "off"    the eager step: forward, loss, backward, optimizer.step();
-  "plain"  torch.compile of the forward pass and the loss, then the same backward and optimizer step;
-  "on"     on a CPU the fused step (FusedStep: one compiled graph per step, batch innermost); elsewhere, or for a model
-           or optimizer it does not reproduce, "plain" (and one note says why).
-If compiling fails, training goes on with the eager step after one warning. The course project's loop (--loop seed)
-is here too, for comparison.
-"""
+total, then each dimension's KL) as one detached tensor; nothing in it waits for the device. compile "off": the eager
+step; "plain": torch.compile of the forward pass and the loss, then eager backward and optimizer step; "on": on a CPU
+the fused step (FusedStep, one compiled graph per step, batch innermost), elsewhere or for a model or optimizer it does
+not reproduce "plain", with one note saying why. If compiling fails, the eager step goes on after one warning."""
 
 import copy
-import dataclasses
 import math
 import os
 import shutil
 import sys
 import time
-import types
 
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
 import vae
 from plumbing import chwn
 
-
-@dataclasses.dataclass
-class RunConfig:
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 0
-    epochs: int = 20
-
-
-RUN_DEFAULTS = RunConfig()
 COMPILE_AUTO_MIN_IMAGES = 1_000_000  # --compile auto: where compiling pays for itself on a CPU (docs/speed.md)
 TEST_BATCH = 256  # the test pass's batch: its activations stay in a core's cache
 
@@ -45,15 +29,14 @@ def has_cxx():
 
 def want_compile(mode, device, images_to_train):
     """Whether to compile: 'on', 'off', or 'auto' (on a CPU with a compiler, for runs long enough to pay)."""
-    if mode == "auto":
-        return device.type == "cpu" and has_cxx() and images_to_train >= COMPILE_AUTO_MIN_IMAGES
-    return mode == "on"
+    auto = device.type == "cpu" and has_cxx() and images_to_train >= COMPILE_AUTO_MIN_IMAGES
+    return mode == "on" or (mode == "auto" and auto)
 
 
 def make_train_step(model, optimizer, config, compile="off", log=None):
-    """The step (see the module's docstring). The loss minimised is the batch mean of the objective; x in [-1, 1] and
-    target in [0, 1], (B, 1, 28, 28). The noise comes from the global RNG as model.forward draws it, so a seed gives
-    the same run compiled or not, up to float rounding. log(line) gets the notes; default: stderr."""
+    """The step (see above): x in [-1, 1], target in [0, 1], (B, 1, 28, 28); it minimises the batch mean. The noise
+    comes from the global RNG as model.forward draws it, so a seed gives the same run compiled or not, up to rounding.
+    log(line) gets the notes; default: stderr."""
     log = log or (lambda line: print(line, file=sys.stderr))
 
     def eager(x, target, step_idx, eps=None):
@@ -64,12 +47,10 @@ def make_train_step(model, optimizer, config, compile="off", log=None):
         optimizer.step()
         return terms.batch_sums().detach()
 
-    # β-TCVAE's batch estimators have run only eagerly
-    if compile in ("off", False) or config.objective == "tc":
+    if compile in ("off", False) or config.objective == "tc":  # β-TCVAE's batch estimators have run only eagerly
         return eager
     if compile == "on" and next(model.parameters()).device.type == "cpu":
-        problem = fused_problem(model, optimizer)
-        if problem is None:
+        if (problem := fused_problem(model, optimizer)) is None:
             return FusedStep(model, optimizer, config, eager, log)
         log(f"note: {problem}: the plain compiled step trains it")
     return plain_step(model, optimizer, config, eager, log)
@@ -83,17 +64,15 @@ def _capacity(config, step_idx):
 def _compile(fn, device):
     """torch.compile of fn under a code object of its own: dynamo keeps its graphs and its recompile limit per code
     object, so steps built in one process (the tests) would otherwise evict each other's graphs."""
-    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own = type(fn)(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     options = {"cpp_wrapper": True} if device.type == "cpu" else None  # less Python per call
     return torch.compile(own, dynamic=False, fullgraph=True, options=options)
 
 
-def _failed(log, what, e):
+def _failed(log, e):
     reason = (str(e).strip().splitlines() or [""])[0][:200]
-    log(
-        f"warning: compiling {what} failed ({type(e).__name__}: {reason}); it goes on with the eager step "
-        "(--compile off skips the attempt)"
-    )
+    said = f"warning: compiling the training step failed ({type(e).__name__}: {reason}); it goes on with the eager step"
+    log(f"{said} (--compile off skips the attempt)")
 
 
 def plain_step(model, optimizer, config, eager, log):
@@ -115,7 +94,7 @@ def plain_step(model, optimizer, config, eager, log):
         try:
             total, sums = compiled(x, target, eps, _capacity(config, step_idx))
         except Exception as e:  # a compiler or toolchain failure must not end the run
-            _failed(log, "the training step", e)
+            _failed(log, e)
             state["failed"] = True
             return eager(x, target, step_idx, eps)
         total.backward()
@@ -131,14 +110,9 @@ def fused_problem(model, optimizer):
     model's parameters is no pair at all: ValueError."""
     if [id(p) for g in optimizer.param_groups for p in g["params"]] != [id(p) for p in model.parameters()]:
         raise ValueError("the optimizer does not hold this model's parameters, in order: build it from them")
-    group = optimizer.param_groups[0]
+    group, plain = optimizer.param_groups[0], type(optimizer) is torch.optim.Adam and len(optimizer.param_groups) == 1
     options = ("amsgrad", "maximize", "differentiable", "capturable", "decoupled_weight_decay")
-    if (
-        type(optimizer) is not torch.optim.Adam
-        or len(optimizer.param_groups) > 1
-        or any(map(group.get, options))
-        or isinstance(group["lr"], torch.Tensor)
-    ):
+    if not plain or any(map(group.get, options)) or isinstance(group["lr"], torch.Tensor):
         return "the fused step reproduces plain single-group Adam only"
     if not all(p.requires_grad for p in model.parameters()):
         return "a parameter is frozen (requires_grad False)"
@@ -147,13 +121,11 @@ def fused_problem(model, optimizer):
     twin = copy.deepcopy(model).double().train()  # the formulation against the model's own layers, once
     x = torch.rand(4, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     eps = torch.randn(4, twin.config.latent_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    buffers = {k: v.clone() for k, v in twin.named_buffers()}
+    buffers, close = {k: v.clone() for k, v in twin.named_buffers()}, lambda a, b: torch.allclose(a, b, atol=1e-9)
     try:
         got = chwn.forward(dict(twin.named_parameters()), buffers, x.reshape(4, -1).t(), eps)
-        want = twin(x, eps=eps)
-        same = all(torch.allclose(a.reshape(b.shape), b, atol=1e-9) for a, b in zip(got, want)) and all(
-            torch.allclose(buffers[k], v, atol=1e-9) for k, v in twin.named_buffers()
-        )
+        same = all(close(a.reshape(b.shape), b) for a, b in zip(got, twin(x, eps=eps)))
+        same = same and all(close(buffers[k], v) for k, v in twin.named_buffers())
     except (KeyError, RuntimeError, ValueError) as e:
         return f"the model is not vae.py's layout, which plumbing/chwn.py is written for ({type(e).__name__}: {e})"
     return None if same else "the model computes something else than plumbing/chwn.py's formulation of vae.py"
@@ -163,13 +135,8 @@ class FusedStep:
     """One compiled graph per step on a CPU: plumbing/chwn.py's forward pass, its gradient (torch.func) and
     torch.optim.Adam's update, on three flat tensors that the parameters and Adam's moments are views of, so the graph
     takes a dozen tensors and the update is one fused kernel. state_dict() and optimizer.state_dict() are those of
-    plain training; a batch of another size (an epoch's short last one) takes the eager step, on the same tensors.
-
-    Its contract: nothing replaces the model's or the optimizer's tensors after it is built (train.py builds it after
-    loading a checkpoint). fused_problem() checks the pair when it is built; check() verifies, at each epoch's start,
-    that nothing was replaced, and refuses to go on if something was."""
-
-    compiled = True
+    plain training; a batch of another size (an epoch's short last one) takes the eager step, on the same tensors. Its
+    contract, that nothing replaces those tensors after it is built, is checked by fused_problem() and check()."""
 
     def __init__(self, model, optimizer, config, eager, log):
         self.model, self.optimizer, self.config, self.eager, self.log = model, optimizer, config, eager, log
@@ -179,21 +146,18 @@ class FusedStep:
         slices = [(a, b, p.shape) for a, b, p in zip(bounds, bounds[1:], self.params)]
         self.p = torch.cat([p.detach().reshape(-1) for p in self.params])
         torch.nn.utils.vector_to_parameters(self.p, self.params)  # each parameter's data: a view of self.p
-        self.m, self.v = torch.zeros_like(self.p), torch.zeros_like(self.p)
-        self.steps = torch.zeros(len(self.params))  # Adam keeps its step counts on the CPU, one per parameter
+        self.m, self.v, self.steps = torch.zeros_like(self.p), torch.zeros_like(self.p), torch.zeros(len(self.params))
         for i, (p, (a, b, shape)) in enumerate(zip(self.params, slices)):
-            st = optimizer.state[p]
-            if st:
+            if st := optimizer.state[p]:
                 self.m[a:b].copy_(st["exp_avg"].reshape(-1))
                 self.v[a:b].copy_(st["exp_avg_sq"].reshape(-1))
-                self.steps[i] = float(st["step"])
+                self.steps[i] = float(st["step"])  # Adam keeps its step counts on the CPU, one per parameter
             st.update(exp_avg=self.m[a:b].view(shape), exp_avg_sq=self.v[a:b].view(shape), step=self.steps[i])
         self.kept = [(p, p.data_ptr(), optimizer.state[p]["exp_avg"]) for p in self.params]
         self.batch, self.ok, self.failed = None, False, False
 
         def loss(params, buffers, x, target, eps, C):
-            P, B = dict(zip(names, params)), dict(zip(bnames, buffers))
-            logits, mu, logvar = chwn.forward(P, B, x, eps)
+            logits, mu, logvar = chwn.forward(dict(zip(names, params)), dict(zip(bnames, buffers)), x, eps)
             terms = vae.vae_loss(logits, target.t(), mu, logvar, config, capacity=C)
             return terms.total.mean(), terms.batch_sums().detach()
 
@@ -220,64 +184,46 @@ class FusedStep:
 
     def check(self):
         """Refuse to go on if the model or optimizer no longer hold the step's tensors (replaced from outside)."""
-        state = self.optimizer.state
-        if (
-            list(map(id, self.model.parameters())) != list(map(id, self.params))
-            or list(map(id, self.model.buffers())) != list(map(id, self.buffers))
-            or not all(p.data_ptr() == ptr and state[p].get("exp_avg") is m for p, ptr, m in self.kept)
-        ):
+        state, ids = self.optimizer.state, lambda tensors: [id(t) for t in tensors]
+        same = ids(self.model.parameters()) == ids(self.params) and ids(self.model.buffers()) == ids(self.buffers)
+        if not same or not all(p.data_ptr() == ptr and state[p].get("exp_avg") is m for p, ptr, m in self.kept):
             raise RuntimeError(
-                "the model or its optimizer was given new tensors after the compiled step was built: "
-                "build the step again (training.make_train_step) after changing them"
+                "the model or its optimizer was given new tensors after the compiled step was built: build the step "
+                "again (training.make_train_step) after changing them"
             )
 
     def __call__(self, x, target, step_idx):
-        self.batch = self.batch or x.shape[0]
-        if self.failed or x.shape[0] != self.batch:  # no recompiles for an epoch's short last batch
+        n = self.batch = self.batch or x.shape[0]
+        if self.failed or x.shape[0] != n:  # no recompiles for an epoch's short last batch
             return self.eager(x, target, step_idx)
-        eps = torch.randn(x.shape[0], self.config.latent_dim, dtype=x.dtype)  # = randn_like(mu)
+        eps = torch.randn(n, self.config.latent_dim, dtype=x.dtype)  # = randn_like(mu)
         group = self.optimizer.param_groups[0]  # read each step: a schedule may change lr
         lr = torch.tensor(float(group["lr"]), dtype=torch.float64)
         hp = (*map(float, group["betas"]), float(group["eps"]), float(group["weight_decay"]))
         state = (self.p, self.m, self.v, self.steps, *self.buffers)
         saved = None if self.ok else [t.clone() for t in state]  # until it has run once, a failure is undone
+        xt, tt = x.reshape(n, -1).t().contiguous(), target.reshape(n, -1).t().contiguous()  # (784, B): batch innermost
         try:
-            n = x.shape[0]  # the graph takes (784, B): the formulation's batch-innermost layout
-            out = self.compiled(
-                self.p,
-                self.m,
-                self.v,
-                self.steps,
-                self.buffers,
-                x.reshape(n, -1).t().contiguous(),
-                target.reshape(n, -1).t().contiguous(),
-                eps,
-                _capacity(self.config, step_idx),
-                lr,
-                hp,
-            )
+            out = self.compiled(*state[:4], self.buffers, xt, tt, eps, _capacity(self.config, step_idx), lr, hp)
         except Exception as e:  # a compiler or toolchain failure must not end the run
             if saved is None:
                 raise
             for dst, src in zip(state, saved):
                 dst.copy_(src)
-            _failed(self.log, "the training step", e)
+            _failed(self.log, e)
             self.failed = True
             return self.eager(x, target, step_idx, eps)  # the noise already drawn: the run stays the eager run
         self.ok = True
         return out
 
 
-# ------------------------------------------------------------------------------- the course project's loop
-
-
 def make_seed_step(model, opt, config):
-    """The course project's step: BCE on sigmoid probabilities, the loss summed over the batch."""
+    """The course project's step (--loop seed): BCE on sigmoid probabilities, the loss summed over the batch."""
 
     def step(x, target, step_idx):
         mu, logvar = model.encode(x)
         recon = model.decode(vae.reparameterize(mu, logvar, torch.randn_like(mu)))
-        rec = F.binary_cross_entropy(recon, target, reduction="none").flatten(1).sum(1)
+        rec = torch.nn.functional.binary_cross_entropy(recon, target, reduction="none").flatten(1).sum(1)
         kl_per_dim = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
         terms = vae.LossTerms(rec, kl_per_dim.sum(1), rec + config.beta * kl_per_dim.sum(1), kl_per_dim)
         opt.zero_grad()
@@ -302,9 +248,6 @@ def seed_batches(data_dir, batch_size, device):
         yield x, (x + 1) / 2, y
 
 
-# ------------------------------------------------------------------------------- the epoch and the test pass
-
-
 class NonFinite(Exception):
     """The loss or the weights became NaN or infinite; the message says where."""
 
@@ -312,22 +255,14 @@ class NonFinite(Exception):
 def epoch_loop(step, train, s, epoch, state, progress=True):
     """Train one epoch. s: the run's settings (seed, batch_size, epochs, latent_dim, loop, data_dir). Returns (mean
     sums per image, the objective per image of each step, images/s)."""
-    from tqdm import tqdm
-
-    if hasattr(step, "check"):
-        step.check()
+    getattr(step, "check", lambda: None)()  # FusedStep's contract
     g = torch.Generator(device=train.device).manual_seed(s["seed"] * 100_003 + epoch)
     torch.manual_seed(s["seed"] * 100_003 + epoch)  # the reparameterization noise: reproducible from the epoch
     n_steps = math.ceil(len(train) / s["batch_size"])
     hist = torch.zeros(n_steps, 3 + s["latent_dim"], device=train.device)
     sizes = torch.zeros(n_steps, device=train.device)
-    bar = tqdm(
-        total=n_steps,
-        desc=f"epoch {epoch + 1}/{s['epochs']}",
-        leave=False,
-        disable=None if progress else True,
-        file=sys.stderr,
-    )
+    desc, disable = f"epoch {epoch + 1}/{s['epochs']}", None if progress else True  # None: drawn on a terminal only
+    bar = tqdm(total=n_steps, desc=desc, leave=False, disable=disable, file=sys.stderr)
     t0 = time.perf_counter()
     if s.get("loop", "fast") == "seed":
         batches = seed_batches(s["data_dir"], s["batch_size"], train.device)
@@ -338,7 +273,9 @@ def epoch_loop(step, train, s, epoch, state, progress=True):
         sizes[i] = len(x)
         state["step"] += 1
         if i % 25 == 24 or i == n_steps - 1:  # the only host syncs: every 25 steps
-            check_finite(hist[: i + 1, 2], epoch, i - i % 25)
+            if len(bad := (~torch.isfinite(hist[i - i % 25 : i + 1, 2])).nonzero()):
+                where = i - i % 25 + bad[0, 0].item()
+                raise NonFinite(f"the loss became {hist[where, 2].item()} at epoch {epoch + 1}, step {where + 1}")
             bar.set_postfix(loss=f"{hist[i, 2].item() / len(x):.2f}", refresh=False)
             bar.update(i + 1 - bar.n)
     if train.device.type == "cuda":
@@ -346,13 +283,6 @@ def epoch_loop(step, train, s, epoch, state, progress=True):
     seconds = time.perf_counter() - t0
     bar.close()
     return (hist.sum(0) / len(train)).tolist(), (hist[:, 2] / sizes).tolist(), len(train) / seconds
-
-
-def check_finite(totals, epoch, first_unchecked):
-    bad = (~torch.isfinite(totals[first_unchecked:])).nonzero()
-    if len(bad):
-        where = first_unchecked + bad[0, 0].item()
-        raise NonFinite(f"the loss became {totals[where].item()} at epoch {epoch + 1}, step {where + 1}")
 
 
 @torch.inference_mode()

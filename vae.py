@@ -34,18 +34,10 @@ class Setting:
 SETTINGS = {
     "latent_dim": Setting(10, 1, 4096, "latent size"),
     "beta": Setting(4.0, 0.0, 1e6, "weight of the KL term; with --objective tc, of the total correlation"),
-    "gamma": Setting(
-        None,
-        0.0,
-        1e9,
-        "weight of the objective's extra term: capacity |KL - C| (default 1000), tc the dimension-wise KL (default 1)",
-    ),
+    "gamma": Setting(None, 0.0, 1e9, "weight of capacity's |KL - C| (1000 if not given), tc's dimension-wise KL (1)"),
     "capacity_max": Setting(25.0, 0.0, 1e6, "capacity objective: C_max, nats"),
     "capacity_steps": Setting(
-        None,
-        1,
-        10**12,
-        "capacity objective: steps over which C rises from 0 to C_max (default: three quarters of the run)",
+        None, 1, 10**12, "capacity objective: steps for C to reach C_max (¾ of the run if not given)"
     ),
     "alpha": Setting(1.0, 0.0, 1e6, "tc objective: weight of the index-code mutual information"),
     "epochs": Setting(20, 1, 1_000_000, "epochs to train, in all"),
@@ -275,14 +267,16 @@ def param_count(module):
 CHECKPOINT_FORMAT = 1
 MAX_CHECKPOINT_BYTES = 2**30  # a 10,000-epoch run of the largest model is a fraction of this
 CheckpointError = checks.CheckpointError
+WRITTEN = "pass a checkpoint.pt written by train.py"
 
 
 def save_checkpoint(path, model, optimizer, epoch, seed, train_args, metrics, extra=None):
     """One dict per run (weights, model_args, optimizer state, epoch, seed, train_args, metrics), written atomically."""
-    ckpt = {"format_version": CHECKPOINT_FORMAT, "model_args": dataclasses.asdict(model.config),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else {},
-            "epoch": int(epoch), "seed": int(seed), "train_args": dict(train_args), "metrics": list(metrics),
-            "torch_version": str(torch.__version__), **(extra or {})}  # fmt: skip
+    ckpt = dict(format_version=CHECKPOINT_FORMAT, model_args=dataclasses.asdict(model.config), model=model.state_dict())
+    ckpt.update(optimizer=optimizer.state_dict() if optimizer is not None else {}, epoch=int(epoch), seed=int(seed))
+    ckpt.update(
+        train_args=dict(train_args), metrics=list(metrics), torch_version=str(torch.__version__), **(extra or {})
+    )
     buf = io.BytesIO()
     torch.save(ckpt, buf)  # into memory first: a full disk is then an OSError here, and the old file stays whole
     atomic_write(path, buf.getvalue())
@@ -296,30 +290,24 @@ def read_checkpoint(path):
     except NotReadable as e:
         if not os.path.lexists(path):
             raise CheckpointError(f"no checkpoint at {path}: pass the checkpoint.pt that train.py wrote") from None
-        raise CheckpointError(f"{path} {e}: pass a checkpoint.pt written by train.py") from None
+        raise CheckpointError(f"{path} {e}: {WRITTEN}") from None
     if not data:
         raise CheckpointError(f"{path} is empty: it is not a checkpoint; train again or pick another file")
     problem = checks.archive_problem(data)
     if problem:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({problem}); pass a checkpoint.pt written by train.py"
-        )
+        raise CheckpointError(f"{path} is not a readable checkpoint ({problem}); {WRITTEN}")
     try:
         with warnings.catch_warnings():  # torch warns about odd pickles before refusing them; our error says it all
             warnings.simplefilter("ignore")
             ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle and zip errors have many types; all mean the same to the user
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({checks.load_error(e)}); pass a checkpoint.pt written by train.py"
-        ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({checks.load_error(e)}); {WRITTEN}") from None
     checks.check_checkpoint(ckpt, path, CHECKPOINT_FORMAT, SETTINGS)
     try:
         VAEConfig(**ckpt["model_args"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is damaged: model_args do not describe a model ({checks.first_line(e)}); "
-            "retrain, or resume from a backup of the run folder"
-        ) from None
+        problem = f"model_args do not describe a model ({checks.first_line(e)})"
+        raise CheckpointError(f"{path} is damaged: {problem}; {checks.DAMAGED}") from None
     ckpt["sha256"] = hashlib.sha256(data).hexdigest()
     return ckpt
 
@@ -347,15 +335,9 @@ def load_optimizer_state(optimizer, ckpt, source):
     only at the first step). Only lr, betas, eps and weight_decay come from the file; how Adam runs stays."""
     problem = checks.optimizer_fit_problem(optimizer, ckpt["optimizer"])
     if problem is None:
-        saved = ckpt["optimizer"]
-        groups = [
-            dict(
-                {k: v for k, v in mine.items() if k != "params"},
-                **{k: theirs[k] for k in checks.HYPER},
-                params=theirs["params"],
-            )
-            for mine, theirs in zip(optimizer.param_groups, saved["param_groups"])
-        ]
+        saved, groups = ckpt["optimizer"], []
+        for mine, theirs in zip(optimizer.param_groups, saved["param_groups"]):  # how Adam runs stays as built
+            groups.append({**mine, **{k: theirs[k] for k in (*checks.HYPER, "params")}})
         try:
             optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
         except (ValueError, KeyError, TypeError, RuntimeError) as e:

@@ -11,6 +11,11 @@ import shutil
 import tempfile
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
+FLAGS = (
+    "--headless=new --no-sandbox --disable-gpu --no-first-run --disable-background-networking --hide-scrollbars "
+    "--disable-component-update --disable-sync --disable-dev-shm-usage"
+)
+RUNTIME = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web/node_modules/onnxruntime-web")
 ENABLE = (
     "apt-get install -y chromium chromium-driver && pip install -r requirements.txt && npm ci --prefix web "
     "(bash .ci/run does all three)"
@@ -24,32 +29,13 @@ def find():
 
 def missing():
     """What is missing for the browser tests and bench section, or None when all is there."""
-    chromium, driver = find()
-    needs = [
-        name
-        for name, ok in (
-            ("Chromium", chromium),
-            ("chromedriver", driver),
-            ("selenium", importlib.util.find_spec("selenium")),
-            (
-                "onnxruntime-web",
-                os.path.isdir(
-                    os.path.join(
-                        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "web",
-                        "node_modules",
-                        "onnxruntime-web",
-                    )
-                ),
-            ),
-        )
-        if not ok
-    ]
+    found = (*find(), importlib.util.find_spec("selenium"), os.path.isdir(RUNTIME))
+    needs = [name for name, ok in zip(("Chromium", "chromedriver", "selenium", "onnxruntime-web"), found) if not ok]
     return f"needs {', '.join(needs)}: {ENABLE}" if needs else None
 
 
 def start(width=1400, height=1500):
-    """A headless Chromium session that keeps the page's console log. Quit it (driver.quit()) when done."""
+    """A headless Chromium session that keeps the page's console log. Its quit() also removes its fresh profile."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -57,29 +43,12 @@ def start(width=1400, height=1500):
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     profile = tempfile.mkdtemp(prefix="explorer-chromium-")
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-        f"--window-size={width},{height}",
-    ):
+    for flag in (*FLAGS.split(), f"--user-data-dir={profile}", f"--window-size={width},{height}"):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     session = webdriver.Chrome(service=Service(driver), options=opts)
     quit_ = session.quit
-
-    def quit_and_clean():
-        quit_()
-        shutil.rmtree(profile, ignore_errors=True)
-
-    session.quit = quit_and_clean
+    session.quit = lambda: (quit_(), shutil.rmtree(profile, ignore_errors=True))
     return session
 
 
@@ -89,7 +58,7 @@ def console_errors(session):
 
 
 class PageError(Exception):
-    pass
+    """The page's script threw; the message is what it threw."""
 
 
 def call(session, script, *args):
@@ -114,20 +83,13 @@ def measure_explorer(url, loads, moves):
     session = start()
     try:
         session.set_script_timeout(120)
-        first = []
+        first, ready = [], "const b = window.betaVAE; await b.ready; await b.idle(); return b.timings.firstImageMs;"
         for _ in range(loads):  # a fresh navigation each: wasm compile, model, first image
             session.get(url)
-            first.append(
-                call(
-                    session,
-                    "await window.betaVAE.ready; await window.betaVAE.idle();"
-                    "return window.betaVAE.timings.firstImageMs;",
-                )
-            )
+            first.append(call(session, ready))
         blocks = call(
             session,
-            """
-            const b = window.betaVAE, z = new Float32Array(b.latentDim), blocks = [];
+            """const b = window.betaVAE, z = new Float32Array(b.latentDim), blocks = [];
             for (let i = 0; i < 50; i++) await b.decode(z);
             for (let k = 0; k < 20; k++) {
               const t = performance.now();
@@ -142,13 +104,7 @@ def measure_explorer(url, loads, moves):
             slider.send_keys(Keys.ARROW_RIGHT if k % 40 < 20 else Keys.ARROW_LEFT)
             call(session, "await window.betaVAE.idle();")
         updates = call(session, "return window.betaVAE.timings.updates;")[-moves:]
-        return {
-            "first_image_ms": first,
-            "decode_ms": blocks,
-            "calls": 200,
-            "updates_ms": updates,
-            "console_errors": console_errors(session),
-            "chromium": session.capabilities.get("browserVersion"),
-        }
+        found = dict(first_image_ms=first, decode_ms=blocks, calls=200, slider_to_canvas_ms=updates)
+        return found | dict(console_errors=console_errors(session), chromium=session.capabilities.get("browserVersion"))
     finally:
         session.quit()

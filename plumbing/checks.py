@@ -14,6 +14,7 @@ from plumbing.files import zip_problem
 
 REQUIRED = ("format_version", "model_args", "model", "optimizer", "epoch", "seed", "train_args", "metrics")
 HYPER = ("lr", "betas", "eps", "weight_decay")  # what a resumed run takes from the saved Adam state
+DAMAGED = "retrain, or resume from a backup of the run folder"
 MAX_LIST = 10_000  # entries of a list in a history record: kl_per_dim has at most 4,096, a curve 100
 
 
@@ -166,7 +167,7 @@ def check_checkpoint(ckpt, path, version, settings):
         )
     problem = _fields_problem(ckpt, settings)
     if problem:
-        raise CheckpointError(f"{path} is damaged: {problem}; retrain, or resume from a backup of the run folder")
+        raise CheckpointError(f"{path} is damaged: {problem}; {DAMAGED}")
 
 
 def _hyper_problem(group):

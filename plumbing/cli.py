@@ -4,6 +4,7 @@ Bad input ends with one line, `error: <what is wrong>: <what to do>`, and exit s
 """
 
 import argparse
+import contextlib
 import math
 import sys
 
@@ -44,6 +45,19 @@ def add_setting(parser, name, setting, default=argparse.SUPPRESS, **kwargs):
                         **kwargs)  # fmt: skip
 
 
+def add(parser, name, help, default_text=None, **kwargs):
+    """--name-with-dashes (and the seed's --name_with_underscores), the default stated at the end of its help."""
+    flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
+    said = default_text or ("off" if kwargs.get("action") == "store_true" else kwargs.get("default"))
+    parser.add_argument(*flags, dest=name, help=f"{help} (default: {said})", **kwargs)
+
+
+def add_device(parser):
+    parser.add_argument(
+        "--device", default="auto", help="cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps (default: auto)"
+    )
+
+
 def check_int(flag, value, low, high):
     if not low <= value <= high:
         raise UsageError(f"{flag} {value} is out of range: use {low} to {high}")
@@ -64,10 +78,8 @@ def check_setting(name, value, setting, flag=None):
 def safe_streams():
     """Print anything, even paths whose bytes are not UTF-8 (Python keeps them as surrogates): escape, never raise."""
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(AttributeError, ValueError):  # replaced by a test harness or already closed
             stream.reconfigure(errors="backslashreplace")
-        except (AttributeError, ValueError):  # replaced by a test harness or already closed
-            pass
 
 
 def shown(text, limit=200):

@@ -1,57 +1,48 @@
 """Accept an ONNX file only if it is what export_onnx.py makes, checked before onnxruntime runs it (torch-free).
 
-onnxruntime runs any graph it is given: a Loop with an enormous trip count hangs, one node with a huge output
-allocates gigabytes, and a file of a few kilobytes can declare either. So sample.py and explore.py read a file with
-the onnx package's own protobuf schema (protobuf's parser, as onnxruntime's, so what is checked is what runs; fields
-are counted first, since the parse takes memory by the field, and fields the schema does not know are refused),
-refuse anything but the exporter's kind of graph (its operators and attribute types, weights inside the file, no
-functions or subgraphs, known metadata), run the package's checker and shape inference (at batch 1 and 2: every
-tensor must be (batch, fixed...)), and bound every tensor, scratch buffer and multiply-add per image; the images per
-onnxruntime call then keep memory within MEMORY_BUDGET. onnxruntime gets the bytes that were checked. Any failure is
-one UsageError line.
+onnxruntime runs any graph: a few kilobytes can hold a Loop that never ends or a node of gigabytes. So protobuf parses
+the bytes, as for onnxruntime, once their fields are counted; only the exporter's operators, attributes, in-file
+weights and metadata pass; the onnx checker and shape inference run at batch 1 and 2; every tensor, scratch buffer and
+multiply-add per image is bounded (calls keep within MEMORY_BUDGET). A failure is one UsageError line.
 """
 
 import collections
-import importlib.machinery
-import importlib.util
-import json
 import math
 import os
 import re
 import sys
+from importlib import import_module, machinery, util
 
 import numpy as np
 
 from plumbing.cli import UsageError, shown
 from plumbing.files import NotReadable, read_regular
 
-MAX_BYTES = 8 * 2**20  # the largest file the exporter writes (the encoder at latent 4096) is 4.2 MiB
-FORMAT_VERSION = 1  # the newest format this code reads (export_onnx.FORMAT_VERSION)
-OPSETS = range(17, 21)  # the opsets export_onnx.py writes
-MAX_LATENT, MAX_SIDE, MAX_NODES = 4096, 512, 64
-MAX_ELEMENTS = 2**20  # floats in any tensor or scratch buffer, per image (the decoder's largest: 3,528)
-MAX_MACS = 2**24  # multiply-adds per image (the decoder: about 0.15 M)
-MEMORY_BUDGET = 256 * 2**20  # bytes of tensors onnxruntime may hold in one call
-MAX_CHUNK = 1024  # images per call; more gains nothing on a CPU
-MAX_VALUE = 4096  # characters of a metadata value (kl_per_dim: 24 a dimension)
-MAX_FIELDS = 20_000  # protobuf fields in a file, nested ones included (the exporter writes about 350)
-QUIET = 4  # onnxruntime's log severity: fatal only
+FORMAT_VERSION, OPSETS = 1, range(17, 21)  # the newest format this code reads, and the opsets, export_onnx.py writes
+MAX_BYTES, MAX_LATENT, MAX_SIDE, MAX_NODES = 8 * 2**20, 4096, 512, 64  # a file's bytes: above what the exporter writes
+MAX_ELEMENTS, MAX_MACS = 2**20, 2**24  # per image: floats in any tensor or scratch buffer; multiply-adds
+MEMORY_BUDGET, MAX_CHUNK, QUIET = 256 * 2**20, 1024, 4  # bytes in one onnxruntime call; images a call; log: fatal only
+MAX_VALUE, MAX_FIELDS = 4096, 20_000  # characters of a metadata value; protobuf fields in a file, nested ones included
 ACTIVE_KL = 0.01  # nats: a dimension whose test KL is at most this is not in use (Duan et al.'s UDR threshold)
-HINT = {"decoder": "pass the decoder.onnx that export_onnx.py wrote",
-        "encoder": "pass the encoder.onnx that export_onnx.py wrote"}  # fmt: skip
+HINT = {kind: f"pass the {kind}.onnx that export_onnx.py wrote" for kind in ("decoder", "encoder")}
 SIGNATURE = {"decoder": ("z", ("images",)), "encoder": ("images", ("mu", "logvar"))}
-FLOAT, INT64 = 1, 7  # TensorProto data types the exporter writes
-A_FLOAT, A_INT, A_TENSOR, A_INTS = 1, 2, 4, 7  # AttributeProto types the exporter writes
-_CONV = {"kernel_shape": A_INTS, "strides": A_INTS, "pads": A_INTS, "dilations": A_INTS, "group": A_INT}
-OPS = {"Gemm": {"alpha": A_FLOAT, "beta": A_FLOAT, "transA": A_INT, "transB": A_INT}, "Relu": {}, "Sigmoid": {},
-       "Add": {}, "Constant": {"value": A_TENSOR}, "Reshape": {"allowzero": A_INT}, "Flatten": {"axis": A_INT},
-       "Conv": _CONV, "ConvTranspose": {**_CONV, "output_padding": A_INTS}}  # fmt: skip
+FLOAT, INT64, A_FLOAT, A_INT, A_TENSOR, A_INTS = 1, 7, 1, 2, 4, 7  # the Tensor- and AttributeProto types it writes
+_CONV = ("kernel_shape", "strides", "pads", "dilations", "group")
+OPS = {"Gemm": ("alpha", "beta", "transA", "transB"), "Relu": (), "Sigmoid": (), "Add": (), "Constant": ("value",)}
+OPS |= {"Reshape": ("allowzero",), "Flatten": ("axis",), "Conv": _CONV, "ConvTranspose": (*_CONV, "output_padding")}
+A_TYPE = {"alpha": A_FLOAT, "beta": A_FLOAT, "value": A_TENSOR} | dict.fromkeys((*_CONV[:4], "output_padding"), A_INTS)
+OPS = {op: {name: A_TYPE.get(name, A_INT) for name in names} for op, names in OPS.items()}  # {operator: {name: type}}
+CONV_MAX = {"group": 1, "dilations": 1, "strides": 4, "kernel_shape": 7}  # each value from 1 to this
+MESSAGE, NOT_VARINTS = 11, (None, 1, 2, 9, 12)  # FieldDescriptor types: message; double, float, string, bytes
+EXTRAS = ("local functions", "training information", "sparse initializers", "value_info entries")
 NUMBER = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?")  # as Python and JSON write floats
-KEYS = {"format", "format_version", "latent_dim", "image_shape", "pixel_range", "beta", "objective", "epochs", "seed",
-        "model_args", "source_checkpoint", "checkpoint_sha256", "torch_version", "batchnorm", "kl_per_dim",
-        "kl_epoch", "trained_on"}  # fmt: skip
-FORMS = {"beta": NUMBER, "checkpoint_sha256": re.compile("[0-9a-f]{64}"),
-         **dict.fromkeys(("format_version", "epochs", "seed", "kl_epoch"), re.compile("[0-9]{1,20}"))}  # fmt: skip
+FORMS = dict.fromkeys(("format_version", "epochs", "seed", "kl_epoch"), re.compile("[0-9]{1,20}"))
+FORMS |= {"beta": NUMBER, "checkpoint_sha256": re.compile("[0-9a-f]{64}")}  # metadata values of a fixed form
+KEYS = {*FORMS, "format", "latent_dim", "image_shape", "pixel_range", "objective", "model_args", "source_checkpoint"}
+KEYS |= {"torch_version", "batchnorm", "kl_per_dim", "trained_on"}  # every metadata key the exporter writes
+_why = lambda e, limit: shown((str(e).strip().splitlines() or [type(e).__name__])[0], limit)  # an error's first line
+_special = lambda a: a.ref_attr_name or a.graphs or a.HasField("g") or a.HasField("sparse_tensor")  # not the exporter's
+_dims = lambda v: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
 
 
 class Malformed(Exception):
@@ -59,21 +50,14 @@ class Malformed(Exception):
 
 
 def _onnx(name):
-    """A module of the installed onnx package, loaded without its __init__.py, whose imports (ml_dtypes among them)
-    take over a second from a cold start; registered under its own name, so a later `import onnx` shares it."""
+    """A module of the onnx package, loaded without its slow __init__.py, as its own name (`import onnx` shares it)."""
     full = f"onnx.{name}"
     if full not in sys.modules:
-        package = importlib.util.find_spec("onnx")  # finds the package without running it
+        package = util.find_spec("onnx")  # finds the package without running it
         if package is None:
             raise UsageError("the onnx package is not installed: pip install -r requirements-sample.txt")
-        folder = package.submodule_search_locations[0]
-        path = next(
-            os.path.join(folder, f)
-            for f in sorted(os.listdir(folder))
-            if f.startswith(name) and f.endswith((".py", *importlib.machinery.EXTENSION_SUFFIXES))
-        )
-        spec = importlib.util.spec_from_file_location(full, path)
-        sys.modules[full] = module = importlib.util.module_from_spec(spec)
+        spec = machinery.PathFinder.find_spec(full, package.submodule_search_locations)
+        sys.modules[full] = module = util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return sys.modules[full]
 
@@ -84,8 +68,7 @@ class Model:
     def __init__(self, path, kind, data, meta, latent, image_shape, floats, macs, kl, beta):
         self.path, self.kind, self.data, self.meta = shown(path, 300), kind, data, meta
         self.latent, self.image_shape, self.macs, self.kl, self.beta = latent, image_shape, macs, kl, beta
-        self.input, self.outputs = SIGNATURE[kind]
-        self.chunk = max(1, min(MAX_CHUNK, MEMORY_BUDGET // (4 * floats)))
+        (self.input, self.outputs), self.chunk = SIGNATURE[kind], max(1, min(MAX_CHUNK, MEMORY_BUDGET // (4 * floats)))
 
 
 def _varint(data, pos):
@@ -99,36 +82,27 @@ def _varint(data, pos):
 
 
 def _count_fields(data, descriptor):
-    """Refuse a file of more than MAX_FIELDS protobuf fields before protobuf parses it: the parse takes up to 200
-    bytes of memory a field (8 MiB of empty records: 800 MiB). This only counts, following the fields that the
-    schema says are messages; what the bytes mean is left to protobuf, whose parse is what gets checked."""
+    """Refuse over MAX_FIELDS protobuf fields before protobuf parses them (memory by the field); this only counts."""
     stack, count = [(0, len(data), descriptor)], 0
     while stack:
         pos, end, message = stack.pop()
         while pos < end:
             key, pos = _varint(data, pos)
             count, wire, field = count + 1, key & 7, message.fields_by_number.get(key >> 3)
-            if wire == 0:
-                pos = _varint(data, pos)[1]
-            elif wire in (1, 5):
-                pos += 8 if wire == 1 else 4
-            elif wire == 2:
-                size, pos = _varint(data, pos)
-                if field is not None and field.type == field.TYPE_MESSAGE and pos + size <= end:
-                    stack.append((pos, pos + size, field.message_type))
-                elif field is not None and field.type not in (field.TYPE_STRING, field.TYPE_BYTES, field.TYPE_FLOAT,
-                                                              field.TYPE_DOUBLE):  # fmt: skip
-                    count += len(data[pos : pos + size].translate(None, bytes(range(128, 256))))  # packed integers
-                pos += size
-            else:  # groups (onnx has none) and wire types protobuf refuses
+            if wire not in (0, 1, 2, 5):  # groups (onnx has none) and wire types protobuf refuses
                 raise Malformed(f"a field of wire type {wire}, which the exporter never writes")
+            if wire != 2:
+                pos = _varint(data, pos)[1] if wire == 0 else pos + (8 if wire == 1 else 4)
+            else:
+                size, pos = _varint(data, pos)
+                kind = getattr(field, "type", None)
+                if kind == MESSAGE and pos + size <= end:
+                    stack.append((pos, pos + size, field.message_type))
+                elif kind not in NOT_VARINTS:
+                    count += len(data[pos : pos + size].translate(None, bytes(range(128, 256))))  # packed varints
+                pos += size
             if count > MAX_FIELDS:
                 raise Malformed(f"more than {MAX_FIELDS:,} protobuf fields; the exporter writes about 350")
-
-
-def _dims(value_info):
-    return [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in
-            value_info.type.tensor_type.shape.dim]  # fmt: skip
 
 
 def _tensor(t, where):
@@ -138,100 +112,68 @@ def _tensor(t, where):
     dims = list(t.dims)
     if len(dims) > 8 or not all(0 <= d < 2**31 for d in dims) or t.data_type not in (FLOAT, INT64):
         raise Malformed(f"{where}: a tensor of type {t.data_type} and shape {dims[:8]}")
-    count, dtype = math.prod(dims), np.float32 if t.data_type == FLOAT else np.int64
-    typed = t.float_data if t.data_type == FLOAT else t.int64_data
-    if len(t.raw_data) != count * 4 * (1 + (t.data_type == INT64)) and not (not t.raw_data and len(typed) == count):
+    dtype, typed = (np.dtype("<f4"), t.float_data) if t.data_type == FLOAT else (np.dtype("<i8"), t.int64_data)
+    if len(t.raw_data) != math.prod(dims) * dtype.itemsize and (t.raw_data or len(typed) != math.prod(dims)):
         raise Malformed(f"{where}: a tensor of shape {dims} holding {len(t.raw_data) or len(typed)} values' bytes")
-    values = np.frombuffer(t.raw_data, dtype).reshape(dims) if t.raw_data else np.array(typed, dtype).reshape(dims)
-    return dims, values
+    return dims, (np.frombuffer(t.raw_data, dtype) if t.raw_data else np.array(typed, dtype)).reshape(dims)
 
 
 def _structure(m, kind):
     """The exporter's kind of graph, checked field by field before the checker or shape inference sees it."""
-    g = m.graph
-    if not 7 <= m.ir_version <= 10 or [(o.domain, o.version in OPSETS) for o in m.opset_import] not in (
-        [("", True)],
-        [("ai.onnx", True)],
-    ):
-        raise Malformed(f"IR version {m.ir_version}, opsets {[(o.domain, o.version) for o in m.opset_import][:4]}")
-    extras = [
-        what
-        for what, there in (
-            ("local functions", m.functions),
-            ("training information", m.training_info),
-            ("sparse initializers", g.sparse_initializer),
-            ("value_info entries", g.value_info),
-        )
-        if there
-    ]
-    if extras or len(g.node) > MAX_NODES or len(g.initializer) > MAX_NODES or len(m.metadata_props) > 32:
-        raise Malformed(
-            f"{extras[0] if extras else 'more nodes, weights or metadata'}, which the exporter never writes"
-        )
-    consts = {t.name: _tensor(t, f"weight {shown(t.name, 40)}") for t in g.initializer}
-    defined = [SIGNATURE[kind][0], *[t.name for t in g.initializer], *[o for n in g.node for o in n.output]]
-    twice = sorted(name for name, count in collections.Counter(defined).items() if count > 1)
+    g, (x, outputs) = m.graph, SIGNATURE[kind]
+    opsets = [(o.domain, o.version) for o in m.opset_import]
+    if not 7 <= m.ir_version <= 10 or [(d in ("", "ai.onnx"), v in OPSETS) for d, v in opsets] != [(True, True)]:
+        raise Malformed(f"IR version {m.ir_version}, opsets {opsets[:4]}")
+    extras = [w for w, v in zip(EXTRAS, (m.functions, m.training_info, g.sparse_initializer, g.value_info)) if v]
+    if extras or max(len(g.node), len(g.initializer)) > MAX_NODES or len(m.metadata_props) > 32:
+        raise Malformed(f"{(extras or ['more nodes, weights or metadata'])[0]}, which the exporter never writes")
+    consts, computed = {t.name: _tensor(t, f"weight {shown(t.name, 40)}") for t in g.initializer}, {x}
+    made, used = [o for n in g.node for o in n.output], {*outputs, *(i for n in g.node for i in n.input)}
+    twice = sorted(k for k, c in collections.Counter([x, *(t.name for t in g.initializer), *made]).items() if c > 1)
     if twice:  # onnxruntime would feed or compute the real tensor where the checks assumed a constant
         raise Malformed(f"the name {shown(twice[0], 40)!r} given to more than one tensor")
-    used = {i for n in g.node for i in n.input}
-    computed = {SIGNATURE[kind][0]}
     for n in g.node:
         if n.domain not in ("", "ai.onnx") or n.op_type not in OPS:
-            raise Malformed(
-                f"operator {shown(n.domain + '.' if n.domain else '', 40)}{shown(n.op_type, 40)}, which "
-                "the exporter never writes"
-            )
-        if n.op_type != "Constant" and (not n.input or n.input[0] not in computed or any(
-                i not in consts for i in n.input[1:])):  # fmt: skip
+            op = shown(n.domain + "." if n.domain else "", 40) + shown(n.op_type, 40)
+            raise Malformed(f"operator {op}, which the exporter never writes")
+        if n.op_type != "Constant" and (not n.input or n.input[0] not in computed or not set(n.input[1:]) <= {*consts}):
             raise Malformed(f"{n.op_type} whose inputs are not one computed tensor followed by weights")
         computed.update(n.output)
-        odd = [f"{a.name} of type {a.type}" for a in n.attribute if OPS[n.op_type].get(a.name, -1) != a.type or any(
-               (a.ref_attr_name, a.HasField("g"), a.graphs, a.HasField("sparse_tensor")))]  # fmt: skip
+        odd = [f"{a.name} of type {a.type}" for a in n.attribute if OPS[n.op_type].get(a.name) != a.type or _special(a)]
         if odd or len(n.attribute) > 8 or len(n.output) != 1:
             raise Malformed(f"{n.op_type} with attribute(s) {', '.join(odd)[:200]}" if odd else f"{n.op_type} node")
         for a in n.attribute:
+            values = list(a.ints) if a.type == A_INTS else [a.i]
             if a.type == A_TENSOR:
                 consts[n.output[0]] = _tensor(a.t, f"{n.op_type} {shown(n.output[0], 40)}")
-            elif a.type == A_INTS and (len(a.ints) > 8 or not all(0 <= v <= 64 for v in a.ints)):
-                raise Malformed(f"{n.op_type} with {a.name} {list(a.ints)[:8]}")
-        if n.op_type in ("Conv", "ConvTranspose"):
-            at = {a.name: list(a.ints) if a.type == A_INTS else a.i for a in n.attribute}
-            if at.get("group", 1) != 1 or set(at.get("dilations", [1])) != {1} or not all(
-                    1 <= s <= 4 for s in at.get("strides", [1])) or not all(1 <= k <= 7 for k in at.get(
-                    "kernel_shape", [1])):  # fmt: skip
-                raise Malformed(f"{n.op_type} with attributes {at}")
-    unused = [name for name in [*consts, *(o for n in g.node for o in n.output)] if name not in used
-              and name not in SIGNATURE[kind][1]]  # fmt: skip
+            elif a.type == A_INTS and (len(values) > 8 or not all(0 <= v <= 64 for v in values)):
+                raise Malformed(f"{n.op_type} with {a.name} {values[:8]}")
+            elif a.name in CONV_MAX and not (values and all(1 <= v <= CONV_MAX[a.name] for v in values)):
+                raise Malformed(f"{n.op_type} with attributes {a.name} {values}")
+    unused = [k for k in [*consts, *made] if k not in used]
     if unused:
         raise Malformed(f"{shown(unused[0], 40)!r}, which no node uses")
-    last = {n.output[0]: n.op_type for n in g.node}
-    if kind == "decoder" and last.get("images") != "Sigmoid":  # the exporter's decoder ends in the seed's Sigmoid
+    if kind == "decoder" and {n.output[0]: n.op_type for n in g.node}.get("images") != "Sigmoid":  # as the seed's
         raise Malformed("images that do not come out of a Sigmoid, so they need not be in [0, 1]")
     return consts
 
 
 def _signature(m, kind):
     """(latent size, image shape) from the declared inputs and outputs, which must be the exporter's."""
-    in_name, out_names = SIGNATURE[kind]
-    ins, outs = list(m.graph.input), list(m.graph.output)
-    if [v.name for v in ins] != [in_name] or [v.name for v in outs] != list(out_names) or any(
-            v.type.tensor_type.elem_type != FLOAT for v in ins + outs):  # fmt: skip
-        found = ", ".join(shown(v.name, 20) for v in ins[:4]) + " -> " + ", ".join(shown(v.name, 20) for v in outs[:4])
-        raise Malformed(f"it maps {found}; a {kind} maps float {in_name} -> {', '.join(out_names)}")
-    shapes = {}
-    for v in ins + outs:
-        dims = _dims(v)
-        if len(dims) != (4 if v.name == "images" else 2) or not isinstance(dims[0], str) or not all(
-                isinstance(d, int) for d in dims[1:]):  # fmt: skip
-            raise Malformed(f"{v.name} has shape {dims[:8]}, not [batch, ...] with a named batch axis and fixed others")
-        shapes[v.name] = tuple(dims[1:])
-    latent, image = shapes["z" if kind == "decoder" else "mu"][0], shapes["images"]
-    if kind == "encoder" and shapes["mu"] != shapes["logvar"]:
-        raise Malformed(f"mu {shapes['mu']} and logvar {shapes['logvar']} differ")
+    (x, outputs), ins, outs = SIGNATURE[kind], list(m.graph.input), list(m.graph.output)
+    names = [v.name for v in ins], [v.name for v in outs]
+    if names != ([x], list(outputs)) or any(v.type.tensor_type.elem_type != FLOAT for v in ins + outs):
+        found = " -> ".join(", ".join(shown(name, 20) for name in side[:4]) for side in names)
+        raise Malformed(f"it maps {found}; a {kind} maps float {x} -> {', '.join(outputs)}")
+    shapes = {v.name: _dims(v) for v in ins + outs}
+    for name, dims in shapes.items():
+        if [type(d) for d in dims] != [str] + [int] * (3 if name == "images" else 1) or not dims[0]:
+            raise Malformed(f"{name} has shape {dims[:8]}, not [batch, ...] with a named batch axis and fixed others")
+    (latent,), image = shapes["z" if kind == "decoder" else "mu"][1:], tuple(shapes["images"][1:])
+    if kind == "encoder" and shapes["mu"][1:] != shapes["logvar"][1:]:
+        raise Malformed(f"mu {tuple(shapes['mu'][1:])} and logvar {tuple(shapes['logvar'][1:])} differ")
     if not 1 <= latent <= MAX_LATENT or image[0] != 1 or not all(1 <= s <= MAX_SIDE for s in image[1:]):
-        raise Malformed(
-            f"latent size {latent} (1-{MAX_LATENT}) or image shape {image} (1, H, W up to {MAX_SIDE}) out of bounds"
-        )
+        raise Malformed(f"latent size {latent} (at most {MAX_LATENT}) or image shape {image} out of bounds")
     return latent, image
 
 
@@ -240,24 +182,21 @@ def _metadata(m, kind):
     for p in m.metadata_props:
         if p.key not in KEYS:  # onnxruntime reads some keys itself ("ort_config": session options)
             raise Malformed(f"metadata key '{shown(p.key, 40)}', which the exporter never writes")
-        if p.key in meta or len(p.value) > MAX_VALUE * (24 if p.key == "kl_per_dim" else 1) or (
-                p.key in FORMS and not FORMS[p.key].fullmatch(p.value)):  # fmt: skip
-            raise Malformed(
-                f"metadata {p.key} '{shown(p.value, 40)}'"
-                + (f" of {len(p.value):,} characters" if len(p.value) > MAX_VALUE else ", not what the exporter writes")
-            )
+        too_long = len(p.value) > MAX_VALUE * (24 if p.key == "kl_per_dim" else 1)
+        if too_long or p.key in meta or (p.key in FORMS and not FORMS[p.key].fullmatch(p.value)):
+            what = f" of {len(p.value):,} characters" if len(p.value) > MAX_VALUE else ", not what the exporter writes"
+            raise Malformed(f"metadata {p.key} '{shown(p.value, 40)}'{what}")
         meta[p.key] = p.value
     if meta.get("format") != f"beta-vae-{kind}":
         raise Malformed(f"its metadata says format '{shown(meta.get('format'), 40)}'")
-    if "beta" in meta and not math.isfinite(float(meta["beta"])):
+    if not math.isfinite(float(meta.get("beta", 0))):
         raise Malformed(f"metadata beta {float(meta['beta'])}")
     return meta
 
 
 def _shapes(m, batch):
     """{name: dims} of every tensor, from the package's shape inference with the batch axis set to `batch`."""
-    fixed = type(m)()
-    fixed.CopyFrom(m)
+    fixed = type(m).FromString(m.SerializeToString())
     for v in [*fixed.graph.input, *fixed.graph.output]:
         v.type.tensor_type.shape.dim[0].dim_value = batch
     inferred = _onnx("onnx_cpp2py_export").shape_inference.infer_shapes(fixed.SerializeToString(), True, True, False)
@@ -266,111 +205,79 @@ def _shapes(m, batch):
 
 
 def _bounds(m, data, consts):
-    """(floats held per image, multiply-adds per image), every tensor's shape per image from shape inference.
-
-    Inferred at batch 1 and 2, every tensor must be (1, ...) and (2, ...) with the same fixed rest: with the batch
-    left symbolic, a Reshape to [-1, 1] or a Flatten at axis 2 would hide the batch inside a fixed axis (the
-    inference names the first axis unk__0 after any Reshape), and onnxruntime would hold far more per image."""
+    """(floats held, multiply-adds) per image, from shape inference at batch 1 and 2: every tensor must be (1, ...) and
+    (2, ...), the rest fixed, or a Reshape to [-1, 1] could hide the batch in a fixed axis (far more per image)."""
     try:
         _onnx("onnx_cpp2py_export").checker.check_model(data, True, False, False)  # full_check: strict inference
         one, two = _shapes(m, 1), _shapes(m, 2)
     except Exception as e:  # the checker's ValidationError, shape inference's InferenceError
-        raise Malformed(f"the onnx checker: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+        raise Malformed(f"the onnx checker: {_why(e, 200)}") from None
 
     def per_image(name, what):
-        a, b = one.get(name), two.get(name)
-        if not (a and b and a[0] == 1 and b[0] == 2 and a[1:] == b[1:] and all(
-                isinstance(d, int) and d >= 1 for d in a[1:])):  # fmt: skip
-            raise Malformed(
-                f"{what} {shown(name, 40)!r} of shape {a} at batch 1, {b} at batch 2: not (batch, ...) "
-                "with fixed other axes"
-            )
+        a, b = one.get(name) or [None], two.get(name) or [None]
+        if (a[0], b[0]) != (1, 2) or a[1:] != b[1:] or not all(isinstance(d, int) and d >= 1 for d in a[1:]):
+            raise Malformed(f"{what} {shown(name, 40)!r} of shape {a} at batch 1, {b} at batch 2, not (batch, ...)")
         return a[1:]
 
     floats, macs = math.prod(per_image(m.graph.input[0].name, "the input")), 0
     for v in m.graph.output:
         per_image(v.name, "the output")
-    for n in m.graph.node:
-        if n.op_type == "Constant":
-            continue
+    for n in (n for n in m.graph.node if n.op_type != "Constant"):
         inp, out = per_image(n.input[0], f"{n.op_type} on"), per_image(n.output[0], f"{n.op_type} making")
-        if math.prod(out) > MAX_ELEMENTS:
-            raise Malformed(f"{n.op_type} making a tensor of shape {tuple(out)} per image (at most {MAX_ELEMENTS:,})")
-        scratch, work = 0, math.prod(out)
-        if n.op_type == "Gemm":
-            work = consts[n.input[1]][1].size
-        elif n.op_type in ("Conv", "ConvTranspose"):  # onnxruntime's column buffer: for Conv cin k^d per output
-            w = consts[n.input[1]][0]  # position, for ConvTranspose cout k^d per input position (before any crop)
-            positions = math.prod(out[1:] if n.op_type == "Conv" else inp[1:])
-            scratch = positions * w[1] * math.prod(w[2:])
-            work = scratch * (w[0] if n.op_type == "Conv" else inp[0])
-            if scratch > MAX_ELEMENTS:
-                raise Malformed(f"{n.op_type} needing {scratch:,} scratch values per image (at most {MAX_ELEMENTS:,})")
-        floats, macs = floats + math.prod(out) + scratch, macs + work
+        size, scratch = math.prod(out), 0
+        work = consts[n.input[1]][1].size if n.op_type == "Gemm" else size
+        if n.op_type in ("Conv", "ConvTranspose"):  # onnxruntime's column buffer, before any crop: cin k^d values
+            w, conv = consts[n.input[1]][0], n.op_type == "Conv"  # a position out (Conv), cout k^d a position in
+            scratch = math.prod(out[1:] if conv else inp[1:]) * w[1] * math.prod(w[2:])
+            work = scratch * (w[0] if conv else inp[0])
+        big = f"making a tensor of shape {tuple(out)}" if size > MAX_ELEMENTS else f"needing {scratch:,} scratch values"
+        if max(size, scratch) > MAX_ELEMENTS:
+            raise Malformed(f"{n.op_type} {big} per image (at most {MAX_ELEMENTS:,})")
+        floats, macs = floats + size + scratch, macs + work
     if macs > MAX_MACS:
         raise Malformed(f"{macs:,} multiply-adds per image (at most {MAX_MACS:,})")
     return floats, macs
 
 
-def _kl(text, latent):
-    """kl_per_dim as `latent` finite numbers >= 0, or None; read without json (no recursion, no huge integers)."""
-    items = text.strip()[1:-1].split(",") if text.strip()[:1] == "[" and text.strip()[-1:] == "]" else []
-    if len(items) != latent or not all(NUMBER.fullmatch(x.strip()) for x in items):
-        return None
-    kl = [float(x) for x in items]
-    return kl if all(math.isfinite(v) and v >= 0 for v in kl) else None
-
-
-def _check(data, kind, path):
-    what = "an ONNX model this project can read"
+def check(data, kind, path):
+    """A Model for the bytes of an ONNX file, or UsageError (one line) saying why it is not this project's `kind`."""
+    path, what = shown(path, 300), "an ONNX model this project can read"
     try:
         m = _onnx("onnx_ml_pb2").ModelProto()
         _count_fields(data, m.DESCRIPTOR)
         try:
             m.ParseFromString(data)
         except Exception as e:  # protobuf's DecodeError, or its recursion limit
-            raise Malformed(f"not a protobuf model: {(str(e).splitlines() or [type(e).__name__])[0][:100]}") from None
+            raise Malformed(f"not a protobuf model: {_why(e, 100)}") from None
         size = m.ByteSize()
         m.DiscardUnknownFields()
         if m.ByteSize() != size:  # onnxruntime's copy of onnx.proto, of another version, may know what this one skips
             raise Malformed("fields the onnx schema does not know, or of the wrong wire type")
         what = f"{'an' if kind == 'encoder' else 'a'} {kind} that export_onnx.py wrote"
-        meta = _metadata(m, kind)
-        latent, image_shape = _signature(m, kind)
+        meta, (latent, image) = _metadata(m, kind), _signature(m, kind)
         floats, macs = _bounds(m, data, _structure(m, kind))
     except Malformed as e:
         raise UsageError(f"{path} is not {what} ({shown(e, 300)}): {HINT[kind]}") from None
-    disagree = []
-    if meta.get("latent_dim") != str(latent):
-        disagree.append(f"latent_dim {meta.get('latent_dim')!r} but the graph takes {latent}")
-    if meta.get("image_shape") != ",".join(map(str, image_shape)):
-        disagree.append(f"image_shape {meta.get('image_shape')!r} but the graph makes {image_shape}")
-    kl = _kl(meta["kl_per_dim"], latent) if "kl_per_dim" in meta else None
+    except Exception as e:  # nothing foreseen: still one line, never a traceback (RecursionError, MemoryError, ...)
+        raise UsageError(f"{path} could not be checked ({type(e).__name__}): {HINT[kind]}") from None
+    text = meta.get("kl_per_dim", "").strip()  # read without json: no recursion, no huge integers
+    items = text[1:-1].split(",") if text[:1] + text[-1:] == "[]" else []
+    kl = [float(v) for v in items if NUMBER.fullmatch(v.strip())]
+    kl = kl if len(kl) == len(items) == latent and all(math.isfinite(v) and v >= 0 for v in kl) else None
+    shape = ",".join(map(str, image))
+    graph = {"latent_dim": (str(latent), f"takes {latent}"), "image_shape": (shape, f"makes {image}")}
+    disagree = [f"{k} {meta.get(k)!r} but the graph {does}" for k, (v, does) in graph.items() if meta.get(k) != v]
     if kl is None and "kl_per_dim" in meta:
         disagree.append(f"kl_per_dim is not a list of {latent} numbers >= 0")
     if disagree:
-        raise UsageError(
-            f"{path} has metadata that disagrees with its graph ({shown('; '.join(disagree), 300)}): "
-            "export it again with export_onnx.py"
-        )
-    if "format_version" not in meta:
+        why = f"({shown('; '.join(disagree), 300)}): export it again with export_onnx.py"
+        raise UsageError(f"{path} has metadata that disagrees with its graph {why}")
+    version = int(meta.get("format_version", -1))  # its form was checked
+    if version < 0:
         raise UsageError(f"{path} has no format_version in its metadata: {HINT[kind]}")
-    if int(meta["format_version"]) > FORMAT_VERSION:
-        raise UsageError(
-            f"{path} has {kind} format {int(meta['format_version'])}; this code reads up to {FORMAT_VERSION}: update it"
-        )
-    beta = float(meta["beta"]) if "beta" in meta else None
-    return Model(path, kind, data, meta, latent, image_shape, floats, macs, kl, beta)
-
-
-def check(data, kind, path):
-    """A Model for the bytes of an ONNX file, or UsageError (one line) saying why it is not this project's `kind`."""
-    try:
-        return _check(data, kind, shown(path, 300))
-    except UsageError:
-        raise
-    except Exception as e:  # nothing foreseen: still one line, never a traceback (RecursionError, MemoryError, ...)
-        raise UsageError(f"{shown(path, 300)} could not be checked ({type(e).__name__}): {HINT[kind]}") from None
+    if version > FORMAT_VERSION:
+        raise UsageError(f"{path} has {kind} format {version}; this code reads up to {FORMAT_VERSION}: update it")
+    return Model(path, kind, data, meta, latent, image, floats, macs, kl, meta.get("beta") and float(meta["beta"]))
 
 
 def load(path, kind):
@@ -378,66 +285,46 @@ def load(path, kind):
     try:
         data = read_regular(path, MAX_BYTES)
     except (NotReadable, OSError) as e:  # OSError: os.fdopen refuses a folder before read_regular's own check
-        if not os.path.lexists(path):
-            raise UsageError(f"no file at {shown(path, 300)}: {HINT[kind]}") from None
         reason = e if isinstance(e, NotReadable) else f"cannot be read ({e.strerror or type(e).__name__})"
-        raise UsageError(f"{shown(path, 300)} {reason}: {HINT[kind]}") from None
+        said = f"{shown(path, 300)} {reason}" if os.path.lexists(path) else f"no file at {shown(path, 300)}"
+        raise UsageError(f"{said}: {HINT[kind]}") from None
     return check(data, kind, path)
 
 
 def kl_order(kl, latent):
     """Dimensions by KL, largest first (index order when the file has no KL), and those not in use."""
-    if kl is None:
-        return list(range(latent)), []
-    order = sorted(range(latent), key=lambda d: (-kl[d], d))
-    return order, [d for d in order if kl[d] <= ACTIVE_KL]
-
-
-def trained_to(path):
-    """The last epoch in metrics.jsonl beside an exported file (its run folder), or None."""
-    try:
-        lines = read_regular(os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl"), 2**24).split(b"\n")
-        return max(int(json.loads(line)["epoch"]) for line in lines if line.strip())
-    except (NotReadable, ValueError, KeyError, TypeError, RecursionError):
-        return None
+    order = list(range(latent)) if kl is None else sorted(range(latent), key=lambda d: (-kl[d], d))
+    return order, [] if kl is None else [d for d in order if kl[d] <= ACTIVE_KL]
 
 
 def session(model):
     """An onnxruntime session for a checked Model, quiet: its own log lines would break the one-line errors."""
-    import onnxruntime as ort
-
+    ort = import_module("onnxruntime")
     ort.set_default_logger_severity(QUIET)
     opts = ort.SessionOptions()
     opts.log_severity_level = QUIET
-    # idle worker threads otherwise spin waiting for work, which halved throughput on a busy 2-core CPU
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would spin on a busy CPU
     try:
         return ort.InferenceSession(model.data, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises several types; each means "not a model we can load"
-        reason = shown((str(e).strip().splitlines() or [type(e).__name__])[0], 150)
-        raise UsageError(f"{model.path} is not an ONNX model onnxruntime can load ({reason}): {HINT[model.kind]}")
+        why = f"({_why(e, 150)}): {HINT[model.kind]}"
+        raise UsageError(f"{model.path} is not an ONNX model onnxruntime can load {why}") from None
 
 
 def run(model, sess, x):
-    """The list of every output of the model for the float32 batch x, model.chunk images per call, each checked for
-    its shape, for NaN and (images) for [0, 1]."""
-    import onnxruntime as ort
-
-    opts = ort.RunOptions()
+    """Every output of the model for the float32 batch x, model.chunk images a call, checked: shape, NaN, [0, 1]."""
+    opts, c, path = import_module("onnxruntime").RunOptions(), model.chunk, model.path
     opts.log_severity_level = QUIET
     try:
-        parts = [sess.run(list(model.outputs), {model.input: x[i : i + model.chunk]}, opts)
-                 for i in range(0, len(x), model.chunk)]  # fmt: skip
+        parts = [sess.run(list(model.outputs), {model.input: x[i : i + c]}, opts) for i in range(0, len(x), c)]
     except Exception as e:  # loads, but fails on its own input shape: not a working model
-        reason = shown((str(e).strip().splitlines() or [type(e).__name__])[0], 150)
-        raise UsageError(f"{model.path} loads but fails to run ({reason}): {HINT[model.kind]}") from None
-    outs = [np.concatenate([p[k] for p in parts]) for k in range(len(model.outputs))]
+        raise UsageError(f"{path} loads but fails to run ({_why(e, 150)}): {HINT[model.kind]}") from None
+    outs = [np.concatenate(part) for part in zip(*parts)]
     want = [(len(x), *model.image_shape)] if model.kind == "decoder" else [(len(x), model.latent)] * 2
     if [o.shape for o in outs] != want:
-        raise UsageError(f"{model.path} returned shapes {[o.shape for o in outs]}, not {want}: export it again")
-    if not all(np.isfinite(o).all() for o in outs) or (model.kind == "decoder" and not (
-            outs[0].min() >= 0 and outs[0].max() <= 1)):  # fmt: skip
-        raise UsageError(
-            f"{model.path} returned NaN, infinite or out-of-range values: export it again from a healthy checkpoint"
-        )
+        raise UsageError(f"{path} returned shapes {[o.shape for o in outs]}, not {want}: export it again")
+    low, high = (outs[0].min(), outs[0].max()) if model.kind == "decoder" else (0, 1)  # images: in [0, 1]
+    if not (all(np.isfinite(o).all() for o in outs) and 0 <= low <= high <= 1):
+        why = "NaN, infinite or out-of-range values"
+        raise UsageError(f"{path} returned {why}: export it again from a healthy checkpoint")
     return outs

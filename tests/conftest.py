@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
+import data
 
 
 def make_images(n, seed):
@@ -59,6 +59,7 @@ def tiny_data(tmp_path):
 def tiny_checkpoint(tmp_path_factory):
     """A checkpoint of a model trained for a few steps on tiny data (shared by the session; do not modify)."""
     import torch
+
     import vae
 
     root = tmp_path_factory.mktemp("ckpt")
@@ -177,6 +178,7 @@ def in_process(threads=None):
     signal handlers and the thread count are put back afterwards. A torch start-up (1.5-3 s) and an optimizer's
     first use of dynamo (about 2 s) saved per run."""
     import signal
+
     import torch
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

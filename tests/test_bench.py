@@ -79,3 +79,18 @@ def test_an_out_that_cannot_be_written_is_refused_before_measuring(tiny_data, tm
             proc.stderr
         )
     assert open(label_file, "rb").read() == before and not (tmp_path / "missing").exists()
+
+
+def test_a_bad_section_or_contender_is_one_line(tiny_data):
+    for args, says in (
+        (["--only", "train,plot"], "--only train,plot: choose from train,evaluate,sample,decoder,browser"),
+        (["--contenders", "seed,fast"], "--contenders seed,fast: choose from seed,eager,plain,fused"),
+        (["--quick", "--contenders", "plain"], "give seed or eager"),  # --quick trains no compiled step
+    ):
+        proc = subprocess.run(
+            [sys.executable, "bench.py", "--data-dir", tiny_data, *args], cwd=ROOT, capture_output=True, text=True
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], (
+            proc.stderr
+        )

@@ -14,17 +14,17 @@ import zipfile
 
 import pytest
 import torch
+from conftest import write_dataset
 
 import evaluate
 import explore
 import export_onnx
-from plumbing import files as fileio
 import fid
 import sample
 import sweep
 import train
 import vae
-from conftest import write_dataset
+from plumbing import files as fileio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

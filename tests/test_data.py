@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import make_images
 
 import data
-from conftest import make_images
 
 
 def test_reads_both_splits(tiny_data):
@@ -116,7 +116,7 @@ def test_each_factor_does_what_its_name_says(sprites):
 def test_the_sprites_test_split_is_fixed_disjoint_and_a_third(sprites):
     (train, f_train), (test, f_test) = data.sprite_split("train"), data.sprite_split("test")
     assert len(test) == len(sprites[0]) // 3 and len(train) + len(test) == len(sprites[0])
-    key = lambda f: set(np.ravel_multi_index(f.T, data.LEVELS).tolist())  # noqa: E731
+    key = lambda f: set(np.ravel_multi_index(f.T, data.LEVELS).tolist())
     assert not key(f_train) & key(f_test)
     assert np.array_equal(data.sprite_split("test")[1], f_test)  # the same split every time
     assert np.bincount(f_test[:, 0]).min() > len(test) / 3 - 200  # every shape well represented

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
 import data
 import evaluate
-from conftest import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = (
@@ -424,9 +424,10 @@ os.replace = replace""",
 def sprites_run(tmp_path_factory):
     """A small model trained for one epoch on the sprites set, evaluated with --save-latents (its FID classifier
     trained for one epoch, cached in a folder of the test's own)."""
+    from conftest import run_here
+
     import fid
     import train
-    from conftest import run_here
 
     root = tmp_path_factory.mktemp("sprites")
     mp = pytest.MonkeyPatch()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import write_dataset
 
 import data
 import fid
-from conftest import write_dataset
 
 
 def random_cov(d, seed, scale=1.0):

@@ -10,14 +10,14 @@ import sys
 import textwrap
 
 import pytest
-import vae
 import torch
+from conftest import make_images, write_dataset
 
 import data
 import evaluate
-from plumbing import files as fileio
 import train
-from conftest import make_images, write_dataset
+import vae
+from plumbing import files as fileio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import export_onnx
-from plumbing import files as fileio
 import vae
+from plumbing import files as fileio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_KEYS = (

@@ -10,12 +10,12 @@ import time
 
 import pytest
 import torch
+from conftest import make_images, run_here, run_offline, write_dataset
 
 import data
 import export_onnx
 import train
 import vae
-from conftest import make_images, run_here, run_offline, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

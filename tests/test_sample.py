@@ -14,13 +14,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import KL, NO_TORCH, run_here, run_without_torch
 from onnx import TensorProto, helper
 from PIL import Image
 
+import sample
 from plumbing import files as fileio
 from plumbing import onnx_check
-import sample
-from conftest import KL, NO_TORCH, run_here, run_without_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "sample.py")

@@ -9,15 +9,15 @@ import sys
 
 import numpy as np
 import pytest
-import vae
 import torch
+from conftest import in_process, run_main, write_dataset
 
 import evaluate
 import export_onnx
 import sample
 import sweep
 import train
-from conftest import in_process, run_main, write_dataset
+import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = ["--beta", "1", "4", "--seeds", "0", "--epochs", "2", "--latent-dim", "3", "--iwae-k", "2", "--compile", "off"]
@@ -200,7 +200,7 @@ def test_summary_statistics_are_mean_and_sample_std():
             "model_args.gamma": 1.0,
             "train_args.batch_size": 64,
             "train_args.lr": 1e-3,
-            **{key: float(v) for _, key, _ in sweep.COLUMNS},
+            **{key: float(v) for _, key, *_ in sweep.COLUMNS},
         }
         for s, v in ((0, 1.0), (1, 2.0), (2, 6.0))
     ]
@@ -275,7 +275,8 @@ def test_tc_model_trains_resumes_evaluates_exports_and_samples(tmp_path):
 
 def test_a_disk_that_fills_part_way_leaves_the_summary_as_it_was(swept, tmp_path):
     """sweep.csv, summary.md and the figures are written as one: when the disk fills at a figure (a file size limit
-    that the two text files fit in), every earlier summary file is as it was, though the new one differs (a run less)."""
+    that the two text files fit in), every earlier summary file is as it was, though the new one differs (a run
+    less)."""
     import resource
 
     out = tmp_path / "sweep"
@@ -405,7 +406,6 @@ def test_reports_nested_deep_or_that_are_not_regular_files_never_stall_the_summa
 def test_a_sweep_killed_takes_its_runs_with_it(tmp_path):
     """SIGKILL of the sweep (which can pass nothing on) ends its train.py jobs too: the same command at once
     resumes instead of finding another train.py writing."""
-    import signal
     import time
 
     data_dir = write_dataset(tmp_path / "data", n_train=2000)

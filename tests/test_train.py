@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import torch
+from conftest import run_here
 from PIL import Image
 
 import train
 import vae
-from conftest import run_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
