@@ -1,8 +1,6 @@
-"""The data sets, held as uint8 tensors on the training device and batched from shuffled indices there.
-
-fashion-mnist: <data-dir>/FashionMNIST/raw (torchvision's layout), read by a strict IDX reader that checks each header
-before it reads the rest; missing files are downloaded (md5-checked), files already there never replaced.
-sprites: a dSprites-like set (Matthey et al. 2017) drawn here at 28x28, with five known factors for the
+"""The data sets, held as uint8 tensors on the training device and batched from shuffled indices there. fashion-mnist:
+<data-dir>/FashionMNIST/raw (torchvision's layout), read by a strict IDX reader; missing files are downloaded, none
+replaced. sprites: a dSprites-like set (Matthey et al. 2017) drawn here at 28x28, with five known factors for the
 disentanglement metrics. Reading needs numpy only (explore.py is torch-free); torch comes in where tensors are made.
 """
 
@@ -27,6 +25,7 @@ FILES = {
 }
 MAX_ITEMS = 200_000  # Fashion-MNIST has 60,000 + 10,000; more is not this data set
 REDO, NOT_IDX = "delete it so it is downloaded again (or replace it)", "it is not a Fashion-MNIST IDX file"
+WRITABLE = "pass a writable --data-dir, or one that already holds FashionMNIST/raw"
 
 
 class DataError(Exception):
@@ -39,19 +38,14 @@ def raw_dir(data_dir):
 
 def find(data_dir, name):
     """The path of `name` (or `name`.gz) in the data folder's FashionMNIST/raw, or None."""
-    for candidate in (name, name + ".gz"):
-        p = os.path.join(raw_dir(data_dir), candidate)
-        if os.path.isfile(p):
-            return p
-    return None
+    paths = [os.path.join(raw_dir(data_dir), n) for n in (name, name + ".gz")]
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def read_idx(path, ndim):
     """An IDX file of 28x28 images (ndim 3) or labels (ndim 1), plain or .gz, as a uint8 array: the header is checked
     first, then exactly what it declares is read (a gzip bomb stops at the declared size)."""
-
-    def damaged(what):
-        return DataError(f"{path} {what}; {REDO}")
+    damaged = lambda what: DataError(f"{path} {what}; {REDO}")
 
     def exactly(f, n):
         data = f.read(n)
@@ -73,11 +67,8 @@ def read_idx(path, ndim):
                 raise damaged(f"declares {dims[0]:,} items, more than any Fashion-MNIST file ({MAX_ITEMS:,} at most)")
             size, head_size = math.prod(dims), 4 + 4 * ndim
             if f is raw and (actual := os.fstat(raw.fileno()).st_size - head_size) != size:  # before the body
-                what = "shorter" if actual < size else "longer"
-                raise damaged(
-                    f"is {actual + head_size} bytes, {what} than its header says ({size + head_size} for "
-                    f"shape {dims}): the file is damaged"
-                )
+                what = f"{actual + head_size} bytes, {'shorter' if actual < size else 'longer'} than its header says"
+                raise damaged(f"is {what} ({size + head_size} for shape {dims}): the file is damaged")
             body = exactly(f, size)
             if f is not raw and f.read(1):
                 raise damaged(f"holds more than the {size} bytes its header declares (shape {dims})")
@@ -93,10 +84,8 @@ def read_split(data_dir, split):
     img_name, lbl_name = FILES[split]
     img_path, lbl_path = find(data_dir, img_name), find(data_dir, lbl_name)
     if img_path is None or lbl_path is None:
-        where = raw_dir(data_dir)
-        raise DataError(
-            f"Fashion-MNIST {split} files are not in {where}: put {img_name} and {lbl_name} (or their .gz) there"
-        )
+        put = f"put {img_name} and {lbl_name} (or their .gz) there"
+        raise DataError(f"Fashion-MNIST {split} files are not in {raw_dir(data_dir)}: {put}")
     images, labels = read_idx(img_path, 3), read_idx(lbl_path, 1)
     if len(images) != len(labels):
         counts = f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels"
@@ -128,8 +117,7 @@ def missing_uncompressed(data_dir):
 def ensure_files(data_dir, splits=("train", "test"), download=True):
     """Make sure every Fashion-MNIST file of `splits` is present, downloading the missing ones (only those). On
     failure, one DataError naming every missing file and why the download failed; no new folder left behind."""
-    missing = missing_files(data_dir, splits)
-    if not missing:
+    if not (missing := missing_files(data_dir, splits)):
         return
     folder = raw_dir(data_dir)
     if not download:
@@ -144,15 +132,10 @@ def ensure_files(data_dir, splits=("train", "test"), download=True):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise DataError(
-            f"cannot create the data directory {data_dir} ({e.strerror}): pass a writable --data-dir, "
-            "or one that already holds FashionMNIST/raw"
-        ) from None
+        raise DataError(f"cannot create the data directory {data_dir} ({e.strerror}): {WRITABLE}") from None
     if not os.access(folder, os.W_OK):
-        raise DataError(
-            f"the data directory {data_dir} is not writable, so Fashion-MNIST cannot be downloaded there: "
-            "pass a writable --data-dir, or one that already holds FashionMNIST/raw"
-        )
+        why = f"the data directory {data_dir} is not writable, so Fashion-MNIST cannot be downloaded there"
+        raise DataError(f"{why}: {WRITABLE}")
     md5, reason = {os.path.splitext(f)[0]: (f, h) for f, h in FashionMNIST.resources}, None
     for name in missing:
         archive, checksum = md5[name]
@@ -165,8 +148,7 @@ def ensure_files(data_dir, splits=("train", "test"), download=True):
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:120]
         else:
             break  # one file failed on every mirror: the network is the problem, do not try the rest
-    still = missing_files(data_dir, splits)
-    if still:
+    if still := missing_files(data_dir, splits):
         for d in created:  # files that did arrive stay, for the next attempt
             with contextlib.suppress(OSError):
                 os.rmdir(d)
@@ -179,7 +161,7 @@ def ensure_files(data_dir, splits=("train", "test"), download=True):
 # ---------------------------------------------------------------------------------------------------- sprites
 
 SPRITE_FACTORS = ("shape", "scale", "orientation", "x", "y")
-SHAPES = ("square", "ellipse", "heart")
+SHAPES = ("square", "ellipse", "heart")  # corners on the unit circle; semi-axes 1 and 0.5; pointing down
 SCALES = np.linspace(3.55, 5.8, 5)  # radius (pixels) of the disc around the sprite: < 6 leaves a dark border
 # A square repeats after 90 degrees and an ellipse after 180: one quarter turn for every shape keeps every image
 # distinct and the factor grid rectangular.
@@ -198,9 +180,8 @@ def make_sprites():
     r = SCALES[:, None, None, None]
     u, v = (x * np.cos(t) + y * np.sin(t)) / r, (y * np.cos(t) - x * np.sin(t)) / r  # rotated, radius 1
     hx, hy = 1.25 * u, 1.25 * v + 0.25
-    inside = np.stack([np.maximum(abs(u), abs(v)) <= 2**-0.5,  # square, corners on the unit circle
-                       u**2 + (2 * v) ** 2 <= 1,  # ellipse, semi-axes 1 and 0.5
-                       (hx**2 + hy**2 - 1) ** 3 - hx**2 * hy**3 <= 0])  # heart, pointing down  # fmt: skip
+    square, ellipse = np.maximum(abs(u), abs(v)) <= 2**-0.5, u**2 + (2 * v) ** 2 <= 1
+    inside = np.stack([square, ellipse, (hx**2 + hy**2 - 1) ** 3 - hx**2 * hy**3 <= 0])
     patches = np.round(inside.reshape(LEVELS[:3] + (PATCH, SUB, PATCH, SUB)).mean((4, 6)) * 255).astype(np.uint8)
     images = np.zeros(LEVELS + (28, 28), np.uint8)
     for i in range(LEVELS[3]):
@@ -221,25 +202,18 @@ def sprite_split(split):
 
 
 def read(dataset, data_dir, split):
-    """(images uint8 (N, 28, 28), class labels (N,), factors (N, K) or None) of a split, without torch. Sprites'
-    classes are their shapes."""
+    """(images uint8 (N, 28, 28), labels (N,), factors (N, K) or None) of a split, torch-free; sprites: shape labels."""
     if dataset == "sprites":
         images, factors = sprite_split(split)
         return images, factors[:, 0], factors
-    images, labels = read_split(data_dir, split)
-    return images, labels, None
-
-
-def class_names(dataset):
-    return SHAPES if dataset == "sprites" else CLASSES
+    return (*read_split(data_dir, split), None)
 
 
 def describe(dataset, n_train, n_test):
     """What a run trained on, in words, for titles and reports."""
-    if dataset == "sprites":
-        return f"sprites ({n_train:,} train / {n_test:,} test images)"
     full = (n_train, n_test) == (60_000, 10_000)
-    return f"Fashion-MNIST{'' if full else ' subset'} ({n_train:,} train / {n_test:,} test images)"
+    name = "sprites" if dataset == "sprites" else f"Fashion-MNIST{'' if full else ' subset'}"
+    return f"{name} ({n_train:,} train / {n_test:,} test images)"
 
 
 # ------------------------------------------------------------------------------------------------- on a device
@@ -297,10 +271,5 @@ def fingerprint(dataset, data_dir, split="train"):
     """A key that changes when a split's data changes (sizes and mtimes), for caches built from it."""
     if dataset == "sprites":
         return f"sprites:{LEVELS}:{SPRITES_TEST_EVERY}"
-    parts = []
-    for name in FILES[split]:
-        p = find(data_dir, name)
-        parts.append(
-            f"{name}:missing" if p is None else f"{os.path.basename(p)}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}"
-        )
-    return "|".join(parts)
+    stamp = lambda p: f"{os.path.basename(p)}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}"
+    return "|".join(f"{name}:missing" if (p := find(data_dir, name)) is None else stamp(p) for name in FILES[split])

@@ -1,11 +1,8 @@
-"""Fréchet distances (Heusel et al. 2017) between image sets, and the feature network they are measured in.
+"""Fréchet distances (Heusel et al. 2017) between image sets, in the penultimate layer of a small CNN classifier
+(FeatureNet: Inception features mean little on 28x28 grey images) trained once on the data's own training split, cached
+under a key of the data and recipe, read only through the checkpoint checks; raw pixels (the course's "FID") too."""
 
-Inception features mean little on 28x28 grey images, so the features are the penultimate layer of a small CNN
-classifier trained once on the data's own training split (FeatureNet), cached beside the data (or in ~/.cache) under a
-key of the data and the recipe, and read back only through the checkpoint checks. Raw pixels, the course project's
-"FID", are kept to compare with it.
-"""
-
+import contextlib
 import hashlib
 import io
 import math
@@ -15,51 +12,42 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 from plumbing import checks
-from plumbing.files import NotReadable, atomic_write, clean_stale_temps, read_regular
+from plumbing.files import atomic_write, clean_stale_temps, read_regular
 
 CLASSIFIER_VERSION = 2  # bump whenever FeatureNet or its training changes: old cache files are then never read
 CLASSIFIER_EPOCHS = 5
 FEATURE_DIM = 64
 PROJECT = "beta-vae-fashion-mnist"  # the folder of ~/.cache it uses when the data's folder is read-only
+_float64 = lambda a: torch.as_tensor(a).detach().to("cpu", torch.float64)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """d² = |mu1 − mu2|² + Tr Σ1 + Tr Σ2 − 2 Tr (Σ1 Σ2)^½ in float64, between two Gaussians.
-
-    (Σ1 Σ2)^½ is never formed: with R = Σ^½ symmetric, Tr (Σ1 Σ2)^½ is the sum of the singular values of R1 R2, real
-    and non-negative by construction (scipy's sqrtm of a nearly singular product returns complex values that other
-    code silently truncates). The result can be negative only by rounding; it is clamped at 0."""
+    """d² = |mu1 − mu2|² + Tr Σ1 + Tr Σ2 − 2 Tr (Σ1 Σ2)^½ between two Gaussians in float64, clamped at 0 (which it
+    passes only by rounding). With R = Σ^½ symmetric, Tr (Σ1 Σ2)^½ is the sum of the singular values of R1 R2, real and
+    non-negative (scipy's sqrtm of a nearly singular product returns complex values that other code silently
+    truncates); the traces come from the same clipped eigenvalues, so identical statistics cancel to rounding error."""
     mu1, mu2 = (_float64(m).reshape(-1) for m in (mu1, mu2))
     sigma1, sigma2 = (torch.atleast_2d(_float64(s)) for s in (sigma1, sigma2))
     d = mu1.shape[0]
     if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(
-            f"Fréchet distance needs means of one length d and d×d covariances (got {tuple(mu1.shape)}, "
-            f"{tuple(sigma1.shape)}, {tuple(mu2.shape)}, {tuple(sigma2.shape)})"
-        )
+        shapes = ", ".join(str(tuple(t.shape)) for t in (mu1, sigma1, mu2, sigma2))
+        raise ValueError(f"Fréchet distance needs means of one length d and d×d covariances (got {shapes})")
     if not all(torch.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
-        raise ValueError(
-            "Fréchet distance got non-finite statistics: the features contain NaN or inf (a diverged "
-            "model decodes to NaN; check the checkpoint)"
-        )
+        why = "the features contain NaN or inf (a diverged model decodes to NaN; check the checkpoint)"
+        raise ValueError(f"Fréchet distance got non-finite statistics: {why}")
     (root1, w1), (root2, w2) = _psd_sqrt(sigma1), _psd_sqrt(sigma2)
     cross = torch.linalg.svdvals(root1 @ root2).sum()
-    # the traces from the clipped eigenvalues, so identical statistics cancel to rounding error
     return max(((mu1 - mu2).pow(2).sum() + w1.sum() + w2.sum() - 2.0 * cross).item(), 0.0)
-
-
-def _float64(a):
-    return torch.as_tensor(a).detach().to("cpu", torch.float64)
 
 
 def _psd_sqrt(sigma):
     """The symmetric square root of a covariance, and its eigenvalues, negative ones (rounding) set to 0."""
     w, v = torch.linalg.eigh((sigma + sigma.T) / 2.0)
-    w = w.clamp_min(0.0)
-    return (v * w.sqrt()) @ v.T, w
+    return (v * w.clamp_min(0.0).sqrt()) @ v.T, w.clamp_min(0.0)
 
 
 def feature_stats(features):
@@ -69,15 +57,13 @@ def feature_stats(features):
     if n < 2:
         raise ValueError(f"a covariance needs at least 2 samples (got {n})")
     if n < d:
-        warnings.warn(f"Fréchet distance from {n} samples of {d}-dimensional features: the covariance is "
-                      "rank-deficient and the distance is biased; use at least as many samples as dimensions",
-                      stacklevel=2)  # fmt: skip
+        why = "the covariance is rank-deficient and the distance is biased; use at least as many samples as dimensions"
+        warnings.warn(f"Fréchet distance from {n} samples of {d}-dimensional features: {why}", stacklevel=2)
     centred = f - f.mean(0)
     return f.mean(0), centred.T @ centred / (n - 1)
 
 
-def fid_from_features(real, fake):
-    return frechet_distance(*feature_stats(real), *feature_stats(fake))
+fid_from_features = lambda real, fake: frechet_distance(*feature_stats(real), *feature_stats(fake))
 
 
 def pixel_features(images):
@@ -87,15 +73,13 @@ def pixel_features(images):
 
 class FeatureNet(nn.Module):
     """A small CNN classifier whose penultimate layer is the feature space: 64 features keep the covariance well
-    estimated from a few thousand images; strided convolutions rather than pooling are 4x cheaper on a CPU."""
+    estimated from a few thousand images; strided convolutions rather than pooling are cheaper on a CPU."""
 
     def __init__(self, n_classes=10):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(),  # (B, 16, 14, 14)
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),  # (B, 32, 7, 7)
-            nn.Flatten(), nn.Linear(32 * 7 * 7, FEATURE_DIM), nn.ReLU(),  # (B, 64): the features
-        )  # fmt: skip
+        conv = lambda c_in, c_out: (nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU())  # halves H and W
+        layers = [*conv(1, 16), *conv(16, 32), nn.Flatten(), nn.Linear(32 * 7 * 7, FEATURE_DIM), nn.ReLU()]
+        self.body = nn.Sequential(*layers)  # (B, 16, 14, 14), (B, 32, 7, 7), then the (B, 64) features
         self.head = nn.Linear(FEATURE_DIM, n_classes)
 
     def features(self, images):
@@ -110,8 +94,7 @@ class FeatureNet(nn.Module):
 def classifier_features(net, images, batch_size=1000):
     """(N, 1, 28, 28) images in [0, 1] -> (N, 64) features, on the CPU."""
     device = next(net.parameters()).device
-    return torch.cat([net.features(images[i : i + batch_size].to(device).float()).cpu()
-                      for i in range(0, len(images), batch_size)])  # fmt: skip
+    return torch.cat([net.features(x.to(device).float()).cpu() for x in images.split(batch_size)])
 
 
 @torch.no_grad()
@@ -121,24 +104,16 @@ def classifier_accuracy(net, split, batch_size=1000):
 
 def train_classifier(train, test, device, epochs=None, seed=0, batch_size=128, progress=False):
     """FeatureNet trained on the train split (seeded, leaving the caller's random state alone): (net in eval mode,
-    test accuracy)."""
-    from tqdm import tqdm
-
+    test accuracy). The bar shows only on a terminal, never in a redirected log."""
     n, order_gen, epochs = len(train), torch.Generator().manual_seed(seed), epochs or CLASSIFIER_EPOCHS
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = FeatureNet(int(max(train.labels.max(), test.labels.max())) + 1).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    bar = tqdm(
-        total=epochs * math.ceil(n / batch_size),
-        desc="training the FID classifier (once)",
-        leave=False,
-        disable=None if progress else True,
-    )  # a bar only on a terminal, never in a redirected log
+    steps = epochs * math.ceil(n / batch_size)
+    bar = tqdm(total=steps, desc="training the FID classifier (once)", leave=False, disable=None if progress else True)
     for _ in range(epochs):
-        order = torch.randperm(n, generator=order_gen).to(train.images.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
+        for idx in torch.randperm(n, generator=order_gen).to(train.images.device).split(batch_size):
             loss = F.cross_entropy(net(train.images[idx].float() / 255.0), train.labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -149,8 +124,7 @@ def train_classifier(train, test, device, epochs=None, seed=0, batch_size=128, p
 
 
 def _writable_dir(path):
-    # root passes os.access everywhere: a folder with no write bit at all (a shared, read-only data set) counts as
-    # read-only too, for a cache is no reason to write into it
+    """Root passes os.access anywhere: a folder with no write bit at all (a shared data set) counts as read-only."""
     try:
         return os.path.isdir(path) and os.access(path, os.W_OK) and bool(os.stat(path).st_mode & 0o222)
     except OSError:
@@ -171,11 +145,10 @@ def classifier_cache_path(data_dir, dataset="fashion-mnist", epochs=None, seed=0
 
 
 def load_classifier(data_dir, device, train=None, test=None, dataset="fashion-mnist", epochs=None, progress=False):
-    """The feature network for this data, read from the cache or trained once and cached. Returns (net in eval mode
-    on `device`, {test_acc, path, from_cache}); a damaged or foreign cache file is trained again, never trusted.
-    train, test: the loaded splits, where the caller has them."""
+    """The feature network for this data, read from the cache or trained once (on train and test where the caller has
+    them) and cached: (net in eval mode on `device`, {test_acc, path, from_cache}); a damaged cache is never trusted."""
     path = classifier_cache_path(data_dir, dataset, epochs)
-    try:
+    with contextlib.suppress(Exception):  # a damaged or foreign file: trained again
         raw = read_regular(path, 2**24)
         if checks.archive_problem(raw) is None:  # nor can it make torch.load allocate more than it holds
             saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -183,18 +156,15 @@ def load_classifier(data_dir, device, train=None, test=None, dataset="fashion-mn
             net.load_state_dict(saved["state_dict"])
             if saved.get("version") == CLASSIFIER_VERSION:
                 return net.to(device).eval(), {"test_acc": float(saved["test_acc"]), "path": path, "from_cache": True}
-    except (NotReadable, Exception):
-        pass
     train = train if train is not None else data.load(data_dir, "train", device, dataset)
     test = test if test is not None else data.load(data_dir, "test", device, dataset)
     net, acc = train_classifier(train, test, device, epochs or CLASSIFIER_EPOCHS, progress=progress)
-    saved = {"version": CLASSIFIER_VERSION, "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
-             "test_acc": acc, "n_classes": net.head.out_features}  # fmt: skip
+    state = {k: v.cpu() for k, v in net.state_dict().items()}
+    saved = {"version": CLASSIFIER_VERSION, "state_dict": state, "test_acc": acc, "n_classes": net.head.out_features}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         clean_stale_temps(os.path.dirname(path), [os.path.basename(path)])  # left by an evaluation that was killed
-        buf = io.BytesIO()
-        torch.save(saved, buf)
+        torch.save(saved, buf := io.BytesIO())
         atomic_write(path, buf.getvalue())
     except OSError as e:  # no cache is slower next time, never wrong
         warnings.warn(

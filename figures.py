@@ -1,8 +1,6 @@
 """Every figure the project draws, as PNG: labelled grey image grids (Pillow) and plots (matplotlib's Agg backend).
-
 Torch-free (numpy arrays in, PNG bytes out): sample.py imports it, so matplotlib is imported only where a plot is
-drawn. Each figure's title says what it shows and of which model and data.
-"""
+drawn. Each figure's title says what it shows and of which model and data."""
 
 import importlib.util
 import io
@@ -10,23 +8,24 @@ import math
 import os
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from plumbing.files import atomic_write
 
 TRAVERSAL = np.linspace(-3.0, 3.0, 11)  # prior standard deviations a traversal sweeps
 # Pillow's built-in font has no Greek or math signs; matplotlib ships DejaVu Sans, found here without importing it
-_ASCII = str.maketrans({"β": "beta", "γ": "gamma", "α": "alpha", "−": "-", "—": "-", "–": "-", "…": "...",
-                        "·": "*", "σ": "sigma", "μ": "mu", "≈": "~", "×": "x", "←": "<-"})  # fmt: skip
+_WORDS = {"β": "beta", "γ": "gamma", "α": "alpha", "σ": "sigma", "μ": "mu", "…": "...", "←": "<-"}
+_ASCII = str.maketrans(_WORDS | dict(zip("−—–·≈×", "---*~x")))
+_sd = lambda v: np.std(v, ddof=1) if len(v) > 1 else 0.0  # the error bars' s.d. over seeds; one seed: none
 
 
 def tile(images, ncol, pad=2, pad_value=1.0):
     """(N, H, W) or (N, 1, H, W) floats in [0, 1] -> one 2-D array, ncol images a row."""
     images = np.asarray(images, dtype=np.float32).reshape(len(images), *np.shape(images)[-2:])
-    n, h, w = images.shape
-    rows = -(-n // max(1, ncol))
-    out = np.full((rows * (h + pad) + pad, max(1, ncol) * (w + pad) + pad), pad_value, dtype=np.float32)
+    (n, h, w), ncol = images.shape, max(1, ncol)
+    out = np.full((-(-n // ncol) * (h + pad) + pad, ncol * (w + pad) + pad), pad_value, dtype=np.float32)
     for i, img in enumerate(images):
-        r, c = divmod(i, max(1, ncol))
+        r, c = divmod(i, ncol)
         out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
     return out
 
@@ -38,11 +37,9 @@ def to_uint8(array):
 def png_bytes(img):
     """A PIL image, or a matplotlib figure (then closed), as the bytes of a PNG file."""
     buf = io.BytesIO()
-    if hasattr(img, "savefig"):
-        import matplotlib.pyplot as plt
-
+    if hasattr(img, "savefig"):  # a figure drawn here, so on the Agg backend already
         img.savefig(buf, format="png", dpi=110)
-        plt.close(img)
+        _plt().close(img)
     else:
         img.save(buf, format="PNG")
     return buf.getvalue()
@@ -50,15 +47,11 @@ def png_bytes(img):
 
 def save_png(array, path, scale=1):
     """A 2-D array in [0, 1] as an 8-bit grey PNG, enlarged `scale` times (nearest neighbour), written atomically."""
-    from PIL import Image
-
     img = Image.fromarray(to_uint8(array))
     atomic_write(path, png_bytes(img.resize((img.width * scale, img.height * scale), Image.NEAREST)))
 
 
 def _font(size):
-    from PIL import ImageFont
-
     spec = importlib.util.find_spec("matplotlib")
     if spec is not None and spec.submodule_search_locations:
         path = os.path.join(spec.submodule_search_locations[0], "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
@@ -70,8 +63,6 @@ def _font(size):
 def labelled_grid(rows, row_labels=None, title=None, col_labels=None, scale=3, pad=2, font_size=13):
     """A grey PIL image: a title, optional column labels, then a strip of images per row, its label on the left.
     rows: arrays (n_i, H, W) or (n_i, 1, H, W) in [0, 1]; labels are plain text (the title may hold newlines)."""
-    from PIL import Image, ImageDraw
-
     font, text = _font(font_size)
     strips = [Image.fromarray(to_uint8(tile(r, len(r), pad=pad))) for r in rows]
     strips = [s.resize((s.width * scale, s.height * scale), Image.NEAREST) for s in strips]
@@ -96,8 +87,8 @@ def labelled_grid(rows, row_labels=None, title=None, col_labels=None, scale=3, p
     for strip, label in zip(strips, row_labels):
         img.paste(strip, (label_w, y))
         if label:
-            draw.text((label_w - size(label)[0] - 6, y + (strip.height - size(label)[1]) / 2 - 2), text(label),
-                      font=font, fill=0)  # fmt: skip
+            w, h = size(label)
+            draw.text((label_w - w - 6, y + (strip.height - h) / 2 - 2), text(label), font=font, fill=0)
         y += strip.height
     return img
 
@@ -118,9 +109,7 @@ def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return importlib.import_module("matplotlib.pyplot")
 
 
 def training_curves(history, tag):
@@ -128,9 +117,8 @@ def training_curves(history, tag):
     test KL, in all and of each dimension, over the whole run (records of resumed epochs included)."""
     plt = _plt()
     fig, (ax, kx) = plt.subplots(1, 2, figsize=(12, 4.2))
-    steps = [
-        (m["epoch"] - 1 + (i + 0.5) / len(m["curve"]), v) for m in history for i, v in enumerate(m.get("curve", []))
-    ]
+    curves = [(m["epoch"], m.get("curve", [])) for m in history]
+    steps = [(epoch - 1 + (i + 0.5) / len(curve), v) for epoch, curve in curves for i, v in enumerate(curve)]
     if steps:
         ax.plot(*zip(*steps), lw=1, alpha=0.7, label="train objective (per step, binned)")
     epochs = [m["epoch"] for m in history]
@@ -162,10 +150,9 @@ def versus_beta(panels, groups, title):
             if not points:
                 continue
             betas = [b * (1.07**n) for b, _ in points]  # side by side where objectives share a β
-            means = [np.mean(v) for _, v in points]
-            sds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in points]
-            ax.errorbar(betas, means, yerr=sds, capsize=3, marker="o^sd"[n % 4], label=name,
-                        linestyle="-" if len(points) > 1 else "none")  # fmt: skip
+            means, sds = [np.mean(v) for _, v in points], [_sd(v) for _, v in points]
+            style = dict(capsize=3, marker="o^sd"[n % 4], label=name, linestyle="-" if len(points) > 1 else "none")
+            ax.errorbar(betas, means, yerr=sds, **style)
             for b, (_, v) in zip(betas, points):
                 ax.scatter([b] * len(v), v, s=10, alpha=0.5, color=f"C{n}", zorder=3)
         betas = sorted({b for _, pts in groups for b, _ in pts})
@@ -191,19 +178,11 @@ def rate_distortion(runs, groups, title):
     for o, b, kl, rec in runs:
         ax.scatter(kl, rec, color=colour[b], marker="o^sd"[o % 4], s=40, edgecolor="black", linewidth=0.5, zorder=3)
     for _, b, kls, recs in groups:
-        ax.errorbar(
-            np.mean(kls),
-            np.mean(recs),
-            xerr=np.std(kls, ddof=1) if len(kls) > 1 else 0,
-            yerr=np.std(recs, ddof=1) if len(recs) > 1 else 0,
-            color=colour[b],
-            capsize=3,
-            zorder=2,
-        )
-    ax.legend(handles=[plt.Line2D([], [], color=c, marker="o", linestyle="none", label=f"β = {b:g}")
-                       for b, c in colour.items()], fontsize=8)  # fmt: skip
-    ax.set(xlabel="rate: KL(q(z|x) ‖ p(z)), nats per image", ylabel="distortion: reconstruction, nats per image",
-           title=title)  # fmt: skip
+        ax.errorbar(np.mean(kls), np.mean(recs), xerr=_sd(kls), yerr=_sd(recs), color=colour[b], capsize=3, zorder=2)
+    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="none", label=f"β = {b:g}") for b, c in colour.items()]
+    ax.legend(handles=handles, fontsize=8)
+    ax.set(xlabel="rate: KL(q(z|x) ‖ p(z)), nats per image", ylabel="distortion: reconstruction, nats per image")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.ticklabel_format(useOffset=False)
     fig.tight_layout()
@@ -212,8 +191,6 @@ def rate_distortion(runs, groups, title):
 
 def side_by_side(panels, title, font_size=16):
     """Grey PIL images, each under its own title, two to a row, at their own size (nothing shrunk)."""
-    from PIL import Image, ImageDraw
-
     font, text = _font(font_size)
     ncol = min(2, len(panels))
     cell_w = max(p.width for _, p in panels) + 20

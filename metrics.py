@@ -1,7 +1,6 @@
 """What evaluate.py and sweep.py measure of a model: likelihood bounds, the KL's decomposition, latent diagnostics and
 disentanglement (FIDs: fid.py). Each function takes what it needs and returns numbers or arrays: nothing here reads
-flags, prints or draws. Random draws come from a seeded generator on the CPU, so a report can be reproduced exactly.
-"""
+flags, prints or draws. Random draws come from a seeded generator on the CPU, so a report can be reproduced exactly."""
 
 import math
 import warnings
@@ -9,6 +8,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import vae
 from plumbing.onnx_check import ACTIVE_KL
@@ -40,12 +40,9 @@ def prior_samples(model, n, generator, batch_size=1000):
     return decode_batched(model, torch.randn(n, model.config.latent_dim, generator=generator), batch_size)
 
 
-# ------------------------------------------------------------------------------------------- likelihood bounds
-
-
 def bernoulli_nll(logits, target):
     """Σ over pixels of BCE-with-logits = softplus(l) − x·l, (..., 1, 28, 28) -> (...,): vae_loss's reconstruction
-    term written with exp and log, which cost a third of torch's BCE and log1p kernels on a CPU."""
+    term written with exp and log, cheaper on a CPU than torch's BCE and log1p kernels."""
     softplus = logits.abs().neg_().exp_().add_(1.0).log_().add_(logits.clamp_min(0.0))
     return (softplus - target * logits).flatten(-3).sum(-1)
 
@@ -62,15 +59,9 @@ def cb_log_norm(logits):
 
 @torch.no_grad()
 def likelihood_bounds(model, split, k=IWAE_K, generator=None, samples_per_pass=SAMPLES_PER_PASS, progress=False):
-    """The ELBO's terms at β = 1 and the importance-weighted bound (Burda et al. 2016), nats per image:
-    −log p(x) ≈ −log (1/k Σ_j w_j), w_j = p(x|z_j) p(z_j) / q(z_j|x) with z_j ~ q(z|x), whatever β trained the model.
-
-    Under the seed's Bernoulli decoder (BCE on grey levels) p(x|z) is not a density of the images: those numbers are
-    the seed's objective, comparable between models of this project only. The same pass also gives the bounds under
-    the continuous Bernoulli, a normalised density on [0, 1] (log p(x|z) gains Σ log C(λ)), also in bits per pixel.
-    Returns recon, kl, neg_elbo, iwae_nll, kl_per_dim (list), continuous_bernoulli {...}, n_images, iwae_k."""
-    from tqdm import tqdm
-
+    """The ELBO's terms at β = 1 and the importance-weighted bound (Burda et al. 2016), nats per image, whatever β
+    trained the model: −log p(x) ≈ −log (1/k Σ_j w_j), w_j = p(x|z_j) p(z_j) / q(z_j|x), z_j ~ q(z|x); under the seed's
+    BCE (no density: compare within the project) and the continuous Bernoulli (a density on [0, 1]), with bits/pixel."""
     if k < 1:
         raise ValueError(f"the IWAE bound needs k >= 1 importance samples (got {k})")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -79,21 +70,18 @@ def likelihood_bounds(model, split, k=IWAE_K, generator=None, samples_per_pass=S
     kl_per_dim = torch.zeros(d, dtype=torch.float64)
     bar = tqdm(total=n, desc=f"ELBO and IWAE (k={k})", unit="img", leave=False, disable=None if progress else True)
     for x, target, _ in split.batches(max(1, samples_per_pass // k)):
-        b = len(x)
-        mu, logvar = model.encode(x)
+        b, (mu, logvar) = len(x), model.encode(x)
         eps = torch.randn(k, b, d, generator=generator).to(mu.device)
         z = vae.reparameterize(mu, logvar, eps)  # (k, B, D)
         logits = model.decoder.logits(z.reshape(k * b, d)).view(k, b, *target.shape[1:])
         recon = bernoulli_nll(logits, target)  # (k, B)
-        cb_recon = recon - cb_log_norm(logits).flatten(-3).sum(-1)
         log_prior_ratio = 0.5 * (eps.pow(2) + logvar - z.pow(2)).sum(-1)  # log p(z) − log q(z|x); (z − μ)/σ is eps
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, D), closed form
-        for key, r in (("", recon), ("cb_", cb_recon)):
-            nll = -(torch.logsumexp((log_prior_ratio - r).double(), 0) - math.log(k))
+        for key, r in (("", recon), ("cb_", recon - cb_log_norm(logits).flatten(-3).sum(-1))):
             sums[key + "recon"] += r.double().mean(0).sum().item()
-            sums[key + "iwae_nll"] += nll.sum().item()
-        sums["kl"] += kl.double().sum().item()
-        kl_per_dim += kl.double().sum(0).cpu()
+            sums[key + "iwae_nll"] += -(torch.logsumexp((log_prior_ratio - r).double(), 0) - math.log(k)).sum().item()
+        kl = (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)).double()  # (B, D), closed form
+        sums["kl"] += kl.sum().item()
+        kl_per_dim += kl.sum(0).cpu()
         bar.update(b)
     bar.close()
     out = {key: v / n for key, v in sums.items()}
@@ -101,48 +89,40 @@ def likelihood_bounds(model, split, k=IWAE_K, generator=None, samples_per_pass=S
     cb = {"recon": out.pop("cb_recon"), "iwae_nll": out.pop("cb_iwae_nll")}
     cb["neg_elbo"] = cb["recon"] + out["kl"]
     cb.update(neg_elbo_bits_per_dim=cb["neg_elbo"] * bits, iwae_bits_per_dim=cb["iwae_nll"] * bits)
-    return {**out, "neg_elbo": out["recon"] + out["kl"], "kl_per_dim": (kl_per_dim / n).tolist(),
-            "continuous_bernoulli": cb, "n_images": n, "iwae_k": k}  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------ the KL's decomposition
+    out.update(neg_elbo=out["recon"] + out["kl"], kl_per_dim=(kl_per_dim / n).tolist(), continuous_bernoulli=cb)
+    return {**out, "n_images": n, "iwae_k": k}
 
 
 def _log_aggregate(z, mu, logvar, batch_size=DECOMPOSITION_BATCH):
-    """log q(z_n) and log q(z_nd) under q(z) = (1/N) Σ_m q(z|x_m), the mixture of all N posteriors: (N,), (N, D).
-
-    For each dimension, a (B, N) block of u² = (z − μ)² / 2σ² (a difference first, so sharp posteriors lose no
-    precision), summed over dimensions for the joint density, and exp(−u²) weighted by σ_min/σ_m ≤ 1 for the
-    marginals: nothing overflows, and z_n's own component keeps each sum from zero. float32, except a dimension whose
-    widths span more than e^20, where products of weights and densities would fall below float32's range."""
-    n, d = mu.shape
-    log_sd = 0.5 * logvar.double()
+    """log q(z_n), (N,), and log q(z_nd), (N, D), under q(z) = (1/N) Σ_m q(z|x_m). Per dimension, a (B, N) block of
+    u² = (z − μ)² / 2σ² (a difference first: sharp posteriors lose no precision), summed for the joint, and exp(−u²)
+    weighted by σ_min/σ_m for the marginals: nothing overflows, and z_n's own term (≥ exp(−u² − 20)) keeps each sum
+    off zero, so terms under exp(−80) (float32 subnormals: slow on x86) are dropped. float64 in a dimension whose
+    widths span over e^20, where weights times densities would underflow float32."""
+    (n, d), log_sd = mu.shape, 0.5 * logvar.double()
     log_sd_min = log_sd.min(0).values
     wide = (log_sd.max(0).values - log_sd_min) > 20
     dtype = torch.float64 if wide.any() else torch.float32
-    cols = [tuple(t.to(torch.float64 if wide[j] else torch.float32) for t in (
-        mu[:, j].double(), torch.exp(-log_sd[:, j]) * math.sqrt(0.5), torch.exp(log_sd_min[j] - log_sd[:, j])))
-        for j in range(d)]  # fmt: skip
+    cols = [
+        (mu[:, j].double(), torch.exp(-log_sd[:, j]) * math.sqrt(0.5), torch.exp(log_sd_min[j] - log_sd[:, j]))
+        for j in range(d)
+    ]
+    cols = [tuple(t.to(torch.float64 if w else torch.float32) for t in c) for c, w in zip(cols, wide)]
     joint_const = (-log_sd.sum(1)).to(dtype)
     joint, dims = torch.empty(n, dtype=torch.float64), torch.empty(n, d, dtype=torch.float64)
     buffers = {dt: torch.empty(batch_size, n, dtype=dt) for dt in {c[0].dtype for c in cols} | {dtype}}  # reused
     buffers["joint"] = torch.empty(batch_size, n, dtype=dtype)
-    for start in range(0, n, batch_size):
-        zb = z[start : start + batch_size]
+    for rows in (slice(start, start + batch_size) for start in range(0, n, batch_size)):
+        zb = z[rows]
         sq = buffers["joint"][: len(zb)].zero_()
         for j, (m, scale, weight) in enumerate(cols):
             u = torch.sub(zb[:, j : j + 1].to(m.dtype), m, out=buffers[m.dtype][: len(zb)])
-            u.mul_(scale).square_()  # (B, N): (z − μ)² / 2σ²
-            sq.add_(u)
-            # below exp(−80) (float32) subnormals run ~100x slower on x86, and such terms cannot move a sum that holds
-            # the image's own term, at least exp(−u² − 20) with u² = ε²/2 for its noise ε
-            floor = 80.0 if u.dtype == torch.float32 else 700.0
-            dims[start : start + len(zb), j] = u.clamp_(max=floor).neg_().exp_() @ weight
+            sq.add_(u.mul_(scale).square_())  # (B, N): (z − μ)² / 2σ²
+            dims[rows, j] = u.clamp_(max=80.0 if m.dtype == torch.float32 else 700.0).neg_().exp_() @ weight
         log_pair = torch.sub(joint_const, sq, out=sq)  # (B, N): log N(z_b; μ_m, σ_m) + const
         top = log_pair.max(1, keepdim=True).values
-        joint[start : start + len(zb)] = log_pair.sub_(top).clamp_(min=-80.0).exp_().sum(1).log_() + top[:, 0]
-    log_n = math.log(n)
-    return joint - 0.5 * d * vae.LOG_2PI - log_n, dims.log() - log_sd_min - 0.5 * vae.LOG_2PI - log_n
+        joint[rows] = log_pair.sub_(top).clamp_(min=-80.0).exp_().sum(1).log_() + top[:, 0]
+    return joint - 0.5 * d * vae.LOG_2PI - math.log(n), dims.log() - log_sd_min - 0.5 * vae.LOG_2PI - math.log(n)
 
 
 def decomposition_terms(mu, logvar, z):
@@ -161,9 +141,9 @@ def elbo_decomposition(mu, logvar, generator=None):
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     mu, logvar = torch.as_tensor(mu).float().cpu(), torch.as_tensor(logvar).float().cpu()
     z = vae.reparameterize(mu, logvar, torch.randn(mu.shape, generator=generator))
-    mi, tc, dw = (t.mean().item() for t in decomposition_terms(mu, logvar, z))
-    return {"mutual_info": mi, "total_correlation": tc, "dimwise_kl": dw, "n_images": len(mu),
-            "mutual_info_bound": math.log(len(mu)), "units": "nats per image"}  # fmt: skip
+    terms = (t.mean().item() for t in decomposition_terms(mu, logvar, z))
+    out = dict(zip(("mutual_info", "total_correlation", "dimwise_kl"), terms))
+    return {**out, "n_images": len(mu), "mutual_info_bound": math.log(len(mu)), "units": "nats per image"}
 
 
 def linear_probe_accuracy(train_z, train_y, test_z, test_y, l2=1e-4, max_iter=200):
@@ -173,27 +153,20 @@ def linear_probe_accuracy(train_z, train_y, test_z, test_y, l2=1e-4, max_iter=20
     train_y, test_y = torch.as_tensor(train_y).long().cpu(), torch.as_tensor(test_y).long().cpu()
     mean, std = train_z.mean(0), train_z.std(0).clamp_min(1e-8)  # L-BFGS converges slowly on badly scaled latents
     xs, xt = (train_z - mean) / std, (test_z - mean) / std
-    weight = torch.zeros(xs.shape[1], int(max(train_y.max(), test_y.max())) + 1, dtype=torch.float64,
-                         requires_grad=True)  # fmt: skip
+    weight = torch.zeros(len(mean), int(max(train_y.max(), test_y.max())) + 1, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(weight.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)  # fmt: skip
+    options = dict(history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, **options)
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(xs @ weight + bias, train_y) + l2 * weight.pow(2).sum()
-        loss.backward()
+        (loss := F.cross_entropy(xs @ weight + bias, train_y) + l2 * weight.pow(2).sum()).backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
     with torch.no_grad():
         return (xt @ weight + bias).argmax(1).eq(test_y).double().mean().item()
-
-
-# ------------------------------------------------------------------------------------------ disentanglement
-# On posterior means (codes, (N, D)) and known factors ((N, K) integers), as disentanglement_lib computes each metric;
-# the departures are said where they are. Each returns a dict of plain numbers and lists.
 
 
 def _split(n, seed=0, test_share=1 / 3):
@@ -203,36 +176,30 @@ def _split(n, seed=0, test_share=1 / 3):
 
 def discrete_mi(a, b):
     """Mutual information (nats) of two discrete vectors from their contingency table; discrete_mi(y, y) = H(y)."""
-    a, b = np.unique(a, return_inverse=True)[1].ravel(), np.unique(b, return_inverse=True)[1].ravel()
-    joint = np.bincount(a * (b.max() + 1) + b, minlength=(a.max() + 1) * (b.max() + 1)).reshape(a.max() + 1, -1)
-    joint = joint / a.size
+    (na, a), (nb, b) = ((len(u), i.ravel()) for u, i in (np.unique(v, return_inverse=True) for v in (a, b)))
+    joint = np.bincount(a * nb + b, minlength=na * nb).reshape(na, nb) / a.size
     outer, nz = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True), joint > 0
     return float(np.sum(joint[nz] * np.log(joint[nz] / outer[nz])))
 
 
 def mig(codes, factors, bins=20):
     """Mutual Information Gap (Chen et al. 2018): each latent cut into `bins` equal-width bins over its observed range
-    (numpy's histogram edges), its discrete MI with each factor over the factor's entropy; per factor, the gap
-    between the two largest; their mean. numpy alone recomputes it from evaluate.py --save-latents."""
+    (numpy's histogram edges), its discrete MI with each factor over the factor's entropy (mi_normalised, (D, K)); per
+    factor, the gap between the two largest; their mean. numpy alone recomputes it from evaluate.py --save-latents."""
     codes, factors = np.asarray(codes, np.float64), np.asarray(factors)
     binned = [np.digitize(c, np.histogram(c, bins)[1][:-1]) for c in codes.T]
     mi = np.array([[discrete_mi(c, f) for f in factors.T] for c in binned])
     with np.errstate(divide="ignore", invalid="ignore"):
         norm = mi / np.array([discrete_mi(f, f) for f in factors.T])
     top = np.sort(norm, axis=0)
-    return {
-        "mig": float(np.nanmean(top[-1] - top[-2])),
-        "per_factor": (top[-1] - top[-2]).tolist(),
-        "mi_normalised": np.nan_to_num(norm).tolist(),
-    }  # (D, K)
+    gap = top[-1] - top[-2]
+    return {"mig": float(np.nanmean(gap)), "per_factor": gap.tolist(), "mi_normalised": np.nan_to_num(norm).tolist()}
 
 
 def sap(codes, factors, seed=0):
     """SAP (Kumar et al. 2018) for discrete factors: S[d, k], the test accuracy of a linear SVM (C = 0.01, balanced)
-    predicting factor k from latent d alone; per factor, the gap between the two best latents; their mean. Latents are
-    standardised first: with C = 0.01 the intercept is penalised too, so the raw score depends on each latent's
-    offset and scale. A 1-D linear classifier cannot isolate a many-level factor's middle levels: even a perfect
-    code scores well below 1."""
+    predicting factor k from latent d alone (standardised: the intercept is penalised too); per factor, the gap between
+    the two best latents; their mean. One threshold cannot isolate middle levels: even a perfect code scores below 1."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
@@ -255,10 +222,9 @@ def _entropy(p, axis, base):
 
 
 def dci(codes, factors, seed=0):
-    """DCI disentanglement, completeness, informativeness (Eastwood & Williams 2018). Importances from a small seeded
-    random forest per factor whose splits see every latent, where disentanglement_lib boosts 100 trees per class (far
-    too slow here): the same kind of impurity importance, so numbers compare within this project. Informativeness is
-    the forests' mean test accuracy."""
+    """DCI disentanglement, completeness, informativeness (Eastwood & Williams 2018): impurity importances from a small
+    seeded random forest per factor (disentanglement_lib boosts 100 trees per class, far too slow here), so numbers
+    compare within this project; informativeness is the forests' mean test accuracy."""
     from sklearn.ensemble import RandomForestClassifier
 
     codes, factors = np.asarray(codes, np.float64), np.asarray(factors)
@@ -269,16 +235,14 @@ def dci(codes, factors, seed=0):
         forest.fit(codes[tr], f[tr])
         imp[:, k], acc = forest.feature_importances_, acc + [np.mean(forest.predict(codes[te]) == f[te])]
     w = imp if imp.sum() > 0 else np.ones_like(imp)
-    return {"disentanglement": float(np.sum((1 - _entropy(imp, 1, imp.shape[1])) * w.sum(1) / w.sum())),
-            "completeness": float(np.sum((1 - _entropy(imp, 0, imp.shape[0])) * w.sum(0) / w.sum())),
-            "informativeness": float(np.mean(acc))}  # fmt: skip
+    dis, comp = (float(np.sum((1 - _entropy(imp, a, imp.shape[a])) * w.sum(a) / w.sum())) for a in (1, 0))
+    return {"disentanglement": dis, "completeness": comp, "informativeness": float(np.mean(acc))}
 
 
 def factorvae_score(codes, factors, batch_size=64, n_train=10_000, n_eval=5_000, seed=0):
-    """The FactorVAE score (Kim & Mnih 2018) from precomputed codes: a vote fixes factor k at the value of a random
-    row, draws `batch_size` rows sharing it, and names the latent of least variance (over its global std; latents
-    of std below 0.05 are pruned); a majority classifier from latent to factor on the train votes, its accuracy on
-    the eval votes. Chance is 1/K."""
+    """The FactorVAE score (Kim & Mnih 2018) on codes: a vote fixes factor k at a random row's value, draws
+    `batch_size` rows sharing it, and names the latent of least variance over its global std (std below 0.05: pruned);
+    a majority classifier from latent to factor on the train votes, its accuracy on the eval votes. Chance is 1/K."""
     codes, factors = np.asarray(codes, np.float64), np.asarray(factors)
     std = codes.std(0, ddof=1)
     active = std >= 0.05
@@ -291,8 +255,7 @@ def factorvae_score(codes, factors, batch_size=64, n_train=10_000, n_eval=5_000,
     def votes(count):
         k = rng.integers(n_factors, size=count)
         v = factors[rng.integers(n, size=count), k]
-        lo = np.array([np.searchsorted(ranked[j], x, "left") for j, x in zip(k, v)])
-        hi = np.array([np.searchsorted(ranked[j], x, "right") for j, x in zip(k, v)])
+        lo, hi = (np.array([np.searchsorted(ranked[j], x, side) for j, x in zip(k, v)]) for side in ("left", "right"))
         rows = order[k[:, None], lo[:, None] + (rng.random((count, batch_size)) * (hi - lo)[:, None]).astype(int)]
         best = np.concatenate([z[rows[s : s + 1000]].var(1, ddof=1).argmin(1) for s in range(0, count, 1000)])
         table = np.zeros((n_factors, z.shape[1]), np.int64)
@@ -309,15 +272,13 @@ def _relative_strength(corr):
     if corr.size == 0:
         return 0.0  # no informative latent on one side: nothing shared
     with np.errstate(divide="ignore", invalid="ignore"):
-        return float((np.nan_to_num(corr.max(0) ** 2 / corr.sum(0)).mean()
-                      + np.nan_to_num(corr.max(1) ** 2 / corr.sum(1)).mean()) / 2)  # fmt: skip
+        return float(sum(np.nan_to_num(corr.max(a) ** 2 / corr.sum(a)).mean() for a in (0, 1)) / 2)
 
 
 def udr(codes_per_run, kl_per_run, threshold=ACTIVE_KL):
-    """The Unsupervised Disentanglement Ranking (Duan et al. 2020), Spearman variant: runs that differ only in seed,
-    encoded on the same images; for each pair, |Spearman| between their informative latents (KL above `threshold`),
-    scored by relative strength; each run's score is the median over its pairs. A constant latent correlates 0 (in
-    disentanglement_lib its NaN zeroes a whole row); a run with no informative latent scores 0. Returns run scores."""
+    """Each run's Unsupervised Disentanglement Ranking (Duan et al. 2020), Spearman variant: the median over its
+    pairs of the relative strength of |Spearman| between informative latents (KL above `threshold`) of runs encoded on
+    the same images. A constant latent correlates 0 (disentanglement_lib's NaN zeroes a row); none informative: 0."""
     from scipy.stats import rankdata
 
     if len(codes_per_run) < 2 or len({len(c) for c in codes_per_run}) != 1:
@@ -326,22 +287,14 @@ def udr(codes_per_run, kl_per_run, threshold=ACTIVE_KL):
     for c, kl in zip(codes_per_run, kl_per_run, strict=True):
         r = rankdata(np.asarray(c, np.float64)[:, np.asarray(kl) > threshold], axis=0)
         ranks.append((r - r.mean(0)) / np.where(r.std(0) > 0, r.std(0), np.inf))
-    n_runs, n = len(ranks), len(codes_per_run[0])
-    pair = np.array([[_relative_strength(np.abs(ranks[i].T @ ranks[j]) / n) if i != j else np.nan
-                      for j in range(n_runs)] for i in range(n_runs)])  # fmt: skip
-    return [float(np.nanmedian(row)) for row in pair]
+    strength = lambda i, j: _relative_strength(np.abs(ranks[i].T @ ranks[j]) / len(codes_per_run[0]))
+    return [float(np.median([strength(i, j) for j in range(len(ranks)) if j != i])) for i in range(len(ranks))]
 
 
 def disentanglement(codes, factors, factor_names):
-    """Every supervised metric on the same codes, and for each latent the factor it shares most information with
-    (its mutual information over the factor's entropy)."""
-    m = mig(codes, factors)
-    latents = [{"factor": factor_names[int(np.argmax(row))], "normalised_mi": float(max(row))}
-               for row in m["mi_normalised"]]  # fmt: skip
-    return {
-        "mig": m["mig"],
-        "sap": sap(codes, factors)["sap"],
-        **{f"dci_{k}": v for k, v in dci(codes, factors).items()},
-        "factorvae_score": factorvae_score(codes, factors)["factorvae_score"],
-        "latents": latents,
-    }
+    """Every supervised metric on the same codes, and for each latent the factor it shares most information with."""
+    m, scores = mig(codes, factors), dci(codes, factors)
+    out = {"mig": m["mig"], "sap": sap(codes, factors)["sap"], **{f"dci_{k}": v for k, v in scores.items()}}
+    out["factorvae_score"] = factorvae_score(codes, factors)["factorvae_score"]
+    out["latents"] = [{"factor": factor_names[int(np.argmax(r))], "normalised_mi": max(r)} for r in m["mi_normalised"]]
+    return out

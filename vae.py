@@ -1,11 +1,10 @@
 """The β-VAE: its settings, the model, the losses, and checkpoints.
 
-The architecture is the course project's layer table (ReLU before BatchNorm, no activation after the encoder's
-288 -> 128 layer); docs/usage.md says how its published code differs. The objectives: β-VAE (Higgins et al. 2017),
-controlled capacity (Burgess et al. 2018) and β-TCVAE (Chen et al. 2018). plumbing/chwn.py restates these layers for
-the compiled CPU step, export_onnx.py folds BatchNorm into the convolutions; tests compare both with this module.
+The layers are the course project's table (docs/usage.md says how its published code differs); plumbing/chwn.py (the
+compiled CPU step) and export_onnx.py (BatchNorm folded in) restate them, and tests compare both with this module.
 """
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -20,17 +19,8 @@ import torch.nn as nn
 from plumbing import checks
 from plumbing.files import NotReadable, atomic_write, read_regular
 
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    default: object
-    low: float
-    high: float
-    help: str
-
-
-# Every setting a flag or a checkpoint holds, with its default and range: defined here and nowhere else. train.py,
-# evaluate.py, sweep.py and the checkpoint checks read it; a test compares docs/usage.md's table with it.
+Setting = collections.namedtuple("Setting", "default low high help")
+# Every setting's default and range, for flags and checkpoints alike: only here (a test compares docs/usage.md's table)
 SETTINGS = {
     "latent_dim": Setting(10, 1, 4096, "latent size"),
     "beta": Setting(4.0, 0.0, 1e6, "weight of the KL term; with --objective tc, of the total correlation"),
@@ -50,13 +40,13 @@ OBJECTIVES = ("beta", "capacity", "tc")
 GAMMA_DEFAULTS = {"beta": 1000.0, "capacity": 1000.0, "tc": 1.0}  # Burgess et al.'s and Chen et al.'s values
 CAPACITY_RAMP = 0.75  # the share of a run over which C rises to C_max, unless --capacity-steps says otherwise
 IMAGE_SHAPE = (1, 28, 28)
+LOG_2PI = math.log(2 * math.pi)
 
 
 def setting_problem(name, value):
-    """Why `value` is not a valid `name` (a SETTINGS entry), or None."""
+    """Why `value` is not a valid `name` (a SETTINGS entry), or None. A bool (an int to Python) and NaN are refused."""
     s = SETTINGS[name]
     kind = int if isinstance(s.low, int) else (int, float)
-    # bool is an int to Python, and NaN passes no comparison: both refused here
     if isinstance(value, bool) or not isinstance(value, kind) or not s.low <= value <= s.high:
         text = f"{value!r}" if isinstance(value, (int, float)) and abs(value) < 1e30 else checks.brief(value)
         return f"{name} must be a{'n integer' if kind is int else ' number'} from {s.low:g} to {s.high:g} (got {text})"
@@ -82,8 +72,7 @@ class VAEConfig:
         if self.capacity_steps is None and self.objective == "capacity":
             raise ValueError("the capacity objective needs capacity_steps (train.py sets it from the run's length)")
         for name in ("latent_dim", "beta", "gamma", "capacity_max", "capacity_steps", "alpha"):
-            problem = None if getattr(self, name) is None else setting_problem(name, getattr(self, name))
-            if problem:
+            if getattr(self, name) is not None and (problem := setting_problem(name, getattr(self, name))):
                 raise ValueError(problem)
         if isinstance(self.dataset_size, bool) or not isinstance(self.dataset_size, int) or self.dataset_size < 1:
             raise ValueError(f"dataset_size must be a positive integer (got {checks.brief(self.dataset_size)})")
@@ -94,9 +83,7 @@ def describe(args):
     objective, g = args.get("objective", "beta"), lambda k: f"{args.get(k, 0):g}"
     if objective == "capacity":
         return f"capacity objective, γ={g('gamma')}, C_max={g('capacity_max')} nats"
-    if objective == "tc":
-        return f"β-TCVAE, α={g('alpha')}, β={g('beta')}, γ={g('gamma')}"
-    return f"β-VAE, β={g('beta')}"
+    return f"β-TCVAE, α={g('alpha')}, β={g('beta')}, γ={g('gamma')}" if objective == "tc" else f"β-VAE, β={g('beta')}"
 
 
 class Encoder(nn.Module):
@@ -143,8 +130,7 @@ class BetaVAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config.latent_dim)
-        self.decoder = Decoder(config.latent_dim)
+        self.encoder, self.decoder = Encoder(config.latent_dim), Decoder(config.latent_dim)
 
     def encode(self, x):
         """x in [-1, 1], (B, 1, 28, 28) -> mu, logvar, each (B, latent_dim)."""
@@ -186,20 +172,15 @@ def capacity_at(step, config: VAEConfig):
     return config.capacity_max * min(1.0, step / config.capacity_steps)
 
 
-LOG_2PI = math.log(2 * math.pi)
-
-
 def log_normal(z, mu, logvar):
     """log N(z; mu, exp(logvar)) elementwise; mu = logvar = 0 gives the prior's log-density."""
     return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI)
 
 
 def tc_terms(z, mu, logvar, dataset_size):
-    """β-TCVAE's split of the KL for each image of a batch (Chen et al. 2018), nats, each (B,): (index-code MI, total
-    correlation, dimension-wise KL) at z_i ~ q(z|x_i). q(z), the aggregate posterior over N = dataset_size images,
-    is estimated by stratified sampling of the minibatch: z_i's own posterior is exactly one Nth of it, and the
-    other M - 1 images of the batch stand for the rest, each weighted (N - 1) / (N (M - 1)). With the whole data set
-    as the batch every weight is 1/N: the exact aggregate posterior metrics.elbo_decomposition uses (tested)."""
+    """β-TCVAE's split of each image's KL (Chen et al. 2018), nats, each (B,): (index-code MI, total correlation,
+    dimension-wise KL) at z_i ~ q(z|x_i). q(z) over N = dataset_size images is sampled stratified from the batch:
+    z_i's own posterior weighs 1/N, each of the M - 1 others (N - 1) / (N (M - 1)), so a whole-set batch is exact."""
     m, n = z.shape[0], float(dataset_size)
     pair = log_normal(z[:, None, :], mu[None], logvar[None])  # (M, M, D): log q(z_id | x_j)
     log_w = torch.full((m, m), math.log(max(n - 1.0, 1e-30) / (n * max(m - 1, 1))), dtype=z.dtype, device=z.device)
@@ -211,8 +192,7 @@ def tc_terms(z, mu, logvar, dataset_size):
 
 
 def kl_parts(log_q_zx, log_qz, log_qz_dims, z):
-    """(MI, TC, dimension-wise KL) from log q(z|x), log q(z) and Σ_d log q(z_d) at z; they sum to log q(z|x) − log p(z)
-    (Hoffman & Johnson 2016; Chen et al. 2018)."""
+    """(MI, TC, dimension-wise KL) at z, summing to log q(z|x) − log p(z) (Hoffman & Johnson 2016; Chen et al. 2018)."""
     log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(1)
     return log_q_zx - log_qz, log_qz - log_qz_dims, log_qz_dims - log_pz
 
@@ -223,12 +203,11 @@ def bce_with_logits(logits, target):
 
 
 def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0, capacity=None, z=None):
-    """The loss per image, in nats: recon = Bernoulli cross-entropy summed over pixels (target in [0, 1]),
-    KL = ½ Σ_d (μ² + σ² − 1 − log σ²), and the objective's total:
+    """The loss per image, nats: recon = Bernoulli cross-entropy summed over pixels (target in [0, 1]), KL = ½ Σ_d
+    (μ² + σ² − 1 − log σ²), and the objective's total:
         beta      recon + β·KL                               (Higgins et al. 2017)
         capacity  recon + γ·|KL − C(step)|                   (Burgess et al. 2018; `capacity` overrides C(step))
-        tc        recon + α·MI + β·TC + γ·dimension-wise KL  (Chen et al. 2018, at the sampled z)
-    """
+        tc        recon + α·MI + β·TC + γ·dimension-wise KL  (Chen et al. 2018, at the sampled z)"""
     recon = bce_with_logits(recon_logits, target).flatten(1).sum(1)
     kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
     kl = kl_per_dim.sum(1)
@@ -267,18 +246,16 @@ def param_count(module):
 CHECKPOINT_FORMAT = 1
 MAX_CHECKPOINT_BYTES = 2**30  # a 10,000-epoch run of the largest model is a fraction of this
 CheckpointError = checks.CheckpointError
-WRITTEN = "pass a checkpoint.pt written by train.py"
+WRITTEN, EARLIER = "pass a checkpoint.pt written by train.py", "use an earlier checkpoint or retrain"
 
 
 def save_checkpoint(path, model, optimizer, epoch, seed, train_args, metrics, extra=None):
     """One dict per run (weights, model_args, optimizer state, epoch, seed, train_args, metrics), written atomically."""
     ckpt = dict(format_version=CHECKPOINT_FORMAT, model_args=dataclasses.asdict(model.config), model=model.state_dict())
     ckpt.update(optimizer=optimizer.state_dict() if optimizer is not None else {}, epoch=int(epoch), seed=int(seed))
-    ckpt.update(
-        train_args=dict(train_args), metrics=list(metrics), torch_version=str(torch.__version__), **(extra or {})
-    )
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)  # into memory first: a full disk is then an OSError here, and the old file stays whole
+    ckpt.update(train_args=dict(train_args), metrics=list(metrics), torch_version=str(torch.__version__))
+    buf = io.BytesIO()  # in memory first: a full disk is then an OSError in atomic_write, and the old file stays whole
+    torch.save(ckpt | (extra or {}), buf)
     atomic_write(path, buf.getvalue())
 
 
@@ -288,17 +265,14 @@ def read_checkpoint(path):
     try:
         data = read_regular(path, MAX_CHECKPOINT_BYTES)
     except NotReadable as e:
-        if not os.path.lexists(path):
-            raise CheckpointError(f"no checkpoint at {path}: pass the checkpoint.pt that train.py wrote") from None
-        raise CheckpointError(f"{path} {e}: {WRITTEN}") from None
+        missing = f"no checkpoint at {path}: pass the checkpoint.pt that train.py wrote"
+        raise CheckpointError(f"{path} {e}: {WRITTEN}" if os.path.lexists(path) else missing) from None
     if not data:
         raise CheckpointError(f"{path} is empty: it is not a checkpoint; train again or pick another file")
-    problem = checks.archive_problem(data)
-    if problem:
+    if problem := checks.archive_problem(data):
         raise CheckpointError(f"{path} is not a readable checkpoint ({problem}); {WRITTEN}")
     try:
-        with warnings.catch_warnings():  # torch warns about odd pickles before refusing them; our error says it all
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):  # torch warns before refusing odd pickles; our error says it all
             ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle and zip errors have many types; all mean the same to the user
         raise CheckpointError(f"{path} is not a readable checkpoint ({checks.load_error(e)}); {WRITTEN}") from None
@@ -313,20 +287,15 @@ def read_checkpoint(path):
 
 
 def model_from_checkpoint(ckpt, source="the checkpoint"):
-    """The model a checked checkpoint dict describes, with its weights (train mode)."""
+    """The model a checked checkpoint dict describes, with its weights (train mode), NaN ones refused (never saved)."""
     model = BetaVAE(VAEConfig(**ckpt["model_args"]))
-    problem = checks.fit_problem(model.state_dict(), ckpt["model"])
-    if problem:
+    if problem := checks.fit_problem(model.state_dict(), ckpt["model"]):
         raise CheckpointError(f"{source} does not match this model ({problem}); retrain with train.py")
-    problem = checks.weights_problem(model.state_dict(), ckpt["model"])
-    if problem:
-        raise CheckpointError(f"{source} is damaged: {problem}; use an earlier checkpoint or retrain")
+    if problem := checks.weights_problem(model.state_dict(), ckpt["model"]):
+        raise CheckpointError(f"{source} is damaged: {problem}; {EARLIER}")
     model.load_state_dict(ckpt["model"])
-    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:  # train.py never saves such weights; nothing useful can come of them
-        raise CheckpointError(
-            f"{source} holds NaN or infinite weights ({bad[0]}); use an earlier checkpoint or retrain"
-        )
+    if bad := [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+        raise CheckpointError(f"{source} holds NaN or infinite weights ({bad[0]}); {EARLIER}")
     return model
 
 
@@ -335,17 +304,14 @@ def load_optimizer_state(optimizer, ckpt, source):
     only at the first step). Only lr, betas, eps and weight_decay come from the file; how Adam runs stays."""
     problem = checks.optimizer_fit_problem(optimizer, ckpt["optimizer"])
     if problem is None:
-        saved, groups = ckpt["optimizer"], []
-        for mine, theirs in zip(optimizer.param_groups, saved["param_groups"]):  # how Adam runs stays as built
-            groups.append({**mine, **{k: theirs[k] for k in (*checks.HYPER, "params")}})
+        pairs = zip(optimizer.param_groups, ckpt["optimizer"]["param_groups"])
+        groups = [{**mine, **{k: theirs[k] for k in (*checks.HYPER, "params")}} for mine, theirs in pairs]
         try:
-            optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+            optimizer.load_state_dict({"state": ckpt["optimizer"]["state"], "param_groups": groups})
+            return
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             problem = checks.first_line(e)
-    if problem:
-        raise CheckpointError(
-            f"the optimizer state in {source} does not fit this model ({problem}); start a new --out-dir"
-        )
+    raise CheckpointError(f"the optimizer state in {source} does not fit this model ({problem}); start a new --out-dir")
 
 
 def load_checkpoint(path, device="cpu"):

@@ -1,7 +1,6 @@
-"""The checks a checkpoint passes before anything uses it (vae.read_checkpoint): a damaged or hostile file ends in one
-CheckpointError that says what to do, and no check costs more than the file's own bytes. Every tensor is checked to
-hold its own elements before any value is read (an expanded tensor is a few bytes on disk and any number of elements
-in memory); every other field is kept only if it has a known name and type.
+"""The checks a checkpoint passes before use (vae.read_checkpoint): a damaged or hostile file ends in a CheckpointError
+that says what to do, at no cost beyond its bytes. Tensors must hold their own elements before any value is read (an
+expanded one is a few bytes on disk, any size in memory); other fields are kept only with a known name and type.
 """
 
 import math
@@ -16,14 +15,15 @@ REQUIRED = ("format_version", "model_args", "model", "optimizer", "epoch", "seed
 HYPER = ("lr", "betas", "eps", "weight_decay")  # what a resumed run takes from the saved Adam state
 DAMAGED = "retrain, or resume from a backup of the run folder"
 MAX_LIST = 10_000  # entries of a list in a history record: kl_per_dim has at most 4,096, a curve 100
+archive_problem = zip_problem  # bytes that could make torch.load allocate more than they hold, refused before it reads
+is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_numbers = lambda v: isinstance(v, list) and len(v) <= MAX_LIST and all(is_number(x) for x in v)
+first_line = lambda e, limit=160: (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 class CheckpointError(Exception):
     """A checkpoint is missing, unreadable, foreign or inconsistent; the message says what to do."""
-
-
-def first_line(e, limit=160):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 _REPR = reprlib.Repr()  # bounded in depth and length (Python 3.11's takes no arguments)
@@ -31,48 +31,33 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxtuple, 
 
 
 def brief(v):
-    """repr(v) made safe to print: bounded in depth and length (a list nested 20,000 deep, an integer of 5,000
-    digits, which Python cannot even print past 4,300)."""
+    """repr(v) bounded in depth and length: safe for a list nested 20,000 deep or an integer past 4,300 digits."""
     if is_int(v) and abs(v) >= 10**30:
         return f"an integer of {v.bit_length()} bits"
     return shown(_REPR.repr(v), 60)
 
 
-def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def archive_problem(data):
-    """Refuse, before torch.load reads them, bytes that could make it allocate more than they hold."""
-    return zip_problem(data)
-
-
 def load_error(e):
     text = str(e).strip()
     if "WeightsUnpickler error:" in text:  # torch's own text suggests weights_only=False: never for a stranger's file
-        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:120]
+        detail = first_line(text.split("WeightsUnpickler error:", 1)[1], 120)
         return f"the safe loader refused it, it may hold code: {detail}"
-    return text.splitlines()[0][:160] if text else type(e).__name__
+    return first_line(e)
 
 
 def tensor_problem(t, name):
-    """A tensor that does not hold its own elements (expanded, or a view past its storage) or is complex, or None."""
-    itemsize = t.element_size()
+    """Why a tensor does not hold its own elements (it is expanded, or a view past its storage), or None."""
     if not (t.is_contiguous() or t.numel() <= 1):
         return f"{name} is not a plain tensor"
-    if (t.storage_offset() + t.numel()) * itemsize > t.untyped_storage().nbytes():
+    if (t.storage_offset() + t.numel()) * t.element_size() > t.untyped_storage().nbytes():
         return f"{name} declares more elements than it holds"
     return None
 
 
 def _tensors(ckpt):
-    """(name, tensor) of every tensor in the model's and the optimizer's state, whatever the nesting found."""
-    found = [(f"model entry {shown(k, 80)}", t) for k, t in ckpt["model"].items() if isinstance(t, torch.Tensor)]
-    state = ckpt["optimizer"].get("state") if isinstance(ckpt["optimizer"], dict) else None
+    """(name, tensor) of every tensor in the model's and the optimizer's state (dicts), whatever the nesting found."""
+    found = [(f"model entry {shown(k, 80)}", t) for k, t in ckpt["model"].items()]  # all tensors, checked first
+    state = ckpt["optimizer"].get("state")
     for key, st in state.items() if isinstance(state, dict) else ():
         for name, t in st.items() if isinstance(st, dict) else ():
             if isinstance(t, torch.Tensor):
@@ -83,45 +68,36 @@ def _tensors(ckpt):
 def _summary_problem(m):
     if not isinstance(m, dict) or not all(is_number(m.get(k)) for k in ("recon", "kl", "total")):
         return "recon, kl and total numbers"
-    per_dim = m.get("kl_per_dim")
-    if not isinstance(per_dim, list) or len(per_dim) > MAX_LIST or not all(is_number(v) for v in per_dim):
-        return "a kl_per_dim list of numbers"
-    return None
+    return None if _numbers(m.get("kl_per_dim")) else "a kl_per_dim list of numbers"
 
 
 def clean_history(metrics, max_epochs):
     """(the epoch records with only their known fields, or None; what is wrong with them, or None)."""
     kept = []
     for i, m in enumerate(metrics):
-        if (
-            not isinstance(m, dict)
-            or not (is_int(m.get("epoch")) and 0 < m["epoch"] <= max_epochs)
-            or not (is_number(m.get("img_per_s", 0)) and is_int(m.get("step", 0)) and m.get("step", 0) >= 0)
-        ):
+        record = isinstance(m, dict) and is_int(m.get("epoch")) and 0 < m["epoch"] <= max_epochs
+        if not (record and is_number(m.get("img_per_s", 0)) and is_int(m.get("step", 0)) and m.get("step", 0) >= 0):
             return None, f"metrics entry {i} is not an epoch record"
         for split in ("train", "test"):
-            problem = _summary_problem(m.get(split))
-            if problem:
+            if problem := _summary_problem(m.get(split)):
                 return None, f"metrics entry {i} has no {split} record with {problem}"
-        curve = m.get("curve", [])
-        if not isinstance(curve, list) or len(curve) > MAX_LIST or not all(is_number(v) for v in curve):
+        if not _numbers(m.get("curve", [])):
             return None, f"metrics entry {i} has a curve that is not a list of numbers"
         summary = {s: {k: m[s][k] for k in ("recon", "kl", "total", "kl_per_dim")} for s in ("train", "test")}
-        kept.append(
-            {k: summary.get(k, m[k]) for k in m if k in ("epoch", "step", "train", "test", "img_per_s", "curve")}
-        )
+        kept.append({k: summary.get(k, m[k]) for k in m if k in ("epoch", "step", *summary, "img_per_s", "curve")})
     return kept, None
 
 
-TRAIN_ARGS = {"batch_size": lambda v: is_int(v) and v >= 1, "seed": lambda v: is_int(v) and v >= 0,
-              "epochs": lambda v: is_int(v) and v >= 0, "lr": lambda v: is_number(v) and v > 0,
-              "loop": lambda v: v in ("fast", "seed"), "data_dir": lambda v: isinstance(v, str) and len(v) < 4096,
-              "dataset": lambda v: v in ("fashion-mnist", "sprites")}  # fmt: skip
+# The train_args a checkpoint keeps, each with its check; others are dropped
+_count = lambda low: lambda v: is_int(v) and v >= low
+TRAIN_ARGS = {"batch_size": _count(1), "seed": _count(0), "epochs": _count(0), "lr": lambda v: is_number(v) and v > 0}
+TRAIN_ARGS |= {"loop": lambda v: v in ("fast", "seed"), "data_dir": lambda v: isinstance(v, str) and len(v) < 4096}
+TRAIN_ARGS["dataset"] = lambda v: v in ("fashion-mnist", "sprites")
 
 
 def _fields_problem(ckpt, settings):
-    for key, kind in (("model_args", dict), ("model", dict), ("optimizer", dict), ("train_args", dict),
-                      ("metrics", list)):  # fmt: skip
+    for key in ("model_args", "model", "optimizer", "train_args", "metrics"):
+        kind = list if key == "metrics" else dict
         if not isinstance(ckpt[key], kind):
             return f"{key} is a {type(ckpt[key]).__name__}, not a {kind.__name__}"
     max_epochs, seeds = settings["epochs"].high, settings["seed"]
@@ -129,21 +105,18 @@ def _fields_problem(ckpt, settings):
         return f"epoch is {brief(ckpt['epoch'])}, not a count of epochs"
     if not is_int(ckpt["seed"]) or not seeds.low <= ckpt["seed"] <= seeds.high:
         return f"seed is {brief(ckpt['seed'])}, not a seed from {seeds.low} to {seeds.high}"
-    size = ckpt["model_args"].get("dataset_size")
-    if size is not None and (not is_int(size) or not 0 < size <= 10**9):
+    if (size := ckpt["model_args"].get("dataset_size")) is not None and not (is_int(size) and 0 < size <= 10**9):
         return f"model_args dataset_size is {brief(size)}"
     if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in ckpt["model"].items()):
         return "model holds entries that are not named tensors"
     for name, t in _tensors(ckpt):  # before any value is read
-        problem = tensor_problem(t, name)
-        if problem:
+        if problem := tensor_problem(t, name):
             return problem
     for key, ok in TRAIN_ARGS.items():
         if key in ckpt["train_args"] and not ok(ckpt["train_args"][key]):
             return f"train_args[{key!r}] is {brief(ckpt['train_args'][key])}"
     ckpt["train_args"] = {k: v for k, v in ckpt["train_args"].items() if k in TRAIN_ARGS}
-    problem = _optimizer_problem(ckpt["optimizer"])
-    if problem:
+    if problem := _optimizer_problem(ckpt["optimizer"]):
         return problem
     ckpt["metrics"], problem = clean_history(ckpt["metrics"], max_epochs)
     return problem
@@ -152,27 +125,20 @@ def _fields_problem(ckpt, settings):
 def check_checkpoint(ckpt, path, version, settings):
     """Refuse a checkpoint dict whose fields are not what train.py writes; drop fields this code does not know."""
     if not isinstance(ckpt, dict):
-        raise CheckpointError(
-            f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; pass a checkpoint.pt written by train.py"
-        )
-    missing = [k for k in REQUIRED if k not in ckpt]
-    if missing:
-        raise CheckpointError(
-            f"{path} is not a checkpoint of this project's format (missing {', '.join(missing)}); retrain with train.py"
-        )
+        kind = type(ckpt).__name__
+        raise CheckpointError(f"{path} holds a {kind}, not a checkpoint dict; pass a checkpoint.pt written by train.py")
+    if missing := ", ".join(k for k in REQUIRED if k not in ckpt):
+        problem = f"is not a checkpoint of this project's format (missing {missing}); retrain with train.py"
+        raise CheckpointError(f"{path} {problem}")
     if ckpt["format_version"] != version:
-        raise CheckpointError(
-            f"{path} has checkpoint format {brief(ckpt['format_version'])}, this code reads "
-            f"{version}; use the matching version of the project or retrain"
-        )
-    problem = _fields_problem(ckpt, settings)
-    if problem:
+        problem = f"has checkpoint format {brief(ckpt['format_version'])}, this code reads {version}"
+        raise CheckpointError(f"{path} {problem}; use the matching version of the project or retrain")
+    if problem := _fields_problem(ckpt, settings):
         raise CheckpointError(f"{path} is damaged: {problem}; {DAMAGED}")
 
 
 def _hyper_problem(group):
-    """What is wrong with one Adam parameter group's numbers, or None: NaN there would show only later, as a loss
-    that "became nan" and a hint to lower --lr."""
+    """What is wrong with an Adam group's numbers, or None: NaN would show only later, as a loss that "became nan"."""
     betas = group.get("betas")
     if not (is_number(group.get("lr")) and group["lr"] > 0):
         return f"lr {brief(group.get('lr'))}"
@@ -193,21 +159,17 @@ def _optimizer_problem(opt):
     if set(opt) != {"state", "param_groups"}:
         return "optimizer is not an optimizer's state (it needs exactly state and param_groups)"
     if not isinstance(opt["state"], dict) or not isinstance(opt["param_groups"], list):
-        return (
-            f"optimizer state is a {type(opt['state']).__name__} and its param_groups a "
-            f"{type(opt['param_groups']).__name__}, not a dict and a list"
-        )
+        kinds = f"{type(opt['state']).__name__} and its param_groups a {type(opt['param_groups']).__name__}"
+        return f"optimizer state is a {kinds}, not a dict and a list"
     for i, group in enumerate(opt["param_groups"]):
-        problem = _hyper_problem(group) if isinstance(group, dict) else "not a dict"
-        if problem:
+        if problem := (_hyper_problem(group) if isinstance(group, dict) else "not a dict"):
             return f"optimizer parameter group {i} has {problem}"
     for key, st in opt["state"].items():
         if not is_int(key) or not isinstance(st, dict) or not all(isinstance(k, str) for k in st):
             return f"optimizer state entry {brief(key)} is not a parameter's state"
         for name, v in st.items():
             if isinstance(v, torch.Tensor):
-                # a squared gradient beyond float range leaves exp_avg_sq at +inf and Adam's update at 0: a state
-                # train.py can save with finite weights
+                # exp_avg_sq may be +inf: a squared gradient past float range (Adam then steps 0), saved by train.py
                 ok = (~torch.isnan(v) & (v >= 0)).all() if name == "exp_avg_sq" else torch.isfinite(v).all()
                 if not v.is_floating_point() or not ok:
                     return f"optimizer state {name} of parameter {brief(key)} is not finite real numbers"
@@ -223,17 +185,15 @@ def optimizer_fit_problem(optimizer, saved):
         return f"it has {len(groups) if isinstance(groups, list) else 'no'} parameter groups"
     params = [p for g in optimizer.param_groups for p in g["params"]]
     numbers = [i for g in groups for i in g["params"]]
-    if sorted(numbers) != list(range(len(params))) or [len(g["params"]) for g in groups] != [
-        len(g["params"]) for g in optimizer.param_groups
-    ]:
+    sizes, saved_sizes = ([len(g["params"]) for g in gs] for gs in (optimizer.param_groups, groups))
+    if sorted(numbers) != list(range(len(params))) or sizes != saved_sizes:
         return "its parameter numbers do not match the model's"
     for i, st in saved["state"].items():
         if not 0 <= i < len(params):
             return f"it has state for parameter {i}, which the model does not have"
         p = params[numbers.index(i)]
         for key in ("exp_avg", "exp_avg_sq"):
-            t = st.get(key)
-            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+            if not isinstance(t := st.get(key), torch.Tensor) or t.shape != p.shape:
                 return f"its {key} does not match a parameter of shape {tuple(p.shape)}"
         step = st.get("step")
         step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
@@ -253,9 +213,8 @@ def fit_problem(mine, theirs):
 
 
 def weights_problem(mine, theirs):
-    """Saved weights of another dtype than the model's (load_state_dict would cast complex to float with a warning
-    and keep the real part), or BatchNorm variances below 0 (their square root is NaN in every pass). Shapes first:
-    fit_problem()."""
+    """Saved weights of another dtype than the model's (load_state_dict would keep a complex one's real part) or
+    BatchNorm variances below 0 (NaN in every pass), or None; fit_problem() checks shapes first."""
     for name, t in theirs.items():
         if t.dtype != mine[name].dtype:
             got, want = (str(d).replace("torch.", "") for d in (t.dtype, mine[name].dtype))

@@ -27,35 +27,31 @@ class ArgumentParser(argparse.ArgumentParser):
         for action in self._actions:
             value = getattr(parsed, action.dest, None) if action.option_strings else None
             if value == "" or (isinstance(value, list) and "" in value):
+                flag = "/".join(action.option_strings)
                 self.error(
-                    f"argument {'/'.join(action.option_strings)}: an empty value names nothing: give one, or "
-                    "leave the flag out for its default"
+                    f"argument {flag}: an empty value names nothing: give one, or leave the flag out for its default"
                 )
         return parsed
 
 
-def add_setting(parser, name, setting, default=argparse.SUPPRESS, **kwargs):
-    """--name-with-dashes (and the seed's --name_with_underscores) for a vae.SETTINGS entry: its type, range and
-    default in the help, all read from the one table."""
-    flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
-    shown_default = "see above" if setting.default is None else f"{setting.default:g}"
-    kind = int if isinstance(setting.low, int) else float
-    parser.add_argument(*flags, dest=name, type=kind, default=setting.default if default is argparse.SUPPRESS else
-                        default, help=f"{setting.help}, {setting.low:g} to {setting.high:g} (default: {shown_default})",
-                        **kwargs)  # fmt: skip
+def add_setting(parser, name, setting, default=argparse.SUPPRESS):
+    """The flag of a vae.SETTINGS entry: its type, range and default in the help, all read from the one table."""
+    said = "" if setting.default is None else f"{setting.default:g}"  # "": the help says it
+    low, high = (f"{v}" if isinstance(v, int) else f"{v:g}" for v in (setting.low, setting.high))
+    help = f"{setting.help}, {low} to {high}"
+    default = setting.default if default is argparse.SUPPRESS else default
+    add(parser, name, help, said, type=int if isinstance(setting.low, int) else float, default=default)
 
 
 def add(parser, name, help, default_text=None, **kwargs):
     """--name-with-dashes (and the seed's --name_with_underscores), the default stated at the end of its help."""
     flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
-    said = default_text or ("off" if kwargs.get("action") == "store_true" else kwargs.get("default"))
-    parser.add_argument(*flags, dest=name, help=f"{help} (default: {said})", **kwargs)
+    said = default_text if default_text is not None else "off" if kwargs.get("action") else kwargs.get("default")
+    parser.add_argument(*flags, dest=name, help=f"{help} (default: {said})" if said != "" else help, **kwargs)
 
 
 def add_device(parser):
-    parser.add_argument(
-        "--device", default="auto", help="cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps (default: auto)"
-    )
+    add(parser, "device", "cuda, mps or cpu, the first there; or cpu, cuda, cuda:N, mps", default="auto")
 
 
 def check_int(flag, value, low, high):

@@ -1,10 +1,7 @@
-"""Reading and writing files safely (torch-free).
-
-Reading: read_regular() and open_regular() accept only a regular file of bounded size (never a FIFO that blocks, a
-device that never ends, or a folder), opened once, so what was checked is what is read.
-Writing: every file goes through a temporary file in its folder, `.<name>.<pid>-<host>.<8 characters>.tmp`, and a
-rename, so a reader never sees half a file; atomic_write_all() writes several as one. A process killed mid-write
-leaves its temporary file behind; clean_stale_temps() removes those of processes of this machine that have gone.
+"""Reading and writing files safely (torch-free). Reading takes only a regular file (never a FIFO that blocks, a device
+that never ends, a folder), opened once, so what was checked is what is read. Writing goes through a temporary file,
+`.<name>.<pid>-<host>.<8 characters>.tmp`, and a rename, so a reader never sees half a file; a process killed mid-write
+leaves its temporary file, which clean_stale_temps() removes once that process has gone.
 """
 
 import contextlib
@@ -28,8 +25,7 @@ class NotReadable(Exception):
 
 
 def open_regular(path):
-    """A binary file object for `path` if it is a regular file; NotReadable otherwise. O_NONBLOCK: opening a FIFO
-    returns at once instead of waiting for a writer, and fstat then refuses it."""
+    """`path` opened (rb) if a regular file, else NotReadable; O_NONBLOCK: a FIFO opens at once, for fstat to refuse."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
@@ -65,8 +61,7 @@ def zip_problem(data):
     for info in records:
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
             return f"its record {info.filename[:80]!r} is compressed, which torch.save never does"
-    declared = sum(info.file_size for info in records)
-    if declared > len(data):
+    if (declared := sum(info.file_size for info in records)) > len(data):
         return f"its records declare {declared:,} bytes, more than its {len(data):,}"
     return None
 
@@ -76,12 +71,8 @@ def _host():
     return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:6]
 
 
-def _prefix(path):
-    return f".{os.path.basename(path)}.{os.getpid()}-{_host()}."
-
-
-def _temp_for(path):
-    return tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=_prefix(path), suffix=".tmp")
+_prefix = lambda path: f".{os.path.basename(path)}.{os.getpid()}-{_host()}."
+_temp_for = lambda p: tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(p)), prefix=_prefix(p), suffix=".tmp")
 
 
 def _umask():
@@ -111,8 +102,7 @@ def _unlink(path):
 
 
 def atomic_write(path, write):
-    """write(binary file), or the bytes `write`, into a temporary file beside `path`, then rename: `path` is the old
-    file or the new one."""
+    """write(binary file), or the bytes `write`, into a temporary file renamed to `path`: it is the old or the new."""
     tmp = _write_temp(path, write)
     try:
         os.replace(tmp, os.fspath(path))
@@ -129,10 +119,8 @@ class Interrupted(KeyboardInterrupt):
 def _signals_held():
     """SIGINT and SIGTERM noted rather than acted on inside the block (main thread only); yields the list of them."""
     held = []
-    if threading.current_thread() is not threading.main_thread():
-        yield held
-        return
-    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in signals}
     try:
         yield held
     finally:
@@ -141,14 +129,10 @@ def _signals_held():
 
 
 def atomic_write_all(items):
-    """Write several files as one: afterwards every path holds its new content, or every path is as it was.
-
-    items: [(path, write function or bytes)]. Everything is written to temporary files first (a full disk fails here,
-    before any path changes); old files are kept as hard links (copies where a file system has none) until every
-    rename has happened, and put back if one fails. Ctrl-C and SIGTERM wait until the renames are done (or undone);
-    then Interrupted is raised, so the caller knows the files were written. A SIGKILL between two renames leaves a
-    new file beside an old one; the old one's copy is then a temporary file that clean_stale_temps() removes.
-    """
+    """Write items [(path, write function or bytes)] as one: every path holds its new content, or all are as they were.
+    Temporary files first (a full disk fails before any path changes); old files stay as hard links (or copies) until
+    every rename is done, put back if one fails. Ctrl-C and SIGTERM wait for the renames (or their undoing), then raise
+    Interrupted; a SIGKILL between renames leaves the old files' copies to clean_stale_temps()."""
     temps, backups, done = [], {}, []
     try:
         for path, write in items:
@@ -172,12 +156,8 @@ def atomic_write_all(items):
                     os.replace(tmp, path)
             except BaseException:
                 for path, tmp in temps:
-                    if path not in done or os.path.exists(tmp):  # its rename never happened
-                        continue
-                    if path in backups:
-                        os.replace(backups.pop(path), path)
-                    else:
-                        _unlink(path)
+                    if path in done and not os.path.exists(tmp):  # its rename happened
+                        os.replace(backups.pop(path), path) if path in backups else _unlink(path)
                 raise
     finally:
         for _, tmp in temps:
@@ -189,8 +169,7 @@ def atomic_write_all(items):
 
 
 def replace_dir(path, build):
-    """build(folder) fills a new temporary folder beside `path`, which then takes the place of `path`: a reader sees
-    the old folder or the new one; if build fails, `path` is as it was."""
+    """build(folder) fills a temporary folder that replaces `path` once built: readers see the old or the new one."""
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     new, old = tempfile.mkdtemp(dir=parent, prefix=_prefix(path), suffix=".tmp"), None
@@ -213,11 +192,10 @@ def replace_dir(path, build):
 
 def _alive(pid):
     try:
-        os.kill(pid, 0)
+        with contextlib.suppress(PermissionError):  # someone else's live process
+            os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):
         return False
-    except PermissionError:  # someone else's live process
-        return True
     return True
 
 
@@ -231,30 +209,19 @@ def clean_stale_temps(folder, names):
         return removed
     for entry in entries:
         m = _TEMP.match(entry)
-        if (
-            not m
-            or m["name"] not in names
-            or m["host"] != host
-            or int(m["pid"]) == os.getpid()
-            or _alive(int(m["pid"]))
-        ):
-            continue
+        ours = m and m["name"] in names and m["host"] == host and int(m["pid"]) != os.getpid()
         path = os.path.join(folder, entry)
-        try:
-            if os.lstat(path).st_uid != os.getuid():
-                continue
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
-            removed.append(entry)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            if ours and not _alive(int(m["pid"])) and os.lstat(path).st_uid == os.getuid():
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+                removed.append(entry)
     return removed
 
 
 def clean_stale_temps_for(paths):
     """clean_stale_temps for each output path (None skipped), folder by folder."""
     folders = {}
-    for p in filter(None, paths):
-        p = os.path.abspath(p)
+    for p in map(os.path.abspath, filter(None, paths)):
         folders.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
     return [e for folder, names in folders.items() for e in clean_stale_temps(folder, names)]
 
@@ -262,21 +229,15 @@ def clean_stale_temps_for(paths):
 def same_file(a, b):
     """Whether two paths name one file: through symlinks, `..`, hard links or case-insensitive file systems."""
     a, b = os.path.realpath(a), os.path.realpath(b)
-    if a == b:
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet): then they are one file only if they resolve alike
-        return False
+    with contextlib.suppress(OSError):  # one does not exist (yet): then they are one file only if they resolve alike
+        return a == b or os.path.samefile(a, b)
+    return False
 
 
 def clashes(inputs, outputs):
-    """Names the first output that would replace an input or another output, or None. inputs, outputs: {flag: path}
-    (None: not used); paths are compared by what they resolve to."""
+    """A message naming the first output that would replace an input or another output ({flag: path}s), or None."""
     seen = [(flag, p) for flag, p in inputs.items() if p is not None]
-    for flag, path in outputs.items():
-        if path is None:
-            continue
+    for flag, path in [(flag, p) for flag, p in outputs.items() if p is not None]:
         for other_flag, other in seen:
             if same_file(path, other):
                 return f"{flag} {path} is the same file as {other_flag} {other}"
