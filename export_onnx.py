@@ -115,8 +115,11 @@ def metadata(kind, ckpt, checkpoint_path, pixel_range, kl):
     """What sample.py and explore.py need: no local path, only the checkpoint's folder and file name and its hash."""
     args, epochs = ckpt["model_args"], ckpt["epoch"]
     source = os.path.join(*os.path.normpath(os.path.abspath(checkpoint_path)).split(os.sep)[-2:])
-    dataset = {"sprites": "sprites"}.get(ckpt["train_args"].get("dataset"), "Fashion-MNIST")
-    trained_on = f"{dataset}, {args['dataset_size']:,} training images, {epochs} epochs, {vae.describe(args)}"
+    size = args.get("dataset_size")  # checkpoints before it was kept: unknown, not assumed
+    full = "" if size in (60_000, None) else " subset"
+    dataset = "sprites" if ckpt["train_args"].get("dataset") == "sprites" else f"Fashion-MNIST{full}"
+    images = "an unrecorded number of" if size is None else f"{size:,}"
+    trained_on = f"{dataset}, {images} training images, {epochs} epochs, {vae.describe(args)}"
     meta = dict(format=f"beta-vae-{kind}", format_version=FORMAT_VERSION, latent_dim=args["latent_dim"])
     meta |= dict(image_shape=",".join(map(str, vae.IMAGE_SHAPE)), pixel_range=pixel_range, beta=args["beta"])
     meta |= dict(objective=args["objective"], epochs=epochs, seed=ckpt["seed"], batchnorm="folded")

@@ -7,7 +7,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import vae
@@ -148,25 +147,37 @@ def elbo_decomposition(mu, logvar, generator=None):
 
 def linear_probe_accuracy(train_z, train_y, test_z, test_y, l2=1e-4, max_iter=200):
     """Test accuracy of multinomial logistic regression on posterior means, fitted on train (full-batch L-BFGS from
-    zero weights: deterministic): how much class information stays linearly readable."""
-    train_z, test_z = torch.as_tensor(train_z).double().cpu(), torch.as_tensor(test_z).double().cpu()
-    train_y, test_y = torch.as_tensor(train_y).long().cpu(), torch.as_tensor(test_y).long().cpu()
-    mean, std = train_z.mean(0), train_z.std(0).clamp_min(1e-8)  # L-BFGS converges slowly on badly scaled latents
+    zero weights, scipy's: deterministic, and no torch.optim, whose first step imports dynamo): how much class
+    information stays linearly readable."""
+    from scipy.optimize import minimize
+
+    as_np = lambda a: np.asarray(a.cpu() if hasattr(a, "cpu") else a)
+    train_z, test_z = as_np(train_z).astype(np.float64), as_np(test_z).astype(np.float64)
+    train_y, test_y = as_np(train_y).astype(np.int64), as_np(test_y).astype(np.int64)
+    mean, std = train_z.mean(0), np.maximum(train_z.std(0, ddof=1), 1e-8)  # L-BFGS is slow on badly scaled latents
     xs, xt = (train_z - mean) / std, (test_z - mean) / std
-    weight = torch.zeros(len(mean), int(max(train_y.max(), test_y.max())) + 1, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(weight.shape[1], dtype=torch.float64, requires_grad=True)
-    options = dict(history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, **options)
+    (n, d), k = xs.shape, int(max(train_y.max(), test_y.max())) + 1
+    onehot = np.eye(k)[train_y]
 
-    def closure():
-        opt.zero_grad()
-        (loss := F.cross_entropy(xs @ weight + bias, train_y) + l2 * weight.pow(2).sum()).backward()
-        return loss
+    def loss_and_grad(w):
+        weight, bias = w[: d * k].reshape(d, k), w[d * k :]
+        logits = xs @ weight + bias
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(1, keepdims=True)
+        loss = -np.log(p[np.arange(n), train_y]).mean() + l2 * (weight**2).sum()
+        g = (p - onehot) / n
+        return loss, np.concatenate([(xs.T @ g + 2 * l2 * weight).ravel(), g.sum(0)])
 
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        return (xt @ weight + bias).argmax(1).eq(test_y).double().mean().item()
+    fit = minimize(
+        loss_and_grad,
+        np.zeros(d * k + k),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": max_iter, "gtol": 1e-9, "ftol": 1e-12},
+    )
+    weight, bias = fit.x[: d * k].reshape(d, k), fit.x[d * k :]
+    return float(np.mean((xt @ weight + bias).argmax(1) == test_y))
 
 
 def _split(n, seed=0, test_share=1 / 3):
@@ -191,7 +202,7 @@ def mig(codes, factors, bins=20):
     mi = np.array([[discrete_mi(c, f) for f in factors.T] for c in binned])
     with np.errstate(divide="ignore", invalid="ignore"):
         norm = mi / np.array([discrete_mi(f, f) for f in factors.T])
-    top = np.sort(norm, axis=0)
+    top = np.sort(np.vstack([np.zeros(norm.shape[1]), norm]), axis=0)  # one latent: its gap to nothing
     gap = top[-1] - top[-2]
     return {"mig": float(np.nanmean(gap)), "per_factor": gap.tolist(), "mi_normalised": np.nan_to_num(norm).tolist()}
 
@@ -212,13 +223,13 @@ def sap(codes, factors, seed=0):
         for d, k in np.ndindex(score.shape):
             clf = LinearSVC(C=0.01, class_weight="balanced").fit(codes[tr, d : d + 1], factors[tr, k])
             score[d, k] = np.mean(clf.predict(codes[te, d : d + 1]) == factors[te, k])
-    top = np.sort(score, axis=0)
+    top = np.sort(np.vstack([np.zeros(score.shape[1]), score]), axis=0)  # one latent: its gap to nothing
     return {"sap": float((top[-1] - top[-2]).mean()), "per_factor": (top[-1] - top[-2]).tolist()}
 
 
 def _entropy(p, axis, base):
     p = (p + 1e-11) / (p + 1e-11).sum(axis=axis, keepdims=True)
-    return -(p * np.log(p)).sum(axis=axis) / np.log(base)
+    return -(p * np.log(p)).sum(axis=axis) / np.log(base) if base > 1 else np.zeros(p.shape[1 - axis])
 
 
 def dci(codes, factors, seed=0):
@@ -235,7 +246,9 @@ def dci(codes, factors, seed=0):
         forest.fit(codes[tr], f[tr])
         imp[:, k], acc = forest.feature_importances_, acc + [np.mean(forest.predict(codes[te]) == f[te])]
     w = imp if imp.sum() > 0 else np.ones_like(imp)
-    dis, comp = (float(np.sum((1 - _entropy(imp, a, imp.shape[a])) * w.sum(a) / w.sum())) for a in (1, 0))
+    dis, comp = (
+        float(np.clip(np.sum((1 - _entropy(imp, a, imp.shape[a])) * w.sum(a) / w.sum()), 0, 1)) for a in (1, 0)
+    )
     return {"disentanglement": dis, "completeness": comp, "informativeness": float(np.mean(acc))}
 
 

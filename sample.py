@@ -142,7 +142,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
     n, also = len(images), f"; {args.npy}" if args.npy else ""
-    print(f"wrote {args.out}: {n} images, {n // ncol} x {ncol} grid, {grid.width} x {grid.height} px{also}")
+    print(f"wrote {args.out}: {n} images, {-(-n // ncol)} x {ncol} grid, {grid.width} x {grid.height} px{also}")
     return 0
 
 

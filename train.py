@@ -219,10 +219,11 @@ def train(s, args):
                 f"--loop seed reads the data through torchvision, which needs the uncompressed {' and '.join(missing)} "
                 f"in {data.raw_dir(s['data_dir'])}: gunzip the .gz files there, or use --loop fast"
             )
-        if ckpt is not None and ckpt["model_args"]["dataset_size"] != len(train_data):
+        trained_on = None if ckpt is None else ckpt["model_args"].get("dataset_size")  # older checkpoints: unknown
+        if trained_on is not None and trained_on != len(train_data):
             raise UsageError(
                 f"the train split in {s['data_dir']} has {len(train_data):,} images, but the run in {out} trained on "
-                f"{ckpt['model_args']['dataset_size']:,}: pass the --data-dir it trained on, or start a new --out-dir"
+                f"{trained_on:,}: pass the --data-dir it trained on, or start a new --out-dir"
             )
         steps_per_epoch = math.ceil(len(train_data) / s["batch_size"])
         if s["objective"] == "capacity" and s["capacity_steps"] is None:

@@ -222,3 +222,10 @@ def test_udr_is_one_for_permuted_copies_and_near_zero_for_unrelated_runs():
     assert scores[:3] == pytest.approx([1.0] * 3, abs=1e-9) and scores[3] < 0.1
     # a latent switched off (KL at most 0.01 nats) is not counted, however it correlates
     assert metrics.udr([base, copy], [kl, copy_kl]) == metrics.udr([base, copy], [[1.0] * 4 + [0.01, 0.0], copy_kl])
+
+
+def test_one_latent_is_scored_not_a_crash():
+    s = metrics.disentanglement(REPS["perfect"][:, :1], FACTORS, [f"f{k}" for k in range(len(LEVELS))])
+    for key in metrics.DISENTANGLEMENT:  # a gap to no second latent; one latent is all of each factor's importance
+        assert 0.0 <= s[key] <= 1.0, (key, s[key])
+    assert s["mig"] > 0.1 and s["dci_completeness"] == 1.0

@@ -89,6 +89,7 @@ def test_defaults_need_only_onnx_and_write_into_the_current_folder(decoder, tmp_
 def test_temperature_zero_decodes_the_prior_mean(decoder, tmp_path):
     proc = run_sample("--onnx", decoder, "--n", 5, "--temperature", 0, "--npy", "t0.npy", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert "5 images, 2 x 3 grid" in proc.stdout  # the rows the grid has: 3 + 2
     images = np.load(tmp_path / "t0.npy")
     assert images.shape == (5, 1, 28, 28) and np.all(images == images[:1])
 
