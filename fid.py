@@ -9,6 +9,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,9 +28,10 @@ _float64 = lambda a: torch.as_tensor(a).detach().to("cpu", torch.float64)
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """d² = |mu1 − mu2|² + Tr Σ1 + Tr Σ2 − 2 Tr (Σ1 Σ2)^½ between two Gaussians in float64, clamped at 0 (which it
-    passes only by rounding). With R = Σ^½ symmetric, Tr (Σ1 Σ2)^½ is the sum of the singular values of R1 R2, real and
-    non-negative (scipy's sqrtm of a nearly singular product returns complex values that other code silently
-    truncates); the traces come from the same clipped eigenvalues, so identical statistics cancel to rounding error."""
+    passes only by rounding). With R = Σ^½ symmetric, Tr (Σ1 Σ2)^½ is the sum of the singular values of R1 R2: the
+    square roots of the eigenvalues of R1 Σ2 R1, symmetric and positive semi-definite, so real and non-negative
+    (scipy's sqrtm of a nearly singular product returns complex values that other code silently truncates). Both
+    traces come from clipped eigenvalues, so identical statistics cancel to rounding error."""
     mu1, mu2 = (_float64(m).reshape(-1) for m in (mu1, mu2))
     sigma1, sigma2 = (torch.atleast_2d(_float64(s)) for s in (sigma1, sigma2))
     d = mu1.shape[0]
@@ -39,9 +41,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if not all(torch.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
         why = "the features contain NaN or inf (a diverged model decodes to NaN; check the checkpoint)"
         raise ValueError(f"Fréchet distance got non-finite statistics: {why}")
-    (root1, w1), (root2, w2) = _psd_sqrt(sigma1), _psd_sqrt(sigma2)
-    cross = torch.linalg.svdvals(root1 @ root2).sum()
-    return max(((mu1 - mu2).pow(2).sum() + w1.sum() + w2.sum() - 2.0 * cross).item(), 0.0)
+    root1, w1 = _psd_sqrt(sigma1)
+    values = lambda a: np.linalg.eigvalsh(((a + a.T) / 2.0).numpy()).clip(0.0)  # numpy's: no eigenvectors computed
+    w2, cross = values(sigma2), np.sqrt(values(root1 @ sigma2 @ root1)).sum()
+    return max((mu1 - mu2).pow(2).sum().item() + w1.sum().item() + float(w2.sum()) - 2.0 * float(cross), 0.0)
 
 
 def _psd_sqrt(sigma):
