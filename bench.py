@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # train.py --compile off, the usual recipe (torch.compile, Adam(fused=True)) and train.py's compiled step.
 CONTENDERS = {"seed": {"loop": "seed"}, "eager": {"compile": "off"}, "plain": {"compile": "plain", "fused_adam": True}}
 CONTENDERS["fused"] = {"compile": "on"}
-say = functools.partial(print, file=sys.stderr, flush=True)
+say = lambda *line: print(*line, file=sys.stderr, flush=True)  # the stderr of the moment
 stats = lambda v: {"median": median(v), "min": min(v), "max": max(v), "n": len(v)}
 paired = lambda a, b: median(x / y for x, y in zip(a, b))  # a/b of repeats that ran back to back
 
@@ -170,15 +170,16 @@ with torch.inference_mode():
 
 
 def bench_sample(a):
-    """Cold starts, each a new process, interleaved, after a run each that warms the page cache."""
+    """Cold starts, each a new process, interleaved, after a run each that warms the page cache (with --quick, a
+    smoke run, that one run is all, and timed)."""
     onnx = ("sample.py", "--onnx", a.onnx, "--n", "64", "--out", os.path.join(a.work, "onnx.png"), "--overwrite")
     runs = {"onnx": onnx, "torch": ("-c", TORCH_SAMPLE, a.ckpt, os.path.join(a.work, "torch.png"))}
     times = {k: [] for k in runs}
-    for i in range(2 if a.quick else 2 * a.repeats + 2):
+    for i in range(1 if a.quick else 2 * a.repeats + 2):  # run 0 warms the cache; --quick keeps it
         for k, argv in runs.items():
             t = time.perf_counter()
             script(*argv)
-            times[k] += [time.perf_counter() - t] if i else []
+            times[k] += [time.perf_counter() - t] if i or a.quick else []
     (o, t), x = times.values(), median(times["torch"]) / median(times["onnx"])
     vs = f"{x:.1f}x faster than torch ({median(t):.2f} s)"
     a.rows.append(("sample.py cold start, 64 images", f"{median(o):.2f} s", vs))

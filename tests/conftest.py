@@ -22,6 +22,14 @@ sys.path.insert(0, ROOT)
 
 import data
 
+# pytest.ini hands each worker a whole test file; the longest go first, so that no worker is left alone with one at the
+# end while the other idles
+LONGEST = ("test_sweep.py", "test_reliability.py", "test_bench.py", "test_evaluate.py", "test_train_step.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: LONGEST.index(item.path.name) if item.path.name in LONGEST else len(LONGEST))
+
 
 def make_images(n, seed):
     """n 28x28 uint8 images in 10 classes: each class a different bright shape on a dark field, plus noise."""
@@ -145,25 +153,6 @@ def kl_exported(tiny_checkpoint, tmp_path_factory):
 
 
 # Download tests must not depend on the network: a mirror on a closed local port fails at once, everywhere.
-OFFLINE = r"""
-import runpy, sys
-from torchvision.datasets import FashionMNIST
-FashionMNIST.mirrors = ["http://127.0.0.1:9/"]
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def run_offline(script, *args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-c", OFFLINE, script, *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture
 def offline(monkeypatch):
     """In-process: every Fashion-MNIST mirror is a closed local port."""
@@ -198,7 +187,8 @@ def in_process(threads=None):
 def run_here(module, *args, threads=None):
     """subprocess.run's CompletedProcess (returncode, stdout, stderr) of module.main(args), run in this process: for
     what a script decides and writes, not for how its process starts, is signalled or exits (tested in subprocesses:
-    test_a_wrongly_typed_flag_is_one_line, test_killed_training_resumes_to_the_same_weights and others)."""
+    the train.py and sample.py cases of test_a_wrongly_typed_flag_is_one_line, test_killed_training_resumes_to_the_same_
+    weights and others)."""
     argv = [str(a) for a in args]
     with in_process(threads) as (out, err):
         try:

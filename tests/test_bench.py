@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+from conftest import run_here
+
+import bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -67,13 +71,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_measuring(tiny_data, tm
         (tmp_path, "must name a file to write, not a folder"),
         (tmp_path / "missing" / "b.json", "does not exist or cannot be written"),
     ):
-        proc = subprocess.run(
-            [sys.executable, "bench.py", "--data-dir", tiny_data, "--out", str(out)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = run_here(bench, "--data-dir", tiny_data, "--out", out)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], (
             proc.stderr
@@ -87,9 +85,7 @@ def test_a_bad_section_or_contender_is_one_line(tiny_data):
         (["--contenders", "seed,fast"], "--contenders seed,fast: choose from seed,eager,plain,fused"),
         (["--quick", "--contenders", "plain"], "give seed or eager"),  # --quick trains no compiled step
     ):
-        proc = subprocess.run(
-            [sys.executable, "bench.py", "--data-dir", tiny_data, *args], cwd=ROOT, capture_output=True, text=True
-        )
+        proc = run_here(bench, "--data-dir", tiny_data, *args)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], (
             proc.stderr
