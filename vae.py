@@ -20,7 +20,7 @@ from plumbing import checks
 from plumbing.files import NotReadable, atomic_write, read_regular
 
 Setting = collections.namedtuple("Setting", "default low high help")
-# Every setting's default and range, for flags and checkpoints alike: only here (a test compares docs/usage.md's table)
+# Every setting's default and range, for flags, checkpoints and sweep.py alike: defined here only
 SETTINGS = {
     "latent_dim": Setting(10, 1, 4096, "latent size"),
     "beta": Setting(4.0, 0.0, 1e6, "weight of the KL term; with --objective tc, of the total correlation"),
