@@ -151,9 +151,11 @@ def linear_probe_accuracy(train_z, train_y, test_z, test_y, l2=1e-4, max_iter=20
     information stays linearly readable."""
     from scipy.optimize import minimize
 
-    as_np = lambda a: np.asarray(a.cpu() if hasattr(a, "cpu") else a)
-    train_z, test_z = as_np(train_z).astype(np.float64), as_np(test_z).astype(np.float64)
+    as_np = lambda a: torch.as_tensor(a).detach().cpu().double().numpy()
+    train_z, test_z = (as_np(z).reshape(len(z), -1) for z in (train_z, test_z))
     train_y, test_y = as_np(train_y).astype(np.int64), as_np(test_y).astype(np.int64)
+    if len(train_z) < 2:
+        raise ValueError(f"a linear probe needs at least 2 training samples (got {len(train_z)})")
     mean, std = train_z.mean(0), np.maximum(train_z.std(0, ddof=1), 1e-8)  # L-BFGS is slow on badly scaled latents
     xs, xt = (train_z - mean) / std, (test_z - mean) / std
     (n, d), k = xs.shape, int(max(train_y.max(), test_y.max())) + 1
@@ -223,7 +225,8 @@ def sap(codes, factors, seed=0):
         for d, k in np.ndindex(score.shape):
             clf = LinearSVC(C=0.01, class_weight="balanced").fit(codes[tr, d : d + 1], factors[tr, k])
             score[d, k] = np.mean(clf.predict(codes[te, d : d + 1]) == factors[te, k])
-    top = np.sort(np.vstack([np.zeros(score.shape[1]), score]), axis=0)  # one latent: its gap to nothing
+    floor = [np.bincount(f[te]).max() / len(te) for f in factors.T]  # what a classifier gets from nothing
+    top = np.sort(np.vstack([floor, score]), axis=0)  # one latent: its gap to that floor
     return {"sap": float((top[-1] - top[-2]).mean()), "per_factor": (top[-1] - top[-2]).tolist()}
 
 

@@ -229,6 +229,8 @@ def train(s, args):
         if s["objective"] == "capacity" and s["capacity_steps"] is None:
             s["capacity_steps"] = max(1, round(vae.CAPACITY_RAMP * s["epochs"] * steps_per_epoch))
         config = vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS}, dataset_size=len(train_data))
+        if ckpt is not None:  # an older checkpoint's model gets the size it trains on, not VAEConfig's default
+            ckpt["model_args"].setdefault("dataset_size", len(train_data))
         torch.manual_seed(s["seed"])
         model = (vae.BetaVAE(config) if ckpt is None else vae.model_from_checkpoint(ckpt, out)).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=s["lr"])

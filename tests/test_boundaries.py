@@ -495,4 +495,7 @@ def test_a_checkpoint_from_before_dataset_size_was_kept_exports_and_resumes(tiny
     flags = ["--epochs", 4, "--data-dir", tiny_checkpoint["data_dir"], "--out-dir", tmp_path, "--compile", "off"]
     proc = run_here(train, "--resume", *flags)
     assert proc.returncode == 0, proc.stderr
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 4
+    resumed = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert resumed["epoch"] == 4 and resumed["model_args"]["dataset_size"] == 256  # the data it trains on
+    flags[1] = 5
+    assert run_here(train, "--resume", *flags).returncode == 0  # and it resumes again

@@ -229,3 +229,5 @@ def test_one_latent_is_scored_not_a_crash():
     for key in metrics.DISENTANGLEMENT:  # a gap to no second latent; one latent is all of each factor's importance
         assert 0.0 <= s[key] <= 1.0, (key, s[key])
     assert s["mig"] > 0.1 and s["dci_completeness"] == 1.0
+    noise = metrics.disentanglement(REPS["noise"][:, :1], FACTORS, [f"f{k}" for k in range(len(LEVELS))])
+    assert noise["sap"] < 0.05 and noise["mig"] < 0.05  # one latent of noise is not a gap above chance

@@ -139,7 +139,7 @@ async function start() {
   if (off) {
     $("unused").hidden = false;
     $("unused").querySelector("summary").textContent =
-      `${off} dimension${off > 1 ? "s" : ""} the model does not use (KL < ${meta.unused_kl} nats)`;
+      `${off} dimension${off > 1 ? "s" : ""} the model does not use (KL ≤ ${meta.unused_kl} nats)`;
   }
   const m = meta.model, used = d - off;
   $("summary").textContent = `β = ${m.beta ?? "?"} (${m.objective ?? "beta"}), ${d} latent dimensions, ` +
