@@ -70,10 +70,10 @@ def mutated(data, change):
 
 
 def refused(data, needle, kind="decoder"):
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time: other processes on the cores do not count
     with pytest.raises(UsageError) as e:
         onnx_check.check(data, kind, "model.onnx")
-    assert time.perf_counter() - t < 1  # nothing ran, nothing big was read
+    assert time.process_time() - t < 1  # nothing ran, nothing big was read
     assert needle in str(e.value), str(e.value)
     assert str(e.value).startswith("model.onnx ") and "\n" not in str(e.value)
     return str(e.value)
@@ -612,7 +612,7 @@ def test_load_refuses_what_is_not_a_regular_file_at_once(tmp_path, decoder):
         t = time.perf_counter()
         with pytest.raises(UsageError) as e:
             onnx_check.load(path, "decoder")
-        assert time.perf_counter() - t < 0.5
+        assert time.perf_counter() - t < 2  # wall time: a blocking open would hang
         message = str(e.value)
         assert any(n in message for n in needles) and "\n" not in message, message
         assert message.startswith((path, f"no file at {path}: "))
@@ -779,7 +779,7 @@ def test_fields_twice_or_unusual_mean_the_same_to_the_checks_and_to_onnxruntime(
 def test_long_or_huge_dims_are_refused_before_any_arithmetic(decoder):
     """Declared tensors are never allocated: their dims are looked at first, and the fields are counted before the
     parse (1 MiB holding 112,000 dims of 2**62: math.prod over them took an old checker 59 s)."""
-    t = time.perf_counter()
+    t = time.process_time()
     huge = ld(1, varint(2**62) * 28) * 4000 + vi(2, 1) + ld(8, b"w")
     refused(with_extra(decoder, ".graph", ld(5, huge)), "more than 20,000 protobuf fields")
     refused(
@@ -802,7 +802,7 @@ def test_long_or_huge_dims_are_refused_before_any_arithmetic(decoder):
     for _ in range(60):  # sequence of sequence of ...: protobuf's depth limit
         nested = ld(4, ld(1, nested))
     refused(with_extra(decoder, ".graph.input[0]", ld(2, nested)), "Exceeded upb_DecodeOptions_MaxDepth")
-    assert time.perf_counter() - t < 1
+    assert time.process_time() - t < 1
 
 
 PADDED = {  # 8 MiB files, each refused in milliseconds, before the parse that would take up to 100 bytes a byte
@@ -818,9 +818,9 @@ def test_big_files_padded_with_fields_are_refused_in_milliseconds():
     for make in PADDED.values():
         data = make()
         assert 7 * 2**20 < len(data) <= onnx_check.MAX_BYTES
-        t = time.perf_counter()
+        t = time.process_time()  # this process's CPU time: another test's process on the same cores does not count
         refused(data, "more than 20,000 protobuf fields; the exporter writes about 350")
-        assert time.perf_counter() - t < 0.5
+        assert time.process_time() - t < 0.5
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak resident size from /proc")
@@ -858,9 +858,9 @@ def test_big_files_padded_with_fields_are_refused_in_little_memory(tmp_path):
 def test_a_node_with_thousands_of_outputs_is_refused_in_linear_time(decoder):
     """The names defined twice were once found with list.count in a loop: 19,000 outputs took 6.7 s."""
     evil = mutated(decoder, lambda m: node(m, "Relu").output.extend(f"o{i}" for i in range(19_000)))
-    t = time.perf_counter()
+    t = time.process_time()
     refused(evil, "Relu node")
-    assert time.perf_counter() - t < 0.5
+    assert time.process_time() - t < 0.5
 
 
 @pytest.mark.parametrize(
