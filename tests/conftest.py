@@ -22,14 +22,6 @@ sys.path.insert(0, ROOT)
 
 import data
 
-# pytest.ini hands each worker a whole test file; the longest go first, so that no worker is left alone with one at the
-# end while the other idles
-LONGEST = ("test_sweep.py", "test_reliability.py", "test_bench.py", "test_evaluate.py", "test_train_step.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: LONGEST.index(item.path.name) if item.path.name in LONGEST else len(LONGEST))
-
 
 def make_images(n, seed):
     """n 28x28 uint8 images in 10 classes: each class a different bright shape on a dark field, plus noise."""
