@@ -219,7 +219,8 @@ def train(s, args):
                 f"--loop seed reads the data through torchvision, which needs the uncompressed {' and '.join(missing)} "
                 f"in {data.raw_dir(s['data_dir'])}: gunzip the .gz files there, or use --loop fast"
             )
-        trained_on = None if ckpt is None else ckpt["model_args"].get("dataset_size")  # older checkpoints: unknown
+        # a checkpoint from before the size was kept trains on, and records, the size it is given now
+        trained_on = None if ckpt is None else ckpt["model_args"].setdefault("dataset_size", len(train_data))
         if trained_on is not None and trained_on != len(train_data):
             raise UsageError(
                 f"the train split in {s['data_dir']} has {len(train_data):,} images, but the run in {out} trained on "
@@ -229,8 +230,6 @@ def train(s, args):
         if s["objective"] == "capacity" and s["capacity_steps"] is None:
             s["capacity_steps"] = max(1, round(vae.CAPACITY_RAMP * s["epochs"] * steps_per_epoch))
         config = vae.VAEConfig(**{k: s[k] for k in MODEL_FLAGS}, dataset_size=len(train_data))
-        if ckpt is not None:  # an older checkpoint's model gets the size it trains on, not VAEConfig's default
-            ckpt["model_args"].setdefault("dataset_size", len(train_data))
         torch.manual_seed(s["seed"])
         model = (vae.BetaVAE(config) if ckpt is None else vae.model_from_checkpoint(ckpt, out)).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=s["lr"])

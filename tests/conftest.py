@@ -108,6 +108,22 @@ def run_without_torch(script, *args, cwd, timeout=120):
     )
 
 
+def reshape_model():
+    """ONNX bytes of a one-node model, z (batch, 3) -> images (batch, 1, 2, 2) by a Reshape that fails at run time
+    (3 values cannot fill 4): no exporter wrote it, so the checks refuse it; past them, onnxruntime fails on it."""
+    from onnx import TensorProto, helper
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 2])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["z", "shape"], ["images"])],
+        "g",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])],
+        [shape],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
 KL = [0.01, 2.5, 0.7, 1.6]  # the per-dimension test KL that `kl_exported` puts in the checkpoint's history
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_images, run_here, write_dataset
+from conftest import make_images, reshape_model, run_here, write_dataset
 
 import data
 import export_onnx
@@ -387,19 +387,8 @@ def test_idx_header_whose_size_overflows_int64_is_a_clear_error(tmp_path):
 
 
 def test_decoder_that_loads_but_fails_to_run_and_unwritable_outputs(tmp_path, tiny_checkpoint):
-    import onnx
-    from onnx import TensorProto, helper
-
-    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 2])
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["z", "shape"], ["images"])],
-        "g",
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])],
-        [shape],
-    )
     bad = tmp_path / "bad.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bad)
+    bad.write_bytes(reshape_model())
     # refused before it runs (tests/test_sample.py runs such a model past the checks to see the run-time error)
     assert_clean_error(
         run_script("sample.py", "--onnx", bad, "--n", 1, "--out", tmp_path / "x.png"),

@@ -14,8 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import KL, NO_TORCH, run_here, run_without_torch
-from onnx import TensorProto, helper
+from conftest import KL, NO_TORCH, reshape_model, run_here, run_without_torch
 from PIL import Image
 
 import sample
@@ -237,16 +236,7 @@ def test_extreme_flags_are_one_line_without_warnings(decoder, tmp_path, flags, n
 
 def test_onnxruntime_prints_nothing_of_its_own_when_a_model_fails_to_run(tmp_path):
     """A model that passed the checks but fails inside onnxruntime: only our line, no coloured onnxruntime log."""
-    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 2])
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["z", "shape"], ["images"])],
-        "g",
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])],
-        [shape],
-    )
-    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-    (tmp_path / "bad.onnx").write_bytes(data)
+    (tmp_path / "bad.onnx").write_bytes(reshape_model())
     script = (
         "import sys, numpy as np\nfrom plumbing import onnx_check\n"  # checks bypassed on purpose
         "m = onnx_check.Model('bad.onnx', 'decoder', open('bad.onnx', 'rb').read(), {}, 3, (1, 2, 2), 7, 0, "
