@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 import vae
-from plumbing.onnx_check import ACTIVE_KL
+from plumbing import chwn, onnx_check
 
 IWAE_K = vae.SETTINGS["iwae_k"].default
 BCE_UNITS = "nats per image; BCE on grey levels, the seed's objective: not a log-likelihood, compare within the project"
@@ -48,12 +48,13 @@ def bernoulli_nll(logits, target):
 
 def cb_log_norm(logits):
     """log C(λ) of the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019), λ = σ(l), elementwise: C = l / tanh(l/2)
-    in the logit, 2 at l = 0, where the closed form is 0/0 and a Taylor series takes over."""
-    small = logits.abs() < 1e-2
-    safe = torch.where(small, torch.ones_like(logits), logits)  # each branch sees a harmless value where unused
-    s = torch.where(small, logits, torch.zeros_like(logits)) ** 2
-    taylor = math.log(2) + s * (1 / 12 - s * (7 / 1440 - s * 31 / 90720))
-    return torch.where(small, taylor, torch.log(safe / torch.tanh(safe / 2)))
+    in the logit, even in l and 2 at l = 0, where the closed form is 0/0 and a Taylor series takes over."""
+    a = logits.abs()
+    small = a < 1e-2
+    out = a.clamp_min(1e-2)
+    out = (out / torch.tanh(out / 2)).log()
+    s = a[small] ** 2
+    return out.index_put((small,), math.log(2) + s * (1 / 12 - s * (7 / 1440 - s * 31 / 90720)))
 
 
 @torch.no_grad()
@@ -72,7 +73,7 @@ def likelihood_bounds(model, split, k=IWAE_K, generator=None, samples_per_pass=S
         b, (mu, logvar) = len(x), model.encode(x)
         eps = torch.randn(k, b, d, generator=generator).to(mu.device)
         z = vae.reparameterize(mu, logvar, eps)  # (k, B, D)
-        logits = model.decoder.logits(z.reshape(k * b, d)).view(k, b, *target.shape[1:])
+        logits = chwn.decoder_logits(model, z.reshape(k * b, d)).view(k, b, *target.shape[1:])
         recon = bernoulli_nll(logits, target)  # (k, B)
         log_prior_ratio = 0.5 * (eps.pow(2) + logvar - z.pow(2)).sum(-1)  # log p(z) − log q(z|x); (z − μ)/σ is eps
         for key, r in (("", recon), ("cb_", recon - cb_log_norm(logits).flatten(-3).sum(-1))):
@@ -291,7 +292,7 @@ def _relative_strength(corr):
         return float(sum(np.nan_to_num(corr.max(a) ** 2 / corr.sum(a)).mean() for a in (0, 1)) / 2)
 
 
-def udr(codes_per_run, kl_per_run, threshold=ACTIVE_KL):
+def udr(codes_per_run, kl_per_run, threshold=onnx_check.ACTIVE_KL):
     """Each run's Unsupervised Disentanglement Ranking (Duan et al. 2020), Spearman variant: the median over its
     pairs of the relative strength of |Spearman| between informative latents (KL above `threshold`) of runs encoded on
     the same images. A constant latent correlates 0 (disentanglement_lib's NaN zeroes a row); none informative: 0."""

@@ -24,7 +24,7 @@ import data
 import figures
 import metrics
 import vae
-from plumbing import files
+from plumbing import files, onnx_check
 from plumbing.cli import ArgumentParser, UsageError, add, add_setting, check_int, check_setting, safe_streams, shown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,7 +58,7 @@ finite = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and a
 text = lambda v: isinstance(v, str) and len(v) < 1000
 CHECKS = {"model_args.objective": lambda v: v in vae.OBJECTIVES, "data.fingerprint": text, "data.name": text}
 CHECKS["kl_per_dim"] = lambda v: isinstance(v, list) and len(v) <= 4096 and all(map(finite, v))  # the rest: finite
-ACTIVE = metrics.ACTIVE_KL  # above which a dimension is in use
+ACTIVE = onnx_check.ACTIVE_KL  # above which a dimension is in use
 TABLE = f"""summary.md's columns: label | report key | decimals | for a panel against β: its figure | its title
 recon       | test.recon                                 | 1
 KL          | test.kl                                    | 2

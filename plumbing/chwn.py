@@ -1,12 +1,14 @@
-"""The model's training forward pass with the batch innermost, for the compiled CPU step (training.py).
+"""The model's layers with the batch innermost: the compiled CPU training step (training.py) and the IWAE bound's
+decoding (metrics.py) run on them.
 
 Activations are (channels, height, width, batch). Every 3x3 stride-2 convolution is then one GEMM whose long side is
 pixels x batch, which MKL writes fast, and every im2col and col2im gather moves whole rows of batch floats, which
 inductor vectorises (with channels innermost the one-channel layers' gathers stayed scalar). docs/speed.md measures it.
 
 forward(P, B, x, eps) computes what vae.BetaVAE.forward(x, eps=eps) computes in train mode, from the model's parameter
-and buffer dicts (so torch.func can differentiate it, and BatchNorm's running statistics are updated in place). It is
-written for vae.py's layers; training.py compares it with the model's own forward before using it.
+and buffer dicts (so torch.func can differentiate it, and BatchNorm's running statistics are updated in place);
+decoder_logits(model, z) what the decoder computes in eval mode. They are written for vae.py's layers; training.py
+compares forward with the model's own before using it, and tests/test_train_step.py both.
 """
 
 import torch
@@ -42,31 +44,15 @@ def _col2im(cols, hp, wp):
 
 
 class _Im2col(torch.autograd.Function):  # each one's backward is the other's forward
-    @staticmethod
-    def forward(xp, ho, wo):
-        return _im2col(xp, ho, wo)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.hw = tuple(inputs[0].shape[1:3])
-
-    @staticmethod
-    def backward(ctx, g):
-        return _col2im(g, *ctx.hw), None, None
+    forward = staticmethod(_im2col)
+    setup_context = staticmethod(lambda ctx, inputs, output: setattr(ctx, "hw", tuple(inputs[0].shape[1:3])))
+    backward = staticmethod(lambda ctx, g: (_col2im(g, *ctx.hw), None, None))
 
 
 class _Col2im(torch.autograd.Function):
-    @staticmethod
-    def forward(cols, hp, wp):
-        return _col2im(cols, hp, wp)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.hw = tuple(inputs[0].shape[2:4])
-
-    @staticmethod
-    def backward(ctx, g):
-        return _im2col(g, *ctx.hw), None, None
+    forward = staticmethod(_col2im)
+    setup_context = staticmethod(lambda ctx, inputs, output: setattr(ctx, "hw", tuple(inputs[0].shape[2:4])))
+    backward = staticmethod(lambda ctx, g: (_im2col(g, *ctx.hw), None, None))
 
 
 def conv(x, w, b, pad):
@@ -88,40 +74,57 @@ def conv_transpose(x, w, b, pad, out_pad):
     return full[:, pad : pad + ho, pad : pad + wo] + b[:, None, None, None]
 
 
-def batch_norm(h, P, B, name, momentum=0.1, eps=1e-5):
-    """nn.BatchNorm2d in train mode, written pointwise in h's layout (F.batch_norm on a permuted view made inductor
-    copy the map into NCHW and back); the running statistics are updated in place, as the module does."""
-    per_channel, n = (-1, 1, 1, 1), h[0].numel()
-    mean = h.mean(dim=(1, 2, 3))
-    var = (h - mean.view(per_channel)).pow(2).mean(dim=(1, 2, 3))
-    B[name + ".running_mean"].lerp_(mean.detach(), momentum)
-    B[name + ".running_var"].lerp_(var.detach() * (n / (n - 1)), momentum)
-    B[name + ".num_batches_tracked"].add_(1)
+def batch_norm(h, P, B, name, train, momentum=0.1, eps=1e-5):
+    """nn.BatchNorm2d, written pointwise in h's layout (F.batch_norm on a permuted view made inductor copy the map into
+    NCHW and back). In train mode the running statistics are updated in place, as the module does."""
+    per_channel, n, (mean, var) = (-1, 1, 1, 1), h[0].numel(), (B[name + ".running_mean"], B[name + ".running_var"])
+    if train:
+        mean = h.mean(dim=(1, 2, 3))
+        var = (h - mean.view(per_channel)).pow(2).mean(dim=(1, 2, 3))
+        B[name + ".running_mean"].lerp_(mean.detach(), momentum)
+        B[name + ".running_var"].lerp_(var.detach() * (n / (n - 1)), momentum)
+        B[name + ".num_batches_tracked"].add_(1)
     scale = torch.rsqrt(var + eps) * P[name + ".weight"]
     return (h - mean.view(per_channel)) * scale.view(per_channel) + P[name + ".bias"].view(per_channel)
 
 
+def encode(P, B, x, train=True):
+    """(mu, logvar), each (latent, N), of x (784, N) in [-1, 1]."""
+    n = x.shape[-1]
+    layer = lambda name, *pads: (P[name + ".weight"], P[name + ".bias"], *pads)
+    h = torch.relu(conv(x.reshape(*vae.IMAGE_SHAPE, n), *layer("encoder.features.0", 1)))  # (8, 14, 14, N)
+    h = torch.relu(conv(h, *layer("encoder.features.2", 1)))  # (16, 7, 7, N)
+    h = batch_norm(h, P, B, "encoder.features.4", train)
+    h = torch.relu(conv(h, *layer("encoder.features.5", 0))).reshape(-1, n)  # (288, N)
+    h = torch.addmm(P["encoder.features.8.bias"][:, None], P["encoder.features.8.weight"], h)  # (128, N)
+    (wm, bm), (wl, bl) = layer("encoder.fc_mu"), layer("encoder.fc_logvar")
+    return torch.addmm(torch.cat([bm, bl])[:, None], torch.cat([wm, wl]), h).chunk(2)  # both heads: one GEMM
+
+
+def decode(P, B, z, train=True):
+    """The decoder's logits (784, N) of z (latent, N)."""
+    n = z.shape[-1]
+    for name in ("decoder.fc.0", "decoder.fc.2"):
+        z = torch.relu(torch.addmm(P[name + ".bias"][:, None], P[name + ".weight"], z))
+    layer = lambda name, *pads: (P[name + ".weight"], P[name + ".bias"], *pads)
+    h = torch.relu(conv_transpose(z.view(*vae.Decoder.unflat, n), *layer("decoder.deconv.0", 0, 0)))  # (16, 7, 7, N)
+    h = batch_norm(h, P, B, "decoder.deconv.2", train)
+    h = torch.relu(conv_transpose(h, *layer("decoder.deconv.3", 1, 1)))  # (8, 14, 14, N)
+    return conv_transpose(h, *layer("decoder.deconv.5", 1, 1)).reshape(-1, n)  # (1, 28, 28, N) as (784, N)
+
+
 def forward(P, B, x, eps):
     """(logits (N, 784), mu, logvar) of vae.BetaVAE in train mode for x (784, N) in [-1, 1], as transposed views."""
-    n = x.shape[-1]
+    mu, logvar = (t.t() for t in encode(P, B, x))
+    return decode(P, B, vae.reparameterize(mu, logvar, eps).t()).t(), mu, logvar
 
-    def layer(name):
-        return P[name + ".weight"], P[name + ".bias"]
 
-    h = torch.relu(conv(x.view(*vae.IMAGE_SHAPE, n), *layer("encoder.features.0"), 1))  # (8, 14, 14, N)
-    h = torch.relu(conv(h, *layer("encoder.features.2"), 1))  # (16, 7, 7, N)
-    h = batch_norm(h, P, B, "encoder.features.4")
-    h = torch.relu(conv(h, *layer("encoder.features.5"), 0)).reshape(-1, n)  # (288, N)
-    w, b = layer("encoder.features.8")
-    h = torch.addmm(b[:, None], w, h)  # (128, N)
-    (wm, bm), (wl, bl) = layer("encoder.fc_mu"), layer("encoder.fc_logvar")
-    mu, logvar = (t.t() for t in torch.addmm(torch.cat([bm, bl])[:, None], torch.cat([wm, wl]), h).chunk(2))
-    z = vae.reparameterize(mu, logvar, eps).t()  # (latent, N)
-    for name in ("decoder.fc.0", "decoder.fc.2"):
-        w, b = layer(name)
-        z = torch.relu(torch.addmm(b[:, None], w, z))
-    h = torch.relu(conv_transpose(z.view(*vae.Decoder.unflat, n), *layer("decoder.deconv.0"), 0, 0))  # (16, 7, 7, N)
-    h = batch_norm(h, P, B, "decoder.deconv.2")
-    h = torch.relu(conv_transpose(h, *layer("decoder.deconv.3"), 1, 1))  # (8, 14, 14, N)
-    h = conv_transpose(h, *layer("decoder.deconv.5"), 1, 1)  # (1, 28, 28, N)
-    return h.reshape(-1, n).t(), mu, logvar
+@torch.no_grad()
+def decoder_logits(model, z, chunk=512):
+    """model.decoder.logits(z) of a model in eval mode, z (N, latent) -> (N, 1, 28, 28): on a CPU through the layers
+    above, in chunks whose activations stay in cache (docs/speed.md); on other devices through the module."""
+    if z.device.type != "cpu" or model.training:
+        return model.decoder.logits(z)
+    P, B = dict(model.named_parameters()), dict(model.named_buffers())
+    parts = [decode(P, B, z[i : i + chunk].t(), train=False).t() for i in range(0, len(z), chunk)]
+    return torch.cat(parts).view(len(z), *vae.IMAGE_SHAPE)

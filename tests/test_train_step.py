@@ -206,3 +206,17 @@ def test_auto_compiles_only_on_a_cpu():
     for device in ("cuda", "mps"):  # never by default on a GPU
         assert not training.want_compile("auto", torch.device(device), 10 * many)
     assert training.want_compile("on", torch.device("cuda"), 1)
+
+
+def test_the_batch_innermost_decoder_is_the_modules_in_eval_mode():
+    torch.manual_seed(0)
+    model = vae.BetaVAE(vae.VAEConfig(latent_dim=5)).double()
+    bn = model.decoder.deconv[2]
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    z = torch.randn(1100, 5, dtype=torch.float64)  # three chunks of 512, the last short
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(chwn.decoder_logits(model, z), model.decoder.logits(z), atol=1e-12)
+        assert chwn.decoder_logits(model, z[:1], chunk=512).shape == (1, 1, 28, 28)
+        model.train()  # batch statistics: the module's own path, not running statistics
+        assert torch.allclose(chwn.decoder_logits(model, z), model.decoder.logits(z), atol=1e-12)
