@@ -19,7 +19,7 @@ from tqdm import tqdm
 import vae
 from plumbing import chwn
 
-COMPILE_AUTO_MIN_IMAGES = 1_000_000  # --compile auto: where compiling pays for itself on a CPU (docs/speed.md)
+COMPILE_AUTO_MIN_IMAGES = 150_000  # --compile auto: where compiling pays for itself on a CPU (docs/speed.md)
 TEST_BATCH = 256  # the test pass's batch: its activations stay in a core's cache
 
 
@@ -157,8 +157,8 @@ class FusedStep:
         self.batch, self.ok, self.failed = None, False, False
 
         def loss(params, buffers, x, target, eps, C):
-            logits, mu, logvar = chwn.forward(dict(zip(names, params)), dict(zip(bnames, buffers)), x, eps)
-            terms = vae.vae_loss(logits, target.t(), mu, logvar, config, capacity=C)
+            logits, mu, logvar = chwn.forward(dict(zip(names, params)), dict(zip(bnames, buffers)), x.t(), eps)
+            terms = vae.vae_loss(logits, target, mu, logvar, config, capacity=C)
             return terms.total.mean(), terms.batch_sums().detach()
 
         grad_and_loss = torch.func.grad_and_value(loss, has_aux=True)
@@ -200,11 +200,10 @@ class FusedStep:
         group = self.optimizer.param_groups[0]  # read each step: a schedule may change lr
         lr = torch.tensor(float(group["lr"]), dtype=torch.float64)
         hp = (*map(float, group["betas"]), float(group["eps"]), float(group["weight_decay"]))
-        state = (self.p, self.m, self.v, self.steps, *self.buffers)
+        state, C = (self.p, self.m, self.v, self.steps, *self.buffers), _capacity(self.config, step_idx)
         saved = None if self.ok else [t.clone() for t in state]  # until it has run once, a failure is undone
-        xt, tt = x.reshape(n, -1).t().contiguous(), target.reshape(n, -1).t().contiguous()  # (784, B): batch innermost
         try:
-            out = self.compiled(*state[:4], self.buffers, xt, tt, eps, _capacity(self.config, step_idx), lr, hp)
+            out = self.compiled(*state[:4], self.buffers, x.reshape(n, -1), target.reshape(n, -1), eps, C, lr, hp)
         except Exception as e:  # a compiler or toolchain failure must not end the run
             if saved is None:
                 raise
