@@ -48,13 +48,12 @@ def bernoulli_nll(logits, target):
 
 def cb_log_norm(logits):
     """log C(λ) of the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019), λ = σ(l), elementwise: C = l / tanh(l/2)
-    in the logit, even in l and 2 at l = 0, where the closed form is 0/0 and a Taylor series takes over."""
-    a = logits.abs()
-    small = a < 1e-2
-    out = a.clamp_min(1e-2)
-    out = (out / torch.tanh(out / 2)).log()
-    s = a[small] ** 2
-    return out.index_put((small,), math.log(2) + s * (1 / 12 - s * (7 / 1440 - s * 31 / 90720)))
+    in the logit, 2 at l = 0, where the closed form is 0/0 and a Taylor series takes over."""
+    small = logits.abs() < 1e-2
+    safe = torch.where(small, torch.ones_like(logits), logits)  # each branch sees a harmless value where unused
+    s = torch.where(small, logits, torch.zeros_like(logits)) ** 2
+    taylor = math.log(2) + s * (1 / 12 - s * (7 / 1440 - s * 31 / 90720))
+    return torch.where(small, taylor, torch.log(safe / torch.tanh(safe / 2)))
 
 
 @torch.no_grad()

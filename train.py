@@ -54,7 +54,7 @@ def parse_args(argv=None):
     add(p, "resume", resume, action="store_true")
     loops = "fast: data resident on the device; seed: the course project's loop (DataLoader workers, BCE on sigmoids)"
     add(p, "loop", loops, "fast", choices=("fast", "seed"))
-    compiled = "torch.compile the training step; auto: on a CPU, for runs of 150,000 images or more"
+    compiled = "torch.compile the training step; auto: on a CPU, for runs of 300,000 images or more"
     add(p, "compile", compiled, default="auto", choices=("auto", "on", "off"))
     count = dict(type=int, metavar="N")
     add(p, "num_generation_samples", "images in samples.png, 1 to 10000", default=64, **count)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 import vae
 from plumbing import chwn
 
-COMPILE_AUTO_MIN_IMAGES = 150_000  # --compile auto: where compiling pays for itself on a CPU (docs/speed.md)
+COMPILE_AUTO_MIN_IMAGES = 300_000  # --compile auto: where compiling pays for itself on a CPU (docs/speed.md)
 TEST_BATCH = 256  # the test pass's batch: its activations stay in a core's cache
 
 
@@ -57,8 +57,8 @@ def make_train_step(model, optimizer, config, compile="off", log=None):
 
 
 def _capacity(config, step_idx):
-    """C(step) as a tensor: a Python float would be a constant of the graph, compiled again every step."""
-    return torch.tensor(vae.capacity_at(step_idx, config) if config.objective == "capacity" else 0.0)
+    """C(step): compiled steps take it as a tensor, as a float it would be a constant of the graph, compiled anew."""
+    return vae.capacity_at(step_idx, config) if config.objective == "capacity" else 0.0
 
 
 def _compile(fn, device):
@@ -92,7 +92,7 @@ def plain_step(model, optimizer, config, eager, log):
         eps = torch.randn(x.shape[0], config.latent_dim, device=x.device, dtype=x.dtype)  # = randn_like(mu)
         optimizer.zero_grad(set_to_none=True)
         try:
-            total, sums = compiled(x, target, eps, _capacity(config, step_idx))
+            total, sums = compiled(x, target, eps, torch.tensor(_capacity(config, step_idx)))
         except Exception as e:  # a compiler or toolchain failure must not end the run
             _failed(log, e)
             state["failed"] = True
@@ -156,17 +156,18 @@ class FusedStep:
         self.kept = [(p, p.data_ptr(), optimizer.state[p]["exp_avg"]) for p in self.params]
         self.batch, self.ok, self.failed = None, False, False
 
-        def loss(params, buffers, x, target, eps, C):
+        def loss(params, buffers, x, target, eps, C, beta):
             logits, mu, logvar = chwn.forward(dict(zip(names, params)), dict(zip(bnames, buffers)), x.t(), eps)
-            terms = vae.vae_loss(logits, target, mu, logvar, config, capacity=C)
+            terms = vae.vae_loss(logits, target, mu, logvar, config, capacity=C, beta=beta)
             return terms.total.mean(), terms.batch_sums().detach()
 
         grad_and_loss = torch.func.grad_and_value(loss, has_aux=True)
 
-        def graph(fp, fm, fv, steps, buffers, x, target, eps, C, lr, hp):
+        def graph(fp, fm, fv, steps, buffers, x, target, eps, scalars, hp):
             # the gradient with respect to each parameter's view, then concatenated: with respect to fp itself,
             # inductor built a masked sum over all 26 sources for every element (docs/speed.md)
-            grads, (_, sums) = grad_and_loss([fp[a:b].view(s) for a, b, s in slices], buffers, x, target, eps, C)
+            C, beta, lr = scalars.unbind()  # tensors, not constants: a sweep's β values and seeds share one graph
+            grads, (_, sums) = grad_and_loss([fp[a:b].view(s) for a, b, s in slices], buffers, x, target, eps, C, beta)
             g = torch.cat([gi.reshape(-1) for gi in grads])
             beta1, beta2, adam_eps, weight_decay = hp  # floats: a change compiles again
             with torch.no_grad():  # torch.optim.Adam's update (foreach, not capturable)
@@ -198,12 +199,12 @@ class FusedStep:
             return self.eager(x, target, step_idx)
         eps = torch.randn(n, self.config.latent_dim, dtype=x.dtype)  # = randn_like(mu)
         group = self.optimizer.param_groups[0]  # read each step: a schedule may change lr
-        lr = torch.tensor(float(group["lr"]), dtype=torch.float64)
+        scalars = [_capacity(self.config, step_idx), self.config.beta, group["lr"]]
+        scalars, state = torch.tensor(scalars, dtype=torch.float64), (self.p, self.m, self.v, self.steps, *self.buffers)
         hp = (*map(float, group["betas"]), float(group["eps"]), float(group["weight_decay"]))
-        state, C = (self.p, self.m, self.v, self.steps, *self.buffers), _capacity(self.config, step_idx)
         saved = None if self.ok else [t.clone() for t in state]  # until it has run once, a failure is undone
         try:
-            out = self.compiled(*state[:4], self.buffers, x.reshape(n, -1), target.reshape(n, -1), eps, C, lr, hp)
+            out = self.compiled(*state[:4], self.buffers, x.reshape(n, -1), target.reshape(n, -1), eps, scalars, hp)
         except Exception as e:  # a compiler or toolchain failure must not end the run
             if saved is None:
                 raise

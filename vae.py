@@ -1,7 +1,8 @@
 """The β-VAE: its settings, the model, the losses, and checkpoints.
 
 The layers are the course project's table (docs/usage.md says how its published code differs); plumbing/chwn.py (the
-compiled CPU step) and export_onnx.py (BatchNorm folded in) restate them, and tests compare both with this module.
+compiled CPU step, the IWAE bound's decoding) and export_onnx.py (BatchNorm folded in) restate them, and tests compare
+both with this module.
 """
 
 import collections
@@ -202,22 +203,22 @@ def bce_with_logits(logits, target):
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
 
 
-def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0, capacity=None, z=None):
+def vae_loss(recon_logits, target, mu, logvar, config: VAEConfig, step=0, capacity=None, z=None, beta=None):
     """The loss per image, nats: recon = Bernoulli cross-entropy summed over pixels (target in [0, 1]), KL = ½ Σ_d
-    (μ² + σ² − 1 − log σ²), and the objective's total:
+    (μ² + σ² − 1 − log σ²), and the objective's total (`beta` overrides config.beta, `capacity` C(step)):
         beta      recon + β·KL                               (Higgins et al. 2017)
-        capacity  recon + γ·|KL − C(step)|                   (Burgess et al. 2018; `capacity` overrides C(step))
+        capacity  recon + γ·|KL − C(step)|                   (Burgess et al. 2018)
         tc        recon + α·MI + β·TC + γ·dimension-wise KL  (Chen et al. 2018, at the sampled z)"""
     recon = bce_with_logits(recon_logits, target).flatten(1).sum(1)
     kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
-    kl = kl_per_dim.sum(1)
+    kl, beta = kl_per_dim.sum(1), config.beta if beta is None else beta
     if config.objective == "beta":
-        total = recon + config.beta * kl
+        total = recon + beta * kl
     elif config.objective == "tc":
         if z is None:
             raise ValueError("the tc objective needs the sampled z: pass z from model.forward_with_z")
         mi, tc, dw = tc_terms(z, mu, logvar, config.dataset_size)
-        total = recon + config.alpha * mi + config.beta * tc + config.gamma * dw
+        total = recon + config.alpha * mi + beta * tc + config.gamma * dw
     else:
         total = recon + config.gamma * (kl - (capacity_at(step, config) if capacity is None else capacity)).abs()
     return LossTerms(recon, kl, total, kl_per_dim)

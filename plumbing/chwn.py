@@ -119,12 +119,12 @@ def forward(P, B, x, eps):
     return decode(P, B, vae.reparameterize(mu, logvar, eps).t()).t(), mu, logvar
 
 
-@torch.no_grad()
 def decoder_logits(model, z, chunk=512):
-    """model.decoder.logits(z) of a model in eval mode, z (N, latent) -> (N, 1, 28, 28): on a CPU through the layers
-    above, in chunks whose activations stay in cache (docs/speed.md); on other devices through the module."""
-    if z.device.type != "cpu" or model.training:
+    """model.decoder.logits(z), z (N, latent) -> (N, 1, 28, 28), without gradients for an eval-mode decoder on a CPU:
+    through the layers above, in chunks whose activations stay in cache (docs/speed.md). Otherwise the module's."""
+    if z.device.type != "cpu" or model.decoder.training or not len(z):
         return model.decoder.logits(z)
     P, B = dict(model.named_parameters()), dict(model.named_buffers())
-    parts = [decode(P, B, z[i : i + chunk].t(), train=False).t() for i in range(0, len(z), chunk)]
+    with torch.no_grad():
+        parts = [decode(P, B, z[i : i + chunk].t(), train=False).t() for i in range(0, len(z), chunk)]
     return torch.cat(parts).view(len(z), *vae.IMAGE_SHAPE)

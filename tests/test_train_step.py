@@ -80,7 +80,7 @@ def test_the_fused_step_trains_as_eager_does(tiny_data):
     assert all(opt.state[p]["step"].item() == 5 for p in model.parameters())
     opt.param_groups[0]["lr"] = 5e-3  # as a learning-rate schedule would
     check_step(step, model, opt, config, bs[4], 5)
-    for beta, b in ((2.0, bs[5]), (4.0, bs[6])):  # a constant of the graph changes and changes back
+    for beta, b in ((2.0, bs[5]), (4.0, bs[6])):  # β changes and changes back: read at every step
         config.beta = beta
         got = check_step(step, model, opt, config, b, 6)
         assert torch.allclose(got[2], got[0] + beta * got[1], rtol=1e-5)
@@ -217,6 +217,6 @@ def test_the_batch_innermost_decoder_is_the_modules_in_eval_mode():
     model.eval()
     with torch.no_grad():
         assert torch.allclose(chwn.decoder_logits(model, z), model.decoder.logits(z), atol=1e-12)
-        assert chwn.decoder_logits(model, z[:1], chunk=512).shape == (1, 1, 28, 28)
+        assert [chwn.decoder_logits(model, z[:n]).shape for n in (0, 1)] == [(0, 1, 28, 28), (1, 1, 28, 28)]
         model.train()  # batch statistics: the module's own path, not running statistics
         assert torch.allclose(chwn.decoder_logits(model, z), model.decoder.logits(z), atol=1e-12)
