@@ -120,11 +120,10 @@ def forward(P, B, x, eps):
 
 
 def decoder_logits(model, z, chunk=512):
-    """model.decoder.logits(z), z (N, latent) -> (N, 1, 28, 28), without gradients for an eval-mode decoder on a CPU:
-    through the layers above, in chunks whose activations stay in cache (docs/speed.md). Otherwise the module's."""
-    if z.device.type != "cpu" or model.decoder.training or not len(z):
+    """model.decoder.logits(z), z (N, latent) -> (N, 1, 28, 28): for an eval-mode decoder on a CPU with gradients off,
+    through the layers above, in chunks whose activations stay in cache (docs/speed.md); otherwise the module's."""
+    if z.device.type != "cpu" or model.decoder.training or torch.is_grad_enabled() or not len(z):
         return model.decoder.logits(z)
     P, B = dict(model.named_parameters()), dict(model.named_buffers())
-    with torch.no_grad():
-        parts = [decode(P, B, z[i : i + chunk].t(), train=False).t() for i in range(0, len(z), chunk)]
+    parts = [decode(P, B, z[i : i + chunk].t(), train=False).t() for i in range(0, len(z), chunk)]
     return torch.cat(parts).view(len(z), *vae.IMAGE_SHAPE)

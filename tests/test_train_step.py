@@ -78,12 +78,13 @@ def test_the_fused_step_trains_as_eager_does(tiny_data):
     for i, b in enumerate(bs[:4] + bs[7:]):  # 4 full batches, then a short one (the eager step)
         check_step(step, model, opt, config, b, i)
     assert all(opt.state[p]["step"].item() == 5 for p in model.parameters())
-    opt.param_groups[0]["lr"] = 5e-3  # as a learning-rate schedule would
-    check_step(step, model, opt, config, bs[4], 5)
-    for beta, b in ((2.0, bs[5]), (4.0, bs[6])):  # β changes and changes back: read at every step
-        config.beta = beta
-        got = check_step(step, model, opt, config, b, 6)
-        assert torch.allclose(got[2], got[0] + beta * got[1], rtol=1e-5)
+    with torch.compiler.set_stance("fail_on_recompile"):  # lr and β are inputs of the graph, read at every step
+        opt.param_groups[0]["lr"] = 5e-3  # as a learning-rate schedule would
+        check_step(step, model, opt, config, bs[4], 5)
+        for beta, b in ((2.0, bs[5]), (4.0, bs[6])):  # β changes and changes back
+            config.beta = beta
+            got = check_step(step, model, opt, config, b, 6)
+            assert torch.allclose(got[2], got[0] + beta * got[1], rtol=1e-5)
     step.check()  # nothing was replaced
     plain_model = vae.BetaVAE(config)  # a plain model loads what it trained
     plain_model.load_state_dict(model.state_dict())
@@ -220,3 +221,4 @@ def test_the_batch_innermost_decoder_is_the_modules_in_eval_mode():
         assert [chwn.decoder_logits(model, z[:n]).shape for n in (0, 1)] == [(0, 1, 28, 28), (1, 1, 28, 28)]
         model.train()  # batch statistics: the module's own path, not running statistics
         assert torch.allclose(chwn.decoder_logits(model, z), model.decoder.logits(z), atol=1e-12)
+    assert chwn.decoder_logits(model.eval(), z[:3].requires_grad_()).requires_grad  # with gradients: the module's
