@@ -2,9 +2,8 @@
 
 import json
 import os
-import subprocess
-import sys
 
+import warm
 from conftest import run_here
 
 import bench
@@ -14,11 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_bench_writes_every_key(tiny_data, tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "bench.py", "--quick", "--data-dir", tiny_data, "--test-images", "300", "--out", str(out)],
+    proc = warm.run(
+        ["bench.py", "--quick", "--data-dir", tiny_data, "--test-images", "300", "--out", str(out)],
         cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=600,
         env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")),
     )

@@ -14,6 +14,7 @@ import zipfile
 
 import pytest
 import torch
+import warm
 from conftest import write_dataset
 
 import evaluate
@@ -223,13 +224,8 @@ def test_export_of_a_checkpoint_path_that_is_not_utf8_writes_metadata_sample_py_
     with open(ck, "wb") as f:
         f.write(open(tiny_checkpoint["path"], "rb").read())
     dec = os.path.join(os.fsencode(tmp_path), b"dec.onnx")
-    proc = subprocess.run(
-        [sys.executable, b"export_onnx.py", b"--checkpoint", ck, b"--out", dec],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = warm.run([b"export_onnx.py", b"--checkpoint", ck, b"--out", dec], cwd=ROOT)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     code, err = call(sample.main, ["--onnx", os.fsdecode(dec), "--out", str(tmp_path / "s.png"), "--n", "4"])
     assert code in (None, 0) and err == "", err
     assert "ck\\udcff" in sample.onnx_check.load(os.fsdecode(dec), "decoder").meta["source_checkpoint"]

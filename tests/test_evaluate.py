@@ -5,12 +5,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+import warm
 from conftest import run_main
 
 import data
@@ -84,10 +83,7 @@ def evaluated(tiny_checkpoint, tmp_path_factory):
             "0",
         ],
     ]
-    runs = [
-        subprocess.run([sys.executable, "evaluate.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        for argv in commands
-    ]
+    runs = [warm.run(["evaluate.py", *argv], cwd=ROOT) for argv in commands]
     return root, data_dir, runs
 
 
@@ -188,23 +184,7 @@ def test_a_disk_that_fills_part_way_leaves_the_previous_evaluation_whole(evaluat
         "--seed",
         "1",
     ]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"""
-import resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
-import evaluate
-sys.exit(evaluate.main({argv!r}))
-""",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = warm.run(["evaluate.py", *argv], cwd=ROOT, fsize=32 << 10)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot write report.json and the figures in {out}")
     assert "nothing in it was changed" in proc.stderr

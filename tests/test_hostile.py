@@ -3,7 +3,6 @@ flags, a full disk, undecodable paths, leftovers of killed runs. Each ends in on
 
 import gzip
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+import warm
 from conftest import make_images, write_dataset
 
 import data
@@ -205,15 +205,8 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_says_so(trained_
         (out / name).write_bytes((run / name).read_bytes())
     before = (out / "checkpoint.pt").read_bytes()
 
-    def small_disk():  # files may grow to 64 KiB: the checkpoint (~1 MB) cannot be written, the log can
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-
-    proc = subprocess.run(
+    proc = warm.run(  # files may grow to 64 KiB: the checkpoint (~1 MB) cannot be written, the log can
         [
-            sys.executable,
             "train.py",
             "--resume",
             "--epochs",
@@ -226,10 +219,7 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_says_so(trained_
             str(out),
         ],
         cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=small_disk,
+        fsize=64 << 10,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: cannot save epoch 2") and "still holds epoch 1" in proc.stderr
@@ -240,9 +230,8 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_says_so(trained_
 
 def test_an_out_dir_name_that_is_not_utf8_is_logged_whole(tiny_data, tmp_path):
     out = os.path.join(os.fsencode(tmp_path), b"run-\xff\xfe")
-    proc = subprocess.run(
+    proc = warm.run(
         [
-            sys.executable,
             b"train.py",
             b"--epochs",
             b"1",
@@ -256,11 +245,9 @@ def test_an_out_dir_name_that_is_not_utf8_is_logged_whole(tiny_data, tmp_path):
             out,
         ],
         cwd=ROOT,
-        capture_output=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert b"Logging error" not in proc.stderr and b"Traceback" not in proc.stderr
+    assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr
     log = open(os.path.join(out, b"train.log"), "rb").read().decode()
     assert "epoch   1/1" in log and "done:" in log and "run-\\udcff\\udcfe" in log
 

@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import warm
 
 import export_onnx
 import vae
@@ -187,10 +188,8 @@ def test_bad_input_is_one_line_and_exit_2(case, message, tiny_checkpoint, tmp_pa
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "export_onnx.py"), "--checkpoint", str(tmp_path / "nope.pt")],
-        capture_output=True,
-        text=True,
+    proc = warm.run(
+        [os.path.join(ROOT, "export_onnx.py"), "--checkpoint", str(tmp_path / "nope.pt")],
         cwd=tmp_path,
         timeout=120,
     )

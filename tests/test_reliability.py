@@ -5,12 +5,12 @@ import os
 import pickle
 import random
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
+import warm
 from conftest import make_images, reshape_model, run_here, write_dataset
 
 import data
@@ -22,9 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_script(script, *args, timeout=300):
-    return subprocess.run(
-        [sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    return warm.run([script, *map(str, args)], cwd=ROOT, timeout=timeout)
 
 
 def assert_clean_error(proc, *needles):
@@ -263,13 +261,7 @@ def training_flags(data_dir, out, epochs):
 
 
 def start_training(data_dir, out, epochs):
-    return subprocess.Popen(
-        [sys.executable, "train.py", *training_flags(data_dir, out, epochs)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return warm.start(["train.py", *training_flags(data_dir, out, epochs)], cwd=ROOT)
 
 
 def wait_for_epoch(out, epoch, proc, timeout=120):

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import warm
 from conftest import in_process, run_here, run_main, write_dataset
 
 import evaluate
@@ -72,15 +73,7 @@ def swept(tmp_path_factory):
     first_epoch = (a / "beta1_seed0" / "metrics.jsonl").read_text()
     (a / "beta4_seed0").mkdir()
     (a / "beta4_seed0" / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    children = [
-        subprocess.Popen(
-            sweep_cmd(*common, "--out-dir", a, "--jobs", 2),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    ]
+    children = [warm.start(["sweep.py", *map(str, common), "--out-dir", a, "--jobs", "2"], cwd=ROOT)]
     children += [
         subprocess.Popen(
             line, shell=True, cwd="/", env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -381,9 +374,7 @@ def test_reports_nested_deep_or_that_are_not_regular_files_never_stall_the_summa
     (out / "deep" / "eval" / "report.json").write_text("[" * 100_000 + "]" * 100_000)
     os.mkfifo(out / "fifo" / "eval" / "report.json")  # a reader that opened it would wait forever
     os.symlink("/dev/zero", out / "zero" / "eval" / "report.json")  # and one that read it would never stop
-    proc = subprocess.run(
-        sweep_cmd("--out-dir", out, "--aggregate"), cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    proc = warm.run(["sweep.py", "--out-dir", out, "--aggregate"], cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("warning:") == 1 and "deep" in proc.stderr  # the FIFO and /dev/zero are no reports
     assert len((out / "sweep.csv").read_text().splitlines()) == 2
@@ -395,7 +386,8 @@ def test_a_sweep_killed_takes_its_runs_with_it(tmp_path):
     import time
 
     data_dir = write_dataset(tmp_path / "data", n_train=2000)
-    argv = sweep_cmd(
+    argv = [
+        "sweep.py",
         "--beta",
         "1",
         "--seeds",
@@ -410,8 +402,8 @@ def test_a_sweep_killed_takes_its_runs_with_it(tmp_path):
         data_dir,
         "--out-dir",
         tmp_path / "out",
-    )
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ]
+    proc = warm.start(argv, cwd=ROOT)
     log = tmp_path / "out" / "beta1_seed0" / "train.log"
     deadline = time.time() + 120
     while not (log.exists() and "epoch   1/" in log.read_text()) and time.time() < deadline:

@@ -3,10 +3,9 @@ and writes is checked); --resume reaches the uninterrupted run's weights."""
 
 import json
 import os
-import subprocess
-import sys
 
 import torch
+import warm
 from conftest import run_here
 from PIL import Image
 
@@ -21,9 +20,7 @@ def run_train(*args, check=True, here=False):
     if here:
         proc = run_here(train, *args)
     else:
-        proc = subprocess.run(
-            [sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
-        )
+        proc = warm.run(["train.py", *map(str, args)], cwd=ROOT)
     if check:
         assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
