@@ -7,12 +7,14 @@ import warm
 from conftest import run_here
 
 import bench
+import fid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_quick_bench_writes_every_key(tiny_data, tmp_path):
     out = tmp_path / "bench.json"
+    fid.load_classifier(tiny_data, "cpu")  # bench.py copies the data's classifier cache to its own data folders
     proc = warm.run(
         ["bench.py", "--quick", "--data-dir", tiny_data, "--test-images", "300", "--out", str(out)],
         cwd=ROOT,

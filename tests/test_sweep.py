@@ -15,6 +15,7 @@ from conftest import in_process, run_here, run_main, write_dataset
 
 import evaluate
 import export_onnx
+import fid
 import sample
 import sweep
 import train
@@ -43,6 +44,9 @@ def swept(tmp_path_factory):
     time, the printed command lines run on their own into b/. Then a/ is made whole and the sweep runs again."""
     root = tmp_path_factory.mktemp("sweep")
     data_dir = write_dataset(root / "data")
+    fid.load_classifier(
+        data_dir, "cpu"
+    )  # cached beside the data once: no run's evaluate.py trains it (test_evaluate does)
     a, b = root / "a", root / "b"
     common = [*GRID, "--data-dir", data_dir]
     printed = run_here(sweep, *common, "--out-dir", b, "--print-commands")  # in this process: no torch start-up
