@@ -20,11 +20,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import warm
+
 import data
 
 # Test files start longest first (pytest.ini turns off xdist's own order, by number of tests), so that no long file
 # starts last while the other worker has nothing left to do. Files not named here follow in the usual order.
 LONGEST_FIRST = ("test_sweep.py", "test_reliability.py", "test_bench.py", "test_evaluate.py", "test_boundaries.py")
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # pytest's own process, before it starts workers: one warm server for all
+        warm.share()
 
 
 def pytest_collection_modifyitems(items):

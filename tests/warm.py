@@ -2,26 +2,37 @@
 
 `python train.py ...` spends seconds importing torch, and an optimizer's first use imports torch._dynamo, before the
 script does anything; the suite starts dozens of such processes. `run` and `start` stand in for subprocess.run and
-subprocess.Popen of [sys.executable, script, *args]: each run is still a process of its own (its own pid, exit status,
-signals, pipes, working folder and environment; its exceptions and exit handled by the interpreter as for any
-script), but it is forked from a server that imported torch, torch._dynamo, numpy and onnx once. What the interpreter
-or a library reads only at start-up (thread-count and locale variables, PYTHON*, LD_*) cannot change in a fork, so a
-run whose environment differs there from the server's is started the ordinary way instead.
+subprocess.Popen of [sys.executable, script, *args] (text mode, stdout and stderr captured): each run is still a
+process of its own, with its own pid, exit status, signals, pipes, working folder, environment and file-size limit,
+and the interpreter handles its exit and uncaught exceptions as for any script; but it is forked from a server that
+imported torch and numpy and constructed an optimizer once. What a fork cannot change is what the interpreter and
+the libraries read when they start (thread counts, locale, allocator and temporary-folder variables among them), so
+a run whose environment differs from the server's in anything but ALLOWED is started the ordinary way instead.
+Scripts that do not import torch (sample.py, explore.py) gain nothing here: the tests start those the ordinary way.
 
-Run as a script, this file is the server: it takes requests on the socket whose descriptor is its argument.
+Run as a script, this file is the server: it takes requests on the listening socket whose descriptor is its argument.
+conftest.py starts one for the whole session (`share`), before pytest starts its workers.
 """
 
+import atexit
 import gc
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 
-READ_AT_START = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH", "CUDA", "LC_", "LANG", "LD_")
-READ_AT_START += ("PYTHON",)
+ADDRESS = "WARM_SERVER"  # the environment variable that names the shared server's socket to the test processes
+# What may differ from the server's environment in a forked run (as well as pytest's PYTEST_*): read when used, never
+# at start-up. scikit-learn sets the two KMP_ ones when imported; they concern Intel's OpenMP, which nothing here loads.
+ALLOWED = {ADDRESS, "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "COLUMNS", "LINES"}
+ALLOWED |= {"KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"}
 
 
 def limit(fsize):
@@ -32,53 +43,66 @@ def limit(fsize):
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
 
-def serve(control_fd):
-    """Forks a child per request; returns in the child only (with the request), never in the server."""
-    import numpy  # noqa: F401  the imports every script pays for, paid once here
-    import onnx  # noqa: F401
+def serve(listener_fd):
+    """Forks a child per request; returns in the child only (with the request). The server ends when its stdin does
+    (the process that started it has ended); a failure of its own goes to the file `errors` beside its socket."""
     import torch
 
-    torch.optim.SGD([torch.nn.Parameter(torch.empty(0))])  # an optimizer's first construction imports dynamo
-
+    torch.optim.SGD([torch.nn.Parameter(torch.empty(0))])  # the first optimizer imports dynamo; no op runs before fork
     gc.freeze()  # what was imported stays shared with the children: no collection copies it (see gc.freeze)
-    control = socket.socket(fileno=control_fd)
+    listener, env = socket.socket(fileno=listener_fd), json.dumps(dict(os.environ)).encode()
     sel = selectors.DefaultSelector()
-    sel.register(control, selectors.EVENT_READ)
-    children = {}  # pidfd -> (pid, reply socket)
+    sel.register(listener, selectors.EVENT_READ, "listener")
+    sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
+    clients, children = [], {}  # children: pidfd -> (pid, reply socket)
     while True:
         for key, _ in sel.select():
-            if key.fileobj is control:
-                msg, fds, _, _ = socket.recv_fds(control, 1 << 20, 4)
-                if not msg:
-                    return None  # the test process is gone
-                reply, *stdio = fds
-                pid = os.fork()
-                if pid == 0:
-                    sel.close()
-                    control.close()
-                    for _, r in children.values():
-                        r.close()
-                    for fd in children:
+            try:
+                if key.data == "listener":
+                    client, _ = listener.accept()
+                    client.sendall(env)  # first, what this server's runs start from
+                    clients.append(client)
+                    sel.register(client, selectors.EVENT_READ, "client")
+                elif key.data == "stdin":
+                    if not os.read(key.fd, 1 << 10):
+                        return None
+                elif key.data == "client":
+                    msg, fds, _, _ = socket.recv_fds(key.fileobj, 1 << 20, 4)
+                    if not msg:  # that test process is gone
+                        sel.unregister(key.fileobj)
+                        clients.remove(key.fileobj)
+                        key.fileobj.close()
+                        continue
+                    reply, *stdio = fds
+                    pid = os.fork()
+                    if pid == 0:
+                        sel.close()
+                        for sock in (listener, *clients, *(r for _, r in children.values())):
+                            sock.close()
+                        for fd in children:
+                            os.close(fd)
+                        for target, fd in enumerate(stdio):
+                            os.dup2(fd, target)
+                            os.close(fd)
+                        os.close(reply)
+                        return json.loads(msg)
+                    for fd in stdio:
                         os.close(fd)
-                    for target, fd in enumerate(stdio):
-                        os.dup2(fd, target)
-                        os.close(fd)
-                    os.close(reply)
-                    return json.loads(msg)
-                for fd in stdio:
-                    os.close(fd)
-                reply = socket.socket(fileno=reply)
-                reply.sendall(b"%d\n" % pid)
-                pidfd = os.pidfd_open(pid)
-                children[pidfd] = (pid, reply)
-                sel.register(pidfd, selectors.EVENT_READ)
-            else:
-                pid, reply = children.pop(key.fd)
-                sel.unregister(key.fd)
-                os.close(key.fd)
-                _, status = os.waitpid(pid, 0)
-                with reply:
-                    reply.sendall(b"%d\n" % status)
+                    reply = socket.socket(fileno=reply)
+                    pidfd = os.pidfd_open(pid)
+                    children[pidfd] = (pid, reply)
+                    sel.register(pidfd, selectors.EVENT_READ, "child")
+                    reply.sendall(b"%d\n" % pid)
+                else:
+                    pid, reply = children.pop(key.fd)
+                    sel.unregister(key.fd)
+                    os.close(key.fd)
+                    _, status = os.waitpid(pid, 0)
+                    with reply:
+                        reply.sendall(b"%d\n" % status)
+            except OSError:  # a test that let its run go closes the reply socket: the server carries on regardless
+                with open(os.path.join(os.path.dirname(listener.getsockname()), "errors"), "a") as f:
+                    traceback.print_exc(file=f)
 
 
 class Process:
@@ -94,13 +118,30 @@ class Process:
         try:
             socket.send_fds(server, [json.dumps(request).encode()], [theirs.fileno(), in_fd, out_w, err_w])
         finally:
-            for fd in (theirs.fileno(), in_fd, out_w, err_w):
+            for fd in (in_fd, out_w, err_w):
                 os.close(fd)
-            theirs.detach()
-        self._sock, self._buf = ours, b""
+            theirs.close()
+        self._sock, self._buf, self._fds, self._eof = ours, b"", [out_r, err_r], set()
+        self._chunks = {out_r: [], err_r: []}  # stdout's, stderr's
         self.pid = self._line(None)
-        self.stdout = open(out_r, encoding="utf-8", errors="surrogateescape")
-        self.stderr = open(err_r, encoding="utf-8", errors="surrogateescape")
+        try:
+            self._pidfd = os.pidfd_open(self.pid)  # signals reach this process, never one that reused its pid
+        except ProcessLookupError:  # ended and reaped already: its status is on its way
+            self._pidfd = None
+
+    def close(self):
+        """Closes what this object holds of the run (its pipes, its socket), as a Popen's garbage does."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self._sock.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def __del__(self):
+        if hasattr(self, "_pidfd"):
+            self.close()
 
     def _line(self, timeout):
         """The server's next number for this run: its pid, then its wait status."""
@@ -111,53 +152,54 @@ class Process:
             except (TimeoutError, BlockingIOError):
                 raise subprocess.TimeoutExpired(self.args, timeout) from None
             if not data:
-                raise RuntimeError(f"the warm server ended before {self.args} did")
+                errors = os.path.join(os.path.dirname(os.environ[ADDRESS]), "errors")
+                raise RuntimeError(f"the warm server ended before {self.args} did; see {errors}")
             self._buf += data
         line, _, self._buf = self._buf.partition(b"\n")
         return int(line)
 
-    def _wait(self, timeout):
-        if self.returncode is None:
-            self.returncode = os.waitstatus_to_exitcode(self._line(timeout))
-            self._sock.close()
-        return self.returncode
-
     def poll(self):
         try:
-            return self._wait(0)
+            return self.wait(0)
         except subprocess.TimeoutExpired:
             return None
 
     def wait(self, timeout=None):
-        return self._wait(timeout)
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(self._line(timeout))
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+        return self.returncode
 
     def communicate(self, timeout=None):
+        """(stdout, stderr) to the end, then the exit status, all within timeout seconds; past it TimeoutExpired
+        (with what came so far), and a later call goes on where this one stopped, as Popen's does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
-            chunks = {}
-            for f in (self.stdout, self.stderr):
-                if not f.closed:
-                    sel.register(f.buffer.raw, selectors.EVENT_READ, f)
-                    chunks[f] = []
+            for fd in self._fds:
+                if fd not in self._eof:
+                    sel.register(fd, selectors.EVENT_READ)
             while sel.get_map():
-                ready = sel.select(timeout)
-                if not ready:
-                    raise subprocess.TimeoutExpired(self.args, timeout)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready = sel.select(left)
+                if not ready and left == 0.0:
+                    out, err = (b"".join(c).decode(errors="replace") for c in self._chunks.values())
+                    raise subprocess.TimeoutExpired(self.args, timeout, out, err)
                 for key, _ in ready:
                     data = os.read(key.fd, 1 << 16)
-                    if data:
-                        chunks[key.data].append(data)
-                    else:
-                        sel.unregister(key.fileobj)
-            texts = []
-            for f in (self.stdout, self.stderr):
-                texts.append(b"".join(chunks.get(f, [])).decode("utf-8", "surrogateescape"))
-                f.close()
-        self.wait(timeout)
-        return tuple(texts)
+                    self._chunks[key.fd].append(data)
+                    if not data:
+                        self._eof.add(key.fd)
+                        sel.unregister(key.fd)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        texts = tuple(b"".join(c).decode() for c in self._chunks.values())  # strict UTF-8, as text=True decodes
+        self.close()
+        return texts
 
     def send_signal(self, sig):
-        if self.poll() is None:
-            os.kill(self.pid, sig)
+        if self.poll() is None and self._pidfd is not None:
+            signal.pidfd_send_signal(self._pidfd, sig)
 
     def kill(self):
         self.send_signal(signal.SIGKILL)
@@ -166,39 +208,59 @@ class Process:
         self.send_signal(signal.SIGTERM)
 
 
-_server = {}
-
-
-def _connect():
-    """This test process's server, started on first use."""
-    if _server.get("proc") is None or _server["proc"].poll() is not None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def launch():
+    """Starts a server, on a socket in a new temporary folder: (its Popen, the socket's path). It ends when the Popen's
+    stdin is closed, or this process ends."""
+    folder = tempfile.mkdtemp(prefix="warm-")
+    path = os.path.join(folder, "socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(path)
+        listener.listen()
         proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
+            [sys.executable, os.path.abspath(__file__), str(listener.fileno())],
+            pass_fds=[listener.fileno()],
             stdin=subprocess.PIPE,  # pipes, as a run's own are: the streams Python makes at start-up suit them
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd="/",
         )
-        theirs.close()
-        _server.update(proc=proc, sock=ours, env=dict(os.environ))
+    atexit.register(shutil.rmtree, folder, True)
+    return proc, path
+
+
+def share():
+    """One server for this process and every process it starts (pytest's workers): started now, named by ADDRESS."""
+    _server["proc"], os.environ[ADDRESS] = launch()
+
+
+_server = {}
+
+
+def _connect():
+    """The server this test process sends its runs to: the shared one, else one of its own, started on first use."""
+    if "sock" not in _server:
+        if ADDRESS not in os.environ:
+            _server["proc"], os.environ[ADDRESS] = launch()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(os.environ[ADDRESS])
+        _server.update(sock=sock, env=json.loads(sock.recv(1 << 20)))
     return _server
 
 
-def _forkable(env):
-    differs = set(env.items()) ^ set(_connect()["env"].items())
-    return not any(k.startswith(READ_AT_START) for k, _ in differs)
+def forkable(env):
+    """Whether a run in this environment can be forked from the server (else it starts the ordinary way)."""
+    differs = {k for k, _ in set(env.items()) ^ set(_connect()["env"].items())}
+    return all(k in ALLOWED or k.startswith("PYTEST_") for k in differs)
 
 
 def start(argv, cwd, env=None, stdin=None, fsize=None):
     """subprocess.Popen(argv with sys.executable in front, cwd=cwd, env=env, stdout=PIPE, stderr=PIPE, text=True);
     fsize: the largest file the run may write (RLIMIT_FSIZE, with SIGXFSZ ignored: a full disk)."""
     env = os.environ if env is None else env
-    if not _forkable(env):
+    if not forkable(env):
         return subprocess.Popen(
             [sys.executable, *argv], cwd=cwd, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, errors="surrogateescape", preexec_fn=None if fsize is None else lambda: limit(fsize),
+            text=True, preexec_fn=None if fsize is None else lambda: limit(fsize),
         )  # fmt: skip
     return Process(_server["sock"], argv, cwd, env, stdin, fsize)
 
@@ -210,7 +272,8 @@ def run(argv, cwd, env=None, timeout=300, fsize=None):
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        proc.wait()  # as subprocess.run does: not waiting for whatever else holds the pipes
+        proc.close() if isinstance(proc, Process) else (proc.stdout.close(), proc.stderr.close())
         raise
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
@@ -220,7 +283,7 @@ if __name__ == "__main__":
     if _request is None:
         sys.exit(0)
     # the child: from here on, what `python SCRIPT ARGS...` does in the request's folder and environment
-    import runpy
+    import types
 
     if _request["fsize"] is not None:
         limit(_request["fsize"])
@@ -228,5 +291,12 @@ if __name__ == "__main__":
     os.environ.clear()
     os.environ.update(_request["env"])
     sys.argv = _request["argv"]
-    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
-    runpy.run_path(os.path.abspath(sys.argv[0]), run_name="__main__")
+    _path = os.path.abspath(sys.argv[0])
+    sys.path[0] = os.path.dirname(_path)
+    _server_module, _main = sys.modules["__main__"], types.ModuleType("__main__")  # the frame runs on in this one
+    _main.__file__, _main.__builtins__ = _path, __builtins__
+    sys.modules["__main__"] = _main
+    with open(_path, "rb") as _f:
+        _code = compile(_f.read(), _path, "exec")
+    del _f, _request, _path
+    exec(_code, _main.__dict__)
