@@ -210,9 +210,9 @@ def in_process(threads=None):
 
 def run_here(module, *args, threads=None):
     """subprocess.run's CompletedProcess (returncode, stdout, stderr) of module.main(args), run in this process: for
-    what a script decides and writes, not for how its process starts, is signalled or exits (tested in subprocesses:
-    the train.py and sample.py cases of test_a_wrongly_typed_flag_is_one_line, test_killed_training_resumes_to_the_same_
-    weights and others)."""
+    what a script decides and writes, not for how its process starts, is signalled or exits (tested in processes of
+    their own, with tests/warm.py: the train.py and sample.py cases of test_a_wrongly_typed_flag_is_one_line,
+    test_killed_training_resumes_to_the_same_weights and others)."""
     argv = [str(a) for a in args]
     with in_process(threads) as (out, err):
         try:

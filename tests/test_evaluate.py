@@ -1,4 +1,5 @@
-"""evaluate.py end to end (a subprocess, as users run it) and its handling of bad input (in-process, fast)."""
+"""evaluate.py end to end (a process of its own, forked by tests/warm.py) and its handling of bad input (in-process,
+fast)."""
 
 import errno
 import json

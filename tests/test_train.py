@@ -1,5 +1,5 @@
-"""train.py end to end on tiny generated data (in a subprocess, and in this process where only what main() decides
-and writes is checked); --resume reaches the uninterrupted run's weights."""
+"""train.py end to end on tiny generated data (in a process of its own, forked by tests/warm.py, and in this process
+where only what main() decides and writes is checked); --resume reaches the uninterrupted run's weights."""
 
 import json
 import os
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train(*args, check=True, here=False):
-    """train.py with these flags, in a subprocess (here=False) or as main() in this process."""
+    """train.py with these flags, in a process of its own (here=False; tests/warm.py) or as main() in this process."""
     if here:
         proc = run_here(train, *args)
     else:

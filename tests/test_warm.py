@@ -12,6 +12,8 @@ import time
 import pytest
 import warm
 
+pytestmark = pytest.mark.skipif(not warm.SUPPORTED, reason="forked runs need Linux's pidfds; runs start the usual way")
+
 PROBE = r"""
 import json, os, resource, signal, sys
 print(json.dumps(dict(

@@ -35,6 +35,18 @@ ALLOWED = {ADDRESS, "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "COLUMNS", "LIN
 ALLOWED |= {"KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"}
 
 
+def _supported():
+    """Linux pidfds (kernel 5.3, Python 3.9) are what the server waits on; elsewhere every run starts the usual way."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+SUPPORTED = _supported()
+
+
 def limit(fsize):
     """Files of at most fsize bytes from here on, as on a full disk: writes fail with EFBIG, no signal."""
     import resource
@@ -230,7 +242,8 @@ def launch():
 
 def share():
     """One server for this process and every process it starts (pytest's workers): started now, named by ADDRESS."""
-    _server["proc"], os.environ[ADDRESS] = launch()
+    if SUPPORTED:
+        _server["proc"], os.environ[ADDRESS] = launch()
 
 
 _server = {}
@@ -249,6 +262,8 @@ def _connect():
 
 def forkable(env):
     """Whether a run in this environment can be forked from the server (else it starts the ordinary way)."""
+    if not SUPPORTED:
+        return False
     differs = {k for k, _ in set(env.items()) ^ set(_connect()["env"].items())}
     return all(k in ALLOWED or k.startswith("PYTEST_") for k in differs)
 
