@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 # pytest.ini runs test files side by side, so test processes share the cores: sleeping rather than spinning OpenMP
-# threads keeps them from stalling each other. Measured on 2 cores: the suite took 139 s with this, 163 s with one
-# thread per process instead. Set before torch is imported; scripts the tests start inherit it.
+# threads keeps them from stalling each other (docs/speed.md, "A busy CPU"); it beat one thread per process too. Set
+# before torch is imported; scripts the tests start inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,8 +188,7 @@ def offline(monkeypatch):
 @contextlib.contextmanager
 def in_process(threads=None):
     """Run a script's main() in this process, its stdout and stderr captured (yields (stdout, stderr) StringIOs);
-    signal handlers and the thread count are put back afterwards. A torch start-up (1.5-3 s) and an optimizer's
-    first use of dynamo (about 2 s) saved per run."""
+    signal handlers and the thread count are put back afterwards. No process, so no start-up, is paid for."""
     import signal
 
     import torch
