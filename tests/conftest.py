@@ -34,6 +34,11 @@ def pytest_configure(config):
         warm.share()
 
 
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):
+        warm.stop()
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept

@@ -24,6 +24,8 @@ print(json.dumps(dict(
     sigpipe=int(signal.getsignal(signal.SIGPIPE)), sigterm=int(signal.getsignal(signal.SIGTERM)),
     fsize=resource.getrlimit(resource.RLIMIT_FSIZE), main=sys.modules["__main__"].__dict__ is globals(),
     project=[m for m in ("vae", "train", "warm", "conftest") if m in sys.modules],
+    fds=sorted(os.listdir("/proc/self/fd")),
+    loader=type(__loader__).__name__, cached=__cached__, spec=__spec__,
 )))
 print("to stderr", file=sys.stderr)
 how = sys.argv[1]
@@ -93,7 +95,7 @@ def test_a_time_limit_holds_for_a_run_that_keeps_printing(probe):
     t = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired) as e:
         warm.run(["chatty.py"], probe, timeout=1)
-    assert time.monotonic() - t < 30 and "x" in e.value.stdout  # one limit for the whole run, not per read
+    assert time.monotonic() - t < 30 and b"x" in e.value.stdout  # one limit for the whole run, not per read
 
 
 def test_a_run_let_go_leaves_the_server_serving(probe):
@@ -112,3 +114,11 @@ def test_an_environment_read_at_start_up_gets_a_new_interpreter(probe):
         assert isinstance(proc, subprocess.Popen)
         proc.communicate(timeout=120)
         assert proc.returncode == 0
+
+
+def test_each_forked_run_draws_its_own_random_numbers(probe):
+    """As new interpreters do: a script that forgot to seed is not rescued by sharing the server's random states."""
+    draw = "import random, numpy, torch\nprint(torch.rand(1).item(), numpy.random.rand(), random.random())\n"
+    (probe / "draw.py").write_text(draw)
+    first, second = (warm.run(["draw.py"], probe).stdout.split(" ") for _ in range(2))
+    assert all(a != b for a, b in zip(first, second)), (first, second)

@@ -9,22 +9,23 @@ imported torch and numpy and constructed an optimizer once. What a fork cannot c
 the libraries read when they start (thread counts, locale, allocator and temporary-folder variables among them), so
 a run whose environment differs from the server's in anything but ALLOWED is started the ordinary way instead.
 Scripts that do not import torch (sample.py, explore.py) gain nothing here: the tests start those the ordinary way.
+Each run gets fresh random states, but Python's hash seed is the server's: a test that compares two runs starts one of
+them as a new interpreter.
 
 Run as a script, this file is the server: it takes requests on the listening socket whose descriptor is its argument.
 conftest.py starts one for the whole session (`share`), before pytest starts its workers.
 """
 
-import atexit
+import contextlib
 import gc
 import json
 import os
+import secrets
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
@@ -57,7 +58,7 @@ def limit(fsize):
 
 def serve(listener_fd):
     """Forks a child per request; returns in the child only (with the request). The server ends when its stdin does
-    (the process that started it has ended); a failure of its own goes to the file `errors` beside its socket."""
+    (the process that started it has ended); what fails in it goes to its stderr, which `stop` prints."""
     import torch
 
     torch.optim.SGD([torch.nn.Parameter(torch.empty(0))])  # the first optimizer imports dynamo; no op runs before fork
@@ -86,6 +87,7 @@ def serve(listener_fd):
                         key.fileobj.close()
                         continue
                     reply, *stdio = fds
+                    sys.stderr.flush()  # nothing of the server's own may reach a run's stderr
                     pid = os.fork()
                     if pid == 0:
                         sel.close()
@@ -110,11 +112,10 @@ def serve(listener_fd):
                     sel.unregister(key.fd)
                     os.close(key.fd)
                     _, status = os.waitpid(pid, 0)
-                    with reply:
+                    with reply, contextlib.suppress(BrokenPipeError):  # a test that let its run go closed its end
                         reply.sendall(b"%d\n" % status)
-            except OSError:  # a test that let its run go closes the reply socket: the server carries on regardless
-                with open(os.path.join(os.path.dirname(listener.getsockname()), "errors"), "a") as f:
-                    traceback.print_exc(file=f)
+            except OSError:  # reported at the end; the server carries on
+                traceback.print_exc()
 
 
 class Process:
@@ -164,8 +165,7 @@ class Process:
             except (TimeoutError, BlockingIOError):
                 raise subprocess.TimeoutExpired(self.args, timeout) from None
             if not data:
-                errors = os.path.join(os.path.dirname(os.environ[ADDRESS]), "errors")
-                raise RuntimeError(f"the warm server ended before {self.args} did; see {errors}")
+                raise RuntimeError(f"the warm server ended before {self.args} did (its stderr comes after the tests)")
             self._buf += data
         line, _, self._buf = self._buf.partition(b"\n")
         return int(line)
@@ -196,16 +196,18 @@ class Process:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 ready = sel.select(left)
                 if not ready and left == 0.0:
-                    out, err = (b"".join(c).decode(errors="replace") for c in self._chunks.values())
-                    raise subprocess.TimeoutExpired(self.args, timeout, out, err)
+                    raise subprocess.TimeoutExpired(self.args, timeout, *map(b"".join, self._chunks.values()))
                 for key, _ in ready:
                     data = os.read(key.fd, 1 << 16)
                     self._chunks[key.fd].append(data)
                     if not data:
                         self._eof.add(key.fd)
                         sel.unregister(key.fd)
+                if deadline is not None and time.monotonic() >= deadline and sel.get_map():  # as Popen: bytes so far
+                    raise subprocess.TimeoutExpired(self.args, timeout, *map(b"".join, self._chunks.values()))
         self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        texts = tuple(b"".join(c).decode() for c in self._chunks.values())  # strict UTF-8, as text=True decodes
+        # strict UTF-8 and universal newlines, as text=True decodes
+        texts = tuple(b"".join(c).decode().replace("\r\n", "\n").replace("\r", "\n") for c in self._chunks.values())
         self.close()
         return texts
 
@@ -221,12 +223,11 @@ class Process:
 
 
 def launch():
-    """Starts a server, on a socket in a new temporary folder: (its Popen, the socket's path). It ends when the Popen's
-    stdin is closed, or this process ends."""
-    folder = tempfile.mkdtemp(prefix="warm-")
-    path = os.path.join(folder, "socket")
+    """Starts a server on a new socket in the abstract namespace (no file): (its Popen, the socket's name, "@..."). It
+    ends when the Popen's stdin is closed, or this process ends."""
+    name = f"@warm-{os.getpid()}-{secrets.token_hex(8)}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
-        listener.bind(path)
+        listener.bind("\0" + name[1:])
         listener.listen()
         proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), str(listener.fileno())],
@@ -236,14 +237,26 @@ def launch():
             stderr=subprocess.PIPE,
             cwd="/",
         )
-    atexit.register(shutil.rmtree, folder, True)
-    return proc, path
+    return proc, name
 
 
 def share():
     """One server for this process and every process it starts (pytest's workers): started now, named by ADDRESS."""
     if SUPPORTED:
         _server["proc"], os.environ[ADDRESS] = launch()
+
+
+def stop():
+    """Ends the server this process started, and prints what it wrote to its stderr, if anything."""
+    proc = _server.pop("proc", None)
+    if proc is not None:
+        try:
+            err = proc.communicate(timeout=30)[1]  # closes its stdin: the server ends
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = proc.communicate()[1]
+        if err:
+            print(f"tests/warm.py's server wrote:\n{err.decode(errors='replace')}", file=sys.stderr)
 
 
 _server = {}
@@ -255,7 +268,7 @@ def _connect():
         if ADDRESS not in os.environ:
             _server["proc"], os.environ[ADDRESS] = launch()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sock.connect(os.environ[ADDRESS])
+        sock.connect("\0" + os.environ[ADDRESS][1:])
         _server.update(sock=sock, env=json.loads(sock.recv(1 << 20)))
     return _server
 
@@ -298,6 +311,7 @@ if __name__ == "__main__":
     if _request is None:
         sys.exit(0)
     # the child: from here on, what `python SCRIPT ARGS...` does in the request's folder and environment
+    import importlib.machinery
     import types
 
     if _request["fsize"] is not None:
@@ -309,9 +323,19 @@ if __name__ == "__main__":
     _path = os.path.abspath(sys.argv[0])
     sys.path[0] = os.path.dirname(_path)
     _server_module, _main = sys.modules["__main__"], types.ModuleType("__main__")  # the frame runs on in this one
-    _main.__file__, _main.__builtins__ = _path, __builtins__
+    _main.__file__, _main.__builtins__, _main.__cached__ = _path, __builtins__, None
+    _main.__loader__ = importlib.machinery.SourceFileLoader("__main__", _path)
     sys.modules["__main__"] = _main
-    with open(_path, "rb") as _f:
-        _code = compile(_f.read(), _path, "exec")
+    try:
+        with open(_path, "rb") as _f:
+            _code = compile(_f.read(), _path, "exec")
+    except OSError as e:
+        print(f"{sys.executable}: can't open file {_path!r}: [Errno {e.errno}] {e.strerror}", file=sys.stderr)
+        sys.exit(2)
+    import numpy
+    import torch
+
+    torch.seed()  # fresh random states, as a new interpreter has (Python's random module reseeds itself after fork)
+    numpy.random.seed()
     del _f, _request, _path
     exec(_code, _main.__dict__)
