@@ -4,9 +4,9 @@ changed, one read of an input, no local path in shipped files, long jobs ending 
 
 import json
 import os
-import resource
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -41,9 +41,14 @@ def edited(run_dir, tmp_path, change, name="edited"):
 
 
 def peak_rss_of(argv, cwd=ROOT):
-    """(the process, its peak resident memory in bytes), for a script run as a user runs it."""
-    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, capture_output=True, text=True, timeout=300)
-    return proc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    """(the process, its peak resident memory in bytes), for a script run as a user runs it: that process's own peak,
+    not the largest of every process this test worker has waited for."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=cwd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # its own resource use, read as it is reaped
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        text = [f.seek(0) or f.read().decode() for f in (out, err)]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *text), usage.ru_maxrss * 1024
 
 
 def one_line(proc, *needles, status=2):
