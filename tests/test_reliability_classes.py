@@ -40,15 +40,26 @@ def edited(run_dir, tmp_path, change, name="edited"):
     return out / "checkpoint.pt"
 
 
+# Starts the script (argv[2:]) from this small process and writes its peak resident memory to the file argv[1]. A
+# process's peak counts what it held when it was forked, so a script forked straight from the test worker (itself
+# over a GB by then) would report the worker's size, not its own.
+MEASURED = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
 def peak_rss_of(argv, cwd=ROOT):
-    """(the process, its peak resident memory in bytes), for a script run as a user runs it: that process's own peak,
-    not the largest of every process this test worker has waited for."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=cwd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # its own resource use, read as it is reaped
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        text = [f.seek(0) or f.read().decode() for f in (out, err)]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, *text), usage.ru_maxrss * 1024
+    """(the process, its peak resident memory in bytes), for a script run as a user runs it."""
+    with tempfile.TemporaryDirectory() as folder:
+        peak = os.path.join(folder, "peak")
+        cmd = [sys.executable, "-c", MEASURED, peak, *map(str, argv)]
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+        return proc, int(open(peak).read())
 
 
 def one_line(proc, *needles, status=2):
