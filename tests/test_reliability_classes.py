@@ -4,6 +4,7 @@ changed, one read of an input, no local path in shipped files, long jobs ending 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,13 +44,16 @@ def edited(run_dir, tmp_path, change, name="edited"):
 # Starts the script (argv[2:]) from this small process and writes its peak resident memory to the file argv[1]. A
 # process's peak counts what it held when it was forked, so a script forked straight from the test worker (itself
 # over a GB by then) would report the worker's size, not its own.
-MEASURED = """import os, sys
+MEASURED = """import os, signal, sys
 pid = os.fork()
 if pid == 0:
     os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 _, status, usage = os.wait4(pid, 0)
 open(sys.argv[1], "w").write(str(usage.ru_maxrss * 1024))
-sys.exit(os.waitstatus_to_exitcode(status) % 256)
+if os.WIFSIGNALED(status):  # ends as the script did
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.WEXITSTATUS(status))
 """
 
 
@@ -58,8 +62,15 @@ def peak_rss_of(argv, cwd=ROOT):
     with tempfile.TemporaryDirectory() as folder:
         peak = os.path.join(folder, "peak")
         cmd = [sys.executable, "-c", MEASURED, peak, *map(str, argv)]
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
-        return proc, int(open(peak).read())
+        launcher = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)  # fmt: skip
+        try:
+            out, err = launcher.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)  # the script too, not the launcher alone
+            launcher.communicate()
+            raise
+        return subprocess.CompletedProcess(cmd, launcher.returncode, out, err), int(open(peak).read())
 
 
 def one_line(proc, *needles, status=2):

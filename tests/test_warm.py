@@ -122,3 +122,26 @@ def test_each_forked_run_draws_its_own_random_numbers(probe):
     (probe / "draw.py").write_text(draw)
     first, second = (warm.run(["draw.py"], probe).stdout.split(" ") for _ in range(2))
     assert all(a != b for a, b in zip(first, second)), (first, second)
+
+
+@pytest.mark.skipif(
+    os.getuid() != 0 or not os.path.exists("/usr/bin/python3"), reason="acting as another user needs root"
+)
+def test_another_user_is_turned_away(tmp_path):
+    """The server's socket name can be read by anyone (/proc/net/unix); only its own user may have runs started."""
+    warm.forkable(os.environ)  # connected: the server is up
+    client = (
+        "import os, socket\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "s.connect('\\0' + os.environ['WARM_SERVER'][1:])\n"
+        "print(len(s.recv(1 << 20)))\n"
+    )
+    env = {"WARM_SERVER": os.environ[warm.ADDRESS]}
+    nobody = subprocess.run(
+        ["/usr/bin/python3", "-c", client], user=65534, env=env, cwd="/", capture_output=True, text=True, timeout=60
+    )
+    assert nobody.returncode == 0 and nobody.stdout.strip() == "0", nobody.stderr  # closed: not even its environment
+    mine = subprocess.run(
+        ["/usr/bin/python3", "-c", client], env=env, cwd="/", capture_output=True, text=True, timeout=60
+    )
+    assert int(mine.stdout) > 100, mine.stderr  # the same client, as the server's user: it is answered

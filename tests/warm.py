@@ -24,6 +24,7 @@ import secrets
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -73,6 +74,10 @@ def serve(listener_fd):
             try:
                 if key.data == "listener":
                     client, _ = listener.accept()
+                    creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                    if struct.unpack("3i", creds)[1] != os.getuid():  # the name is visible to all: only its user
+                        client.close()
+                        continue
                     client.sendall(env)  # first, what this server's runs start from
                     clients.append(client)
                     sel.register(client, selectors.EVENT_READ, "client")
@@ -335,7 +340,7 @@ if __name__ == "__main__":
     import numpy
     import torch
 
-    torch.seed()  # fresh random states, as a new interpreter has (Python's random module reseeds itself after fork)
+    torch.default_generator.seed()  # fresh random states, as a new interpreter has (random reseeds itself after fork)
     numpy.random.seed()
     del _f, _request, _path
     exec(_code, _main.__dict__)
