@@ -26,10 +26,6 @@ GRID = ["--beta", "1", "4", "--seeds", "0", "--epochs", "2", "--latent-dim", "3"
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # what sweep.py gives each of 2 jobs here
 
 
-def sweep_cmd(*args):
-    return [sys.executable, "sweep.py", *map(str, args)]
-
-
 def files_and_times(folder):
     return {
         os.path.relpath(os.path.join(d, f), folder): os.stat(os.path.join(d, f)).st_mtime_ns
@@ -44,9 +40,8 @@ def swept(tmp_path_factory):
     time, the printed command lines run on their own into b/. Then a/ is made whole and the sweep runs again."""
     root = tmp_path_factory.mktemp("sweep")
     data_dir = write_dataset(root / "data")
-    fid.load_classifier(
-        data_dir, "cpu"
-    )  # cached beside the data once: no run's evaluate.py trains it (test_evaluate does)
+    # the FID classifier cached beside the data: no run trains it again (test_evaluate covers training it)
+    fid.load_classifier(data_dir, "cpu")
     a, b = root / "a", root / "b"
     common = [*GRID, "--data-dir", data_dir]
     printed = run_here(sweep, *common, "--out-dir", b, "--print-commands")  # in this process: no torch start-up
@@ -77,7 +72,7 @@ def swept(tmp_path_factory):
     first_epoch = (a / "beta1_seed0" / "metrics.jsonl").read_text()
     (a / "beta4_seed0").mkdir()
     (a / "beta4_seed0" / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    children = [warm.start(["sweep.py", *map(str, common), "--out-dir", a, "--jobs", "2"], cwd=ROOT)]
+    children = [warm.start(["sweep.py", *common, "--out-dir", a, "--jobs", "2"], cwd=ROOT)]
     children += [
         subprocess.Popen(
             line, shell=True, cwd="/", env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -5,7 +5,7 @@ script does anything; the suite starts dozens of such processes. `run` and `star
 subprocess.Popen of [sys.executable, script, *args] (text mode, stdout and stderr captured): each run is still a
 process of its own, with its own pid, exit status, signals, pipes, working folder, environment and file-size limit,
 and the interpreter handles its exit and uncaught exceptions as for any script; but it is forked from a server that
-imported torch and numpy and constructed an optimizer once. What a fork cannot change is what the interpreter and
+imported torch (numpy with it) and constructed an optimizer once. What a fork cannot change is what the interpreter and
 the libraries read when they start (thread counts, locale, allocator and temporary-folder variables among them), so
 a run whose environment differs from the server's in anything but ALLOWED is started the ordinary way instead.
 Scripts that do not import torch (sample.py, explore.py) gain nothing here: the tests start those the ordinary way.
@@ -198,18 +198,15 @@ class Process:
                 if fd not in self._eof:
                     sel.register(fd, selectors.EVENT_READ)
             while sel.get_map():
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ready = sel.select(left)
-                if not ready and left == 0.0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:  # checked on every pass, as Popen does; with the bytes so far
                     raise subprocess.TimeoutExpired(self.args, timeout, *map(b"".join, self._chunks.values()))
-                for key, _ in ready:
+                for key, _ in sel.select(left):
                     data = os.read(key.fd, 1 << 16)
                     self._chunks[key.fd].append(data)
                     if not data:
                         self._eof.add(key.fd)
                         sel.unregister(key.fd)
-                if deadline is not None and time.monotonic() >= deadline and sel.get_map():  # as Popen: bytes so far
-                    raise subprocess.TimeoutExpired(self.args, timeout, *map(b"".join, self._chunks.values()))
         self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         # strict UTF-8 and universal newlines, as text=True decodes
         texts = tuple(b"".join(c).decode().replace("\r\n", "\n").replace("\r", "\n") for c in self._chunks.values())
@@ -286,27 +283,34 @@ def forkable(env):
     return all(k in ALLOWED or k.startswith("PYTEST_") for k in differs)
 
 
+def _new_interpreter(argv, cwd, env, fsize):
+    """What subprocess.Popen and subprocess.run take to start argv the ordinary way."""
+    limited = None if fsize is None else lambda: limit(fsize)
+    return dict(args=[sys.executable, *argv], cwd=cwd, env=env, text=True, preexec_fn=limited)
+
+
 def start(argv, cwd, env=None, stdin=None, fsize=None):
     """subprocess.Popen(argv with sys.executable in front, cwd=cwd, env=env, stdout=PIPE, stderr=PIPE, text=True);
     fsize: the largest file the run may write (RLIMIT_FSIZE, with SIGXFSZ ignored: a full disk)."""
     env = os.environ if env is None else env
     if not forkable(env):
-        return subprocess.Popen(
-            [sys.executable, *argv], cwd=cwd, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, preexec_fn=None if fsize is None else lambda: limit(fsize),
-        )  # fmt: skip
+        pipes = dict(stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen(**_new_interpreter(argv, cwd, env, fsize), **pipes)
     return Process(_server["sock"], argv, cwd, env, stdin, fsize)
 
 
 def run(argv, cwd, env=None, timeout=300, fsize=None):
     """subprocess.run(argv with sys.executable in front, cwd=cwd, env=env, capture_output=True, text=True, timeout)."""
-    proc = start(argv, cwd, env, fsize=fsize)
+    env = os.environ if env is None else env
+    if not forkable(env):
+        return subprocess.run(**_new_interpreter(argv, cwd, env, fsize), capture_output=True, timeout=timeout)
+    proc = Process(_server["sock"], argv, cwd, env, None, fsize)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()  # as subprocess.run does: not waiting for whatever else holds the pipes
-        proc.close() if isinstance(proc, Process) else (proc.stdout.close(), proc.stderr.close())
+        proc.close()
         raise
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
